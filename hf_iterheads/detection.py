@@ -1,0 +1,546 @@
+"""Find iteration heads (paper section 8) in any causal LM, and check them causally.
+
+For every (layer, head) the detector measures, on teacher-forced CoT probes (:mod:`hf_iterheads.probes`):
+
+* ``iteration_score`` -- mean attention mass from the position predicting ``s_t`` to ``x_t`` (the
+  iteration head); ``peakiness`` -- the paper's share of those attentions above 0.5;
+* ``eoi_score`` -- mass from the positions holding ``s_t`` to EoI (the layer-1 partner of the circuit);
+* controls -- the same mass on ``x_(t-1)`` and ``x_(t+1)`` (``prev_score``, ``next_score``) and the uniform
+  ``baseline`` 1/(visible keys), so a score can be read as "how far above chance".
+
+Weights are captured inside each model's own eager attention and reduced to these numbers layer by layer
+(:class:`hf_iterheads.attention.AttentionCapture`), so memory never holds layers x heads x T x T.
+A head is ``detected`` when its iteration score is at least ``MIN_SCORE``, ``CHANCE_RATIO`` times the
+uniform baseline and ``CONTROL_RATIO`` times either neighbour control. Layers and heads are 0-based:
+the paper's "layer-2 head" of a 2-layer model is layer 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .attention import AttentionCapture, find_attention_modules, head_counts, mass_on
+from .errors import IterHeadsError
+from .probes import Probes, make_probes, parse_lengths
+from .tasks import get_task
+
+MIN_SCORE = 0.25
+CHANCE_RATIO = 3.0
+CONTROL_RATIO = 2.0
+SCORE_NAMES = ("iteration", "eoi", "prev", "next")
+CHECKPOINTS = Path(__file__).parent / "checkpoints"
+DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# --- loading ---------------------------------------------------------------------------------------------
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def resolve_model_name(name: str) -> str:
+    """A local folder, a checkpoint shipped with the package (by short name), or a Hub repo id."""
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    if "/" not in name and (CHECKPOINTS / name / "config.json").is_file():
+        return str(CHECKPOINTS / name)
+    return name
+
+
+def _resolve_device(device: str | None) -> str:
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return "cuda"
+        mps = getattr(torch.backends, "mps", None)
+        return "mps" if mps is not None and mps.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise IterHeadsError(f"--device {device}: this torch build sees no CUDA device (use cpu or auto)")
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError):
+        raise IterHeadsError(f"unknown device {device!r}; use cpu, cuda, cuda:N, mps or auto") from None
+    return device
+
+
+def load_model(
+    name: str,
+    revision: str | None = None,
+    dtype: str = "float32",
+    device: str | None = "cpu",
+    device_map: str | dict | None = None,
+    trust_remote_code: bool = False,
+):
+    """(model, tokenizer) the Hub way, with eager attention so weights exist; clear one-line errors."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if dtype not in DTYPES:
+        raise IterHeadsError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    path = resolve_model_name(name)
+    common = {"revision": revision, "trust_remote_code": trust_remote_code}
+    try:
+        config = AutoConfig.from_pretrained(path, **common)
+    except (OSError, ValueError) as err:
+        hint = (
+            "HF_HUB_OFFLINE=1 is set, so only models already in the Hub cache ($HF_HOME/hub) or local folders load"
+            if _offline()
+            else "if this machine is offline, set HF_HUB_OFFLINE=1 and put the model in the Hub cache, or pass a local folder"
+        )
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise IterHeadsError(f"cannot load model {name!r}{f' at revision {revision}' if revision else ''}: {first} ({hint})") from None
+    auto_map = getattr(config, "auto_map", None) or {}
+    if getattr(config, "is_encoder_decoder", False) or (
+        type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and not (trust_remote_code and "AutoModelForCausalLM" in auto_map)
+    ):
+        raise IterHeadsError(f"{name!r} is not a causal language model ({type(config).__name__}); the detector needs a decoder-only LM")
+    kwargs: dict[str, Any] = {**common, "dtype": DTYPES[dtype], "attn_implementation": "eager"}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, **common)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise IterHeadsError(f"cannot load {name!r}: {str(err).strip().splitlines()[0]}") from None
+    if device_map is None:
+        model.to(_resolve_device(device))
+    model.eval()
+    return model, tokenizer
+
+
+def context_length(model) -> int | None:
+    cfg = model.config
+    cfg = getattr(cfg, "get_text_config", lambda: cfg)()
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length", "max_sequence_length"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+# --- scoring ---------------------------------------------------------------------------------------------
+
+
+class _Accumulator:
+    """Running sums per layer, filled by the capture hook; the patterns themselves are never kept."""
+
+    def __init__(self, n_layers: int, n_heads: int) -> None:
+        self.mass = {k: np.zeros((n_layers, n_heads)) for k in SCORE_NAMES}
+        self.peak = {k: np.zeros((n_layers, n_heads)) for k in SCORE_NAMES}
+        self.count = {k: np.zeros(n_layers) for k in SCORE_NAMES}
+        self.chance = {k: np.zeros(n_layers) for k in ("iteration", "eoi")}
+        self.pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def add(self, layer: int, module, weights: torch.Tensor, window: int | None) -> None:
+        if weights.shape[1] != self.mass["iteration"].shape[1]:
+            raise IterHeadsError(f"layer {layer} gave {weights.shape[1]} heads, expected {self.mass['iteration'].shape[1]}")
+        for name, (q, k) in self.pairs.items():
+            m, valid = mass_on(weights, q, k)
+            m = m.float()
+            v = valid.to(m.device)[:, None, :]
+            self.mass[name][layer] += (m * v).sum((0, 2)).double().cpu().numpy()
+            self.peak[name][layer] += ((m > 0.5) & v).sum((0, 2)).double().cpu().numpy()
+            self.count[name][layer] += int(valid.sum())
+            if name in self.chance:  # right padding: query q sees keys 0..q (or its sliding window)
+                visible = (q + 1).clamp(min=1).double()
+                if window:
+                    visible = visible.clamp(max=window)
+                self.chance[name][layer] += float((1.0 / visible)[valid].sum())
+
+    def mean(self, kind: dict, name: str) -> np.ndarray:
+        return kind[name] / np.maximum(self.count[name], 1)[:, None]
+
+
+def _window(module, config) -> int | None:
+    if hasattr(module, "sliding_window"):
+        return module.sliding_window or None
+    if getattr(config, "use_sliding_window", True) is False:
+        return None
+    value = getattr(config, "sliding_window", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+@torch.no_grad()
+def score_heads(model, probes: Probes, batch_size: int = 16) -> dict[str, Any]:
+    """Per-head scores on ``probes``; every array is (n_layers, n_heads)."""
+    n_layers = len(find_attention_modules(model))
+    n_heads, n_kv = head_counts(model)
+    acc = _Accumulator(n_layers, n_heads)
+    windows: dict[int, int | None] = {}
+    config = getattr(model.config, "get_text_config", lambda: model.config)()
+
+    def on_layer(layer, module, weights):
+        if layer not in windows:
+            windows[layer] = _window(module, config)
+        acc.add(layer, module, weights, windows[layer])
+
+    device = next(model.parameters()).device
+    params = _forward_params(model)
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    if "use_cache" in params:  # a KV cache would hold every layer's keys and values: memory grows with depth
+        keep["use_cache"] = False
+    with AttentionCapture(model, on_layer) as capture:
+        for idx in probes.batches(batch_size):
+            acc.pairs = {k: (q.to(device), kk.to(device)) for k, (q, kk) in probes.pairs(idx).items()}
+            batch = {k: v.to(device) for k, v in probes.batch(idx).items()}
+            model(**batch, **keep)
+        capture.check_complete()
+    scores = {f"{k}_score": acc.mean(acc.mass, k) for k in SCORE_NAMES}
+    scores["peakiness"] = acc.mean(acc.peak, "iteration")
+    scores["eoi_peakiness"] = acc.mean(acc.peak, "eoi")
+    scores["baseline"] = np.repeat((acc.chance["iteration"] / np.maximum(acc.count["iteration"], 1))[:, None], n_heads, 1)
+    scores["eoi_baseline"] = np.repeat((acc.chance["eoi"] / np.maximum(acc.count["eoi"], 1))[:, None], n_heads, 1)
+    for name, arr in scores.items():
+        if not np.isfinite(arr).all():
+            raise IterHeadsError(f"{name} has non-finite values: the model's attention produced NaN/inf (try --dtype float32)")
+    scores["kv_group"] = np.tile(np.arange(n_heads) // max(1, n_heads // n_kv), (n_layers, 1))
+    scores["n_kv_heads"] = n_kv
+    return scores
+
+
+def _forward_params(model) -> set[str]:
+    import inspect
+
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+@torch.no_grad()
+def attention_pattern(model, probes: Probes, index: int, layer: int, head: int) -> np.ndarray:
+    """One head's (T, T) pattern on one probe, for the picture; only that slice is kept."""
+    kept: list[np.ndarray] = []
+
+    def on_layer(l, module, weights):
+        if l == layer:
+            kept.append(weights[0, head].float().cpu().numpy())
+
+    device = next(model.parameters()).device
+    idx = np.array([index])
+    with AttentionCapture(model, on_layer):
+        model(**{k: v.to(device) for k, v in probes.batch(idx).items()}, use_cache=False)
+    return kept[0]
+
+
+# --- results ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DetectionResult:
+    """Score tables plus everything needed to reproduce them; ``to_dict()`` is scores.json."""
+
+    model: str
+    task: str
+    scores: dict[str, Any]
+    meta: dict[str, Any]
+    ablation: dict | None = None
+    pattern: np.ndarray | None = field(default=None, repr=False)
+    pattern_tokens: list[str] | None = field(default=None, repr=False)
+    pattern_marks: dict | None = field(default=None, repr=False)
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.scores["iteration_score"].shape[0])
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.scores["iteration_score"].shape[1])
+
+    def detected(self) -> np.ndarray:
+        s = self.scores
+        it = s["iteration_score"]
+        control = np.maximum(s["prev_score"], s["next_score"])
+        return (it >= MIN_SCORE) & (it >= CHANCE_RATIO * s["baseline"]) & (it >= CONTROL_RATIO * control)
+
+    def eoi_detected(self) -> np.ndarray:
+        s = self.scores
+        return (s["eoi_score"] >= MIN_SCORE) & (s["eoi_score"] >= CHANCE_RATIO * s["eoi_baseline"])
+
+    def ranked(self, key: str = "iteration_score") -> list[tuple[int, int]]:
+        arr = self.scores[key]
+        order = np.lexsort((np.arange(arr.size), -arr.ravel()))
+        return [divmod(int(i), self.n_heads) for i in order]
+
+    def top_heads(self, k: int | None = None, key: str = "iteration_score") -> list[dict[str, Any]]:
+        s, det, out = self.scores, self.detected(), []
+        for layer, head in self.ranked(key)[:k]:
+            row = {"layer": layer, "head": head, "score": float(s[key][layer, head])}
+            if key == "iteration_score":
+                row.update(
+                    peakiness=float(s["peakiness"][layer, head]),
+                    eoi_score=float(s["eoi_score"][layer, head]),
+                    prev_score=float(s["prev_score"][layer, head]),
+                    next_score=float(s["next_score"][layer, head]),
+                    baseline=float(s["baseline"][layer, head]),
+                    kv_group=int(s["kv_group"][layer, head]),
+                    detected=bool(det[layer, head]),
+                )
+            else:
+                row.update(baseline=float(s["eoi_baseline"][layer, head]), detected=bool(self.eoi_detected()[layer, head]))
+            out.append(row)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        s = self.scores
+        grid = lambda a: [[round(float(v), 6) for v in row] for row in a]  # noqa: E731
+        out = {"model": self.model, "task": self.task, "n_layers": self.n_layers, "n_heads": self.n_heads}
+        for key in ("iteration_score", "eoi_score", "peakiness", "eoi_peakiness", "prev_score", "next_score", "baseline", "eoi_baseline"):
+            out[key] = grid(s[key])
+        out["n_kv_heads"] = int(s["n_kv_heads"])
+        out["kv_group"] = [[int(v) for v in row] for row in s["kv_group"]]
+        out["detected"] = [[bool(v) for v in row] for row in self.detected()]
+        out["top_heads"] = self.top_heads()
+        out["eoi_top_heads"] = self.top_heads(key="eoi_score")
+        out["criteria"] = {"min_score": MIN_SCORE, "chance_ratio": CHANCE_RATIO, "control_ratio": CONTROL_RATIO}
+        out.update(self.meta)
+        if self.ablation is not None:
+            out["ablation"] = self.ablation
+        return out
+
+    def table(self, k: int = 10) -> str:
+        """The ranked table the CLI prints (layers and heads 0-based)."""
+        s = self.scores
+        lines = [
+            f"iteration heads of {self.model} on {self.task} ({self.meta.get('rendering')} rendering, "
+            f"{self.meta.get('n')} probes, lengths {self.meta.get('lengths_spec')}); layers/heads 0-based",
+            f"{'rank':>4} {'layer':>5} {'head':>4} {'kv':>3} {'iter':>6} {'peak':>6} {'x_t-1':>6} {'x_t+1':>6} "
+            f"{'chance':>6} {'eoi':>6}  detected",
+        ]
+        for rank, row in enumerate(self.top_heads(k), 1):
+            l, h = row["layer"], row["head"]
+            lines.append(
+                f"{rank:>4} {l:>5} {h:>4} {row['kv_group']:>3} {row['score']:>6.3f} {row['peakiness']:>6.3f} "
+                f"{row['prev_score']:>6.3f} {row['next_score']:>6.3f} {row['baseline']:>6.3f} {s['eoi_score'][l, h]:>6.3f}  "
+                f"{'yes' if row['detected'] else '-'}"
+            )
+        best = self.top_heads(1, key="eoi_score")[0]
+        lines.append(
+            f"best EoI head: layer {best['layer']} head {best['head']} eoi {best['score']:.3f} "
+            f"(chance {best['baseline']:.3f}){' detected' if best['detected'] else ''}"
+        )
+        if self.ablation:
+            lines.extend(_ablation_lines(self.ablation))
+        return "\n".join(lines)
+
+
+def _ablation_lines(ab: dict) -> list[str]:
+    clean = ab["clean"]
+    out = [
+        f"ablation of {', '.join(f'L{l}H{h}' for l, h in ab['heads'])}: clean token acc {clean['token_accuracy']:.3f} "
+        f"chain acc {clean['sequence_accuracy']:.3f} log-prob {clean['log_prob']:.3f} (chance acc {clean['chance_token_accuracy']:.3f})"
+    ]
+    for mode in ("zero", "mean"):
+        if mode in ab:
+            top, rnd = ab[mode]["top"], ab[mode]["random_mean"]
+            line = f"  {mode:>4}-ablate found: token acc {top['token_accuracy']:.3f} chain {top['sequence_accuracy']:.3f} log-prob {top['log_prob']:.3f}"
+            if rnd:
+                line += f" | {len(ab[mode]['random'])} random draws: token acc {rnd['token_accuracy']:.3f} chain {rnd['sequence_accuracy']:.3f} log-prob {rnd['log_prob']:.3f}"
+            out.append(line)
+    return out
+
+
+# --- the detector ----------------------------------------------------------------------------------------
+
+
+class IterationHeadDetector:
+    """Detector bound to one model and tokenizer: ``detector.detect(task=..., lengths=...)``.
+
+    ``model`` is a loaded causal LM, a local path, a packaged checkpoint's short name or a Hub repo id
+    (loaded with ``revision``, ``dtype``, ``device``/``device_map``; ``trust_remote_code`` stays off unless asked).
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        *,
+        revision: str | None = None,
+        dtype: str = "float32",
+        device: str | None = "cpu",
+        device_map=None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        if isinstance(model, (str, os.PathLike)):
+            self.name = str(model)
+            self.model, loaded_tok = load_model(str(model), revision, dtype, device, device_map, trust_remote_code)
+            tokenizer = tokenizer or loaded_tok
+        else:
+            self.model = model
+            self.name = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", "") or type(model).__name__
+            if tokenizer is None:
+                raise IterHeadsError("pass the tokenizer together with a loaded model")
+        self.tokenizer = tokenizer
+        self.revision = revision
+        self.model.eval()
+
+    def probes(self, task="parity", lengths="4-16", n=64, seed=0, rendering="auto", template=None, multi_token="first") -> Probes:
+        probes = make_probes(self.tokenizer, task, lengths, n, seed, rendering, template, multi_token)
+        limit = context_length(self.model)
+        if limit is not None and probes.max_tokens > limit:
+            raise IterHeadsError(
+                f"the longest probe has {probes.max_tokens} tokens but the model's context is {limit}; use shorter --lengths"
+            )
+        vocab = getattr(getattr(self.model, "get_input_embeddings", lambda: None)(), "num_embeddings", None)
+        if vocab is not None and int(probes.input_ids.max()) >= vocab:
+            raise IterHeadsError(f"the tokenizer produces ids up to {int(probes.input_ids.max())} but the model has {vocab} embeddings")
+        return probes
+
+    def detect(
+        self,
+        task: str = "parity",
+        lengths="4-16",
+        n: int = 64,
+        *,
+        seed: int = 0,
+        rendering: str = "auto",
+        template: str | None = None,
+        multi_token: str = "first",
+        batch_size: int = 16,
+        ablate: bool = False,
+        top_k: int = 1,
+        n_random: int = 3,
+    ) -> DetectionResult:
+        task_obj = get_task(task)
+        if int(top_k) < 1:
+            raise IterHeadsError(f"--top-k must be at least 1, got {top_k}")
+        probes = self.probes(task_obj, lengths, n, seed, rendering, template, multi_token)
+        scores = score_heads(self.model, probes, batch_size)
+        meta = {
+            "revision": self.revision,
+            "rendering": probes.rendering,
+            "template": probes.template,
+            "lengths": parse_lengths(lengths),
+            "lengths_spec": lengths if isinstance(lengths, str) else ",".join(map(str, parse_lengths(lengths))),
+            "n": len(probes),
+            "seed": int(seed),
+            "bos": bool(probes.bos),
+            "multi_token_values": bool(probes.multi_token),
+            "max_probe_tokens": probes.max_tokens,
+            "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
+            "device": str(next(self.model.parameters()).device),
+            "example_probe": probes.texts[0] if probes.texts else None,
+        }
+        result = DetectionResult(self.name, task_obj.name, scores, meta)
+        if ablate:
+            from .ablation import run_ablation
+
+            heads = [(r["layer"], r["head"]) for r in result.top_heads(int(top_k))]
+            result.ablation = run_ablation(self.model, probes, heads, seed, batch_size, n_random)
+        # the best head's attention map on one probe (the shortest of the longest length, readable)
+        layer, head = result.ranked()[0]
+        index = int(np.argmax(probes.lengths))
+        result.pattern = attention_pattern(self.model, probes, index, layer, head)
+        ids = probes.input_ids[index, : int(probes.seq_lens[index])].tolist()
+        result.pattern_tokens = [str(t) for t in self.tokenizer.convert_ids_to_tokens(ids)]
+        result.pattern_marks = {
+            "layer": layer,
+            "head": head,
+            "x_pos": probes.x_pos[index][probes.x_pos[index] >= 0].tolist(),
+            "pred_pos": probes.pred_pos[index][probes.pred_pos[index] >= 0].tolist(),
+        }
+        return result
+
+
+def detect_iteration_heads(model, tokenizer=None, task: str = "parity", lengths="4-16", n: int = 64, **kwargs) -> DetectionResult:
+    """One call: load (if given a name), probe, score, optionally ablate (``ablate=True``).
+
+    Loading keywords (``revision``, ``dtype``, ``device``, ``device_map``, ``trust_remote_code``) go to the
+    loader; the rest (``seed``, ``rendering``, ``template``, ``batch_size``, ``ablate``, ``top_k`` ...) to
+    :meth:`IterationHeadDetector.detect`.
+    """
+    load_keys = ("revision", "dtype", "device", "device_map", "trust_remote_code")
+    load = {k: kwargs.pop(k) for k in load_keys if k in kwargs}
+    return IterationHeadDetector(model, tokenizer, **load).detect(task, lengths, n, **kwargs)
+
+
+# --- output ----------------------------------------------------------------------------------------------
+
+
+def write_outputs(result: DetectionResult, output_dir: str | Path) -> list[str]:
+    """scores.json, heads.png and best_head_attention.png, written to a temp folder then moved in place."""
+    output_dir = Path(output_dir)
+    parent = output_dir.parent if str(output_dir.parent) else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    notes: list[str] = []
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=parent))
+    try:
+        (tmp / "scores.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+        try:
+            from .plots import heads as plots_heads
+
+            plots_heads.plot_scores(result.to_dict(), tmp / "heads.png")
+            m = result.pattern_marks
+            plots_heads.plot_attention(
+                result.pattern, result.pattern_tokens, tmp / "best_head_attention.png",
+                title=f"{result.model}: layer {m['layer']} head {m['head']} on one {result.task} probe",
+                queries=m["pred_pos"], keys=m["x_pos"],
+            )
+        except ImportError as err:
+            notes.append(f"matplotlib is not installed ({err.name}): skipped heads.png and best_head_attention.png (pip install 'hf-iterheads[plots]')")
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for f in tmp.iterdir():
+            os.replace(f, output_dir / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return notes
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser(
+        "detect",
+        help="score every attention head of a causal LM as an iteration head (and ablate the best)",
+        description="Find iteration heads in any causal LM (a local folder, a packaged checkpoint or a Hub repo id).",
+    )
+    p.add_argument("model", help="model folder, packaged checkpoint name, or Hub repo id (ORG/NAME)")
+    p.add_argument("--task", default="parity", help="task to probe (default parity)")
+    p.add_argument("--lengths", default="4-16", help="chain lengths, e.g. 4-16 (default), 8 or 4,8,12")
+    p.add_argument("--n", type=int, default=64, help="number of probes (default 64)")
+    p.add_argument("--rendering", choices=("auto", "native", "text"), default="auto", help="native layout or text (default: auto)")
+    p.add_argument("--template", default=None, help='text template, e.g. "{inputs} -> {states}"; {inputs:SEP} joins values with SEP')
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="weights dtype (default float32)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, auto (default cpu)")
+    p.add_argument("--device-map", default=None, help="passed to from_pretrained (e.g. auto: needs accelerate)")
+    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the repo's own modeling code (off by default)")
+    p.add_argument("--ablate", action="store_true", help="zero- and mean-ablate the top-k heads vs k random heads")
+    p.add_argument("--top-k", type=int, default=1, help="heads to ablate (default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--output-dir", required=True, help="folder for scores.json, heads.png, best_head_attention.png")
+    p.set_defaults(func=_run_cli)
+
+
+def _run_cli(args: argparse.Namespace) -> int:
+    get_task(args.task)  # fail before loading anything
+    parse_lengths(args.lengths)
+    if args.n < 1 or args.batch_size < 1 or args.top_k < 1:
+        raise IterHeadsError("--n, --batch-size and --top-k must be at least 1")
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise IterHeadsError(f"--output-dir {out} exists and is not a folder")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # errors stay one line; the table is the output
+    result = detect_iteration_heads(
+        args.model, None, args.task, args.lengths, args.n,
+        revision=args.revision, dtype=args.dtype, device=args.device, device_map=args.device_map,
+        trust_remote_code=args.trust_remote_code, seed=args.seed, rendering=args.rendering,
+        template=args.template, batch_size=args.batch_size, ablate=args.ablate, top_k=args.top_k,
+    )
+    for note in write_outputs(result, out):
+        print(note, file=sys.stderr)
+    print(result.table())
+    print(f"wrote {out / 'scores.json'}")
+    return 0

@@ -1,0 +1,345 @@
+"""Evaluation: the paper's sequence accuracy, free-running generation, and the circuit's attention peakiness.
+
+Per length L of the test split (paper.md section 7):
+
+* ``accuracy``: teacher-forced, one forward pass; a sequence counts when every position after EoI is
+  predicted right (the states and EoS) -- the paper's metric;
+* ``generation_accuracy``: greedy decoding from ``<task> x_1 .. x_L <eoi>``, every generated token must be
+  right -- not in the paper; it catches models that only work with the true previous states fed back;
+* ``attn0_*``/``attn1_*``: mean attention mass and peakiness (share > 0.5) of the two heads of the circuit
+  (layer 1 to EoI, layer 2 to x_t), CoT models with 2+ layers only; with several heads, the best head.
+
+Headline numbers average the per-length values over L = 4 .. n_len, as the paper does (short lengths have
+so few distinct inputs that they say little). Everything is batched per length: no per-sequence Python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .attention import circuit_pairs, mass_on, summarize
+from .errors import IterHeadsError
+from .tasks import IterativeTask, get_task
+from .tokenizer import Layout
+
+SUMMARY_FROM = 4  # the paper averages test metrics over L = 4 .. n_len
+CIRCUIT = ("attn0", "attn1")
+
+
+# --- the metric as a plain function (the evaluate module wraps it) ---------------------------------------
+
+
+def sequence_accuracy(
+    predictions: Sequence[Sequence[int]], references: Sequence[Sequence[int]], ignore_index: int = -100
+) -> dict[str, float]:
+    """Share of sequences predicted right at every scored position, and the per-token share.
+
+    Positions where the reference is ``ignore_index`` are not scored (use it for the prompt before EoI, or
+    for padding). Sequences may have different lengths, but each prediction must match its reference's.
+    """
+    if len(predictions) != len(references):
+        raise IterHeadsError(f"{len(predictions)} predictions for {len(references)} references")
+    n_seq = n_right = n_tok = n_tok_right = 0
+    for pred, ref in zip(predictions, references):
+        pred, ref = np.asarray(pred), np.asarray(ref)
+        if pred.shape != ref.shape:
+            raise IterHeadsError(f"a prediction of shape {pred.shape} for a reference of shape {ref.shape}")
+        scored = ref != ignore_index
+        hits = (pred == ref) & scored
+        n_seq += 1
+        n_right += bool(hits.sum() == scored.sum())
+        n_tok += int(scored.sum())
+        n_tok_right += int(hits.sum())
+    return {
+        "sequence_accuracy": n_right / n_seq if n_seq else 0.0,
+        "token_accuracy": n_tok_right / n_tok if n_tok else 0.0,
+    }
+
+
+# --- batched scoring of one length -------------------------------------------------------------------------
+
+
+@contextmanager
+def eager_attention(model):
+    """Run the block with eager attention, the only implementation that returns attention weights."""
+    previous = getattr(model.config, "_attn_implementation", None)
+    if previous != "eager":
+        model.set_attn_implementation("eager")
+    try:
+        yield model
+    finally:
+        if previous not in (None, "eager"):
+            model.set_attn_implementation(previous)
+
+
+def _forward(model, ids: torch.Tensor, attentions: bool):
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_attentions=attentions)
+    if attentions and (not out.attentions or any(a is None for a in out.attentions)):
+        raise IterHeadsError(f"{type(model).__name__} returned no attention weights, even with eager attention")
+    return out
+
+
+@torch.no_grad()
+def greedy_generate(model, prompt: torch.Tensor, n_new: int) -> torch.Tensor:
+    """``n_new`` greedy tokens after an equal-length prompt batch (shape (B, P)) -> (B, n_new)."""
+    ids = prompt
+    for _ in range(n_new):
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1]
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    return ids[:, prompt.shape[1] :]
+
+
+@torch.no_grad()
+def score_length(
+    model,
+    layout: Layout,
+    inputs: np.ndarray,
+    states: np.ndarray,
+    batch_size: int = 1024,
+    generate: bool = True,
+    attention: bool = True,
+) -> dict[str, float | int | None]:
+    """All metrics for one length; ``inputs``/``states`` have shape (n, L). The model must be in eval mode."""
+    length = inputs.shape[1]
+    ids_all = torch.from_numpy(layout.ids(inputs, states))
+    e = Layout.eoi_index(length)
+    device = next(model.parameters()).device
+    n_layer = int(model.config.n_layer)
+    attention = attention and layout.cot
+    pairs = circuit_pairs(length) if attention else {}
+    layers = {"attn0": 0, "attn1": 1} if n_layer >= 2 else {"attn0": 0}
+    tf_right, gen_right, masses = [], [], {k: [] for k in layers}
+    for start in range(0, len(ids_all), batch_size):
+        ids = ids_all[start : start + batch_size].to(device)
+        out = _forward(model, ids, attention)
+        tf_right.append((out.logits[:, e:-1].argmax(-1) == ids[:, e + 1 :]).all(1).cpu())
+        if generate:
+            gen = greedy_generate(model, ids[:, : e + 1], ids.shape[1] - e - 1)
+            gen_right.append((gen == ids[:, e + 1 :]).all(1).cpu())
+        for name, layer in layers.items() if attention else ():
+            q, k = (p[None].expand(len(ids), -1) for p in pairs[name])
+            masses[name].append(mass_on(out.attentions[layer].float(), q, k)[0].cpu())
+    result: dict[str, float | int | None] = {"n": len(ids_all), "accuracy": torch.cat(tf_right).float().mean().item()}
+    result["generation_accuracy"] = torch.cat(gen_right).float().mean().item() if generate else None
+    for name in CIRCUIT:
+        if name in masses and masses[name]:
+            mass = torch.cat(masses[name])
+            mean, peak = summarize(mass, torch.ones(mass.shape[0], mass.shape[2], dtype=torch.bool))
+            result[f"{name}_mass"], result[f"{name}_peakiness"] = mean.max().item(), peak.max().item()
+        else:
+            result[f"{name}_mass"] = result[f"{name}_peakiness"] = None
+    return result
+
+
+def summary_lengths(lengths: Iterable[int]) -> list[int]:
+    """Lengths the headline averages use: 4 and above, or all of them when none is that long."""
+    lengths = sorted(lengths)
+    return [L for L in lengths if L >= SUMMARY_FROM] or lengths
+
+
+def summarize_lengths(per_length: dict[int, dict], keys: Iterable[str] | None = None) -> dict[str, float | None]:
+    """Mean over ``summary_lengths`` of every per-length metric (None when a metric was not measured)."""
+    use = summary_lengths(per_length)
+    keys = keys or [k for k in next(iter(per_length.values())) if k != "n"]
+    out = {}
+    for key in keys:
+        values = [per_length[L][key] for L in use if per_length[L].get(key) is not None]
+        out[key] = float(np.mean(values)) if values else None
+    return out
+
+
+@torch.no_grad()
+def evaluate_model(
+    model,
+    tokenizer,
+    task: str | IterativeTask,
+    data: dict[int, tuple[np.ndarray, np.ndarray]],
+    cot: bool = True,
+    batch_size: int = 1024,
+    generate: bool = True,
+    attention: bool = True,
+) -> dict:
+    """Score ``model`` on ``data`` (length -> (inputs, states)); returns per-length and summary metrics."""
+    from .modeling import check_fits
+
+    layout = Layout(tokenizer, task, cot=cot)
+    if len(tokenizer) > model.config.vocab_size:
+        raise IterHeadsError(f"the tokenizer has {len(tokenizer)} tokens, the model only {model.config.vocab_size}")
+    check_fits(model.config, layout.seq_len(max(data)), f"length-{max(data)} sequence")
+    was_training = model.training
+    model.eval()
+    try:
+        with eager_attention(model) if attention else _nullcontext():
+            per_length = {
+                L: score_length(model, layout, x, s, batch_size, generate, attention) for L, (x, s) in sorted(data.items())
+            }
+    finally:
+        model.train(was_training)
+    return {
+        "task": layout.task.name,
+        "cot": cot,
+        "lengths": sorted(per_length),
+        "summary_lengths": summary_lengths(per_length),
+        "summary": summarize_lengths(per_length),
+        "per_length": {str(L): m for L, m in per_length.items()},
+    }
+
+
+@contextmanager
+def _nullcontext():
+    yield
+
+
+# --- test data -----------------------------------------------------------------------------------------------
+
+
+def split_by_length(split, lengths: Iterable[int] | None = None) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """A dataset split (columns length, inputs, states) as length -> (inputs, states) arrays, vectorised."""
+    if getattr(split, "_indices", None) is not None:  # a selected/shuffled view: materialise it first
+        split = split.flatten_indices()
+    table = split.data.table if hasattr(split.data, "table") else split.data
+    length = np.asarray(table.column("length").to_numpy(), dtype=np.int64)
+    columns = {}
+    for name in ("inputs", "states"):
+        col = table.column(name).combine_chunks()
+        columns[name] = (np.asarray(col.offsets.to_numpy(), dtype=np.int64), np.asarray(col.values.to_numpy()))
+    wanted = sorted(set(length.tolist()) if lengths is None else set(int(L) for L in lengths))
+    out = {}
+    for L in wanted:
+        rows = np.flatnonzero(length == L)
+        if not len(rows):
+            raise IterHeadsError(f"the test split has no sequence of length {L}")
+        pair = []
+        for name in ("inputs", "states"):
+            offsets, values = columns[name]
+            pair.append(values[offsets[rows][:, None] + np.arange(L)].astype(np.int64))
+        out[L] = (pair[0], pair[1])
+    return out
+
+
+def test_data(
+    task: str | IterativeTask,
+    n_len: int,
+    per_length: int = 1024,
+    seed: int = 0,
+    lengths: Iterable[int] | None = None,
+    dataset: str | None = None,
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """The test split by length: built with ``build_dataset`` (the published data for the same seed), or
+    loaded from a dataset folder / Hub repo with one config per task."""
+    task = get_task(task)
+    if dataset is not None:
+        import datasets
+
+        try:
+            split = datasets.load_dataset(dataset, task.name, split="test")
+        except Exception as err:  # datasets raises many types; the user needs one line
+            raise IterHeadsError(f"cannot load the test split of {task.name!r} from {dataset}: {err}") from None
+    else:
+        from .data import build_dataset
+
+        split = build_dataset(task, n_len, per_length, seed)["test"]
+    return split_by_length(split, lengths)
+
+
+# --- CLI -------------------------------------------------------------------------------------------------------
+
+
+def parse_lengths(spec: str | None) -> list[int] | None:
+    """``"4-16"``, ``"1,2,8"`` or ``"4-8,16"`` -> sorted lengths."""
+    if not spec:
+        return None
+    out: set[int] = set()
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.partition("-")
+            out.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise IterHeadsError(f"cannot read lengths {spec!r}; write e.g. 4-16 or 1,2,8") from None
+    if not out or min(out) < 1:
+        raise IterHeadsError(f"lengths must be at least 1, got {spec!r}")
+    return sorted(out)
+
+
+def write_json_atomic(obj, path: str | Path) -> None:
+    """Write JSON to ``path`` via a temporary file and a rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(obj, fh, indent=2)
+        fh.write("\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    from .modeling import iterheads_meta, load_checkpoint
+
+    tasks = [get_task(t) for t in args.task.split(",") if t]  # unknown task: fails before loading anything
+    model, tokenizer = load_checkpoint(args.model_dir)
+    meta = iterheads_meta(model.config)
+    cot = meta.get("cot", True) if args.cot is None else args.cot
+    n_len = args.n_len or meta.get("n_len") or 16
+    lengths = parse_lengths(args.lengths) or list(range(1, n_len + 1))
+    report = {"model": str(args.model_dir), "n_len": n_len, "per_length_count": args.per_length, "seed": args.seed}
+    report["results"] = []
+    for task in tasks:
+        Layout(tokenizer, task, cot)  # vocabulary check before the (slower) data build
+        from .modeling import check_fits
+
+        check_fits(model.config, (2 * max(lengths) + 3) if cot else max(lengths) + 4, f"length-{max(lengths)} sequence")
+        data = test_data(task, max(n_len, max(lengths)), args.per_length, args.seed, lengths, args.dataset)
+        result = evaluate_model(
+            model, tokenizer, task, data, cot, args.batch_size, generate=not args.no_generate, attention=True
+        )
+        report["results"].append(result)
+        s = result["summary"]
+        fmt = lambda v: "  n/a" if v is None else f"{v:5.3f}"  # noqa: E731
+        print(
+            f"{task.name}: L={result['summary_lengths'][0]}..{result['summary_lengths'][-1]} "
+            f"accuracy {fmt(s['accuracy'])} generation {fmt(s['generation_accuracy'])} "
+            f"attn0 peak {fmt(s['attn0_peakiness'])} attn1 peak {fmt(s['attn1_peakiness'])}",
+            file=sys.stderr,
+        )
+    text = json.dumps(report, indent=2)
+    if args.output:
+        write_json_atomic(report, args.output)
+    else:
+        print(text)
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="test accuracy per length, greedy generation, attention peakiness of a checkpoint",
+        description="Evaluate a checkpoint on the test split: teacher-forced sequence accuracy per length (the "
+        "paper's metric), free-running greedy accuracy, and attn0/attn1 peakiness; JSON out.",
+    )
+    p.add_argument("model_dir", help="checkpoint directory written by `hf-iterheads train`")
+    p.add_argument("--task", required=True, help="task name, or several separated by commas")
+    p.add_argument("--lengths", help="lengths to test, e.g. 4-16 or 1,8,16 (default 1..n_len of the model)")
+    p.add_argument("--n-len", type=int, help="training n_len (default: from the checkpoint)")
+    p.add_argument("--per-length", type=int, default=1024, help="test sequences per length (paper: 1024)")
+    p.add_argument("--seed", type=int, default=0, help="dataset seed (0 = the published dataset)")
+    p.add_argument("--dataset", help="load the test split from this dataset folder or Hub repo instead")
+    p.add_argument("--cot", dest="cot", action="store_true", default=None, help="force CoT layout")
+    p.add_argument("--no-cot", dest="cot", action="store_false", help="force the no-CoT layout")
+    p.add_argument("--no-generate", action="store_true", help="skip free-running generation")
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--output", "-o", help="write the JSON here (default: stdout)")
+    p.set_defaults(func=run_eval)

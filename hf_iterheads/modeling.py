@@ -1,0 +1,161 @@
+"""The paper's model as a stock ``GPT2LMHeadModel``, its ablation presets, and checkpoint loading.
+
+Why stock GPT-2: a checkpoint must load with plain ``AutoModelForCausalLM.from_pretrained(dir)``, no remote
+code. The paper's transformer (paper.md section 5) is 2 layers, 1 head, d = 128, MLP 512, learned absolute
+positions, untied output layer, dropout 0.1 on the embeddings only, context ``2 * n_len + 3``. GPT-2 adds
+biases and uses a standard pre-norm; both are documented differences.
+
+What the config cannot say in GPT-2's own words (the preset, CoT or not, the training lengths, whether the
+positional embeddings are frozen) is stored as metadata in ``config.iterheads``: it survives ``save_pretrained``
+and lets training re-freeze positions when a checkpoint is loaded again (e.g. for fine-tuning).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+from .errors import IterHeadsError
+from .tokenizer import EOI, EOS, PAD, is_native_tokenizer
+
+# Presets: the paper's model and the ablations of its section 5 / figures. Widths other than these are one
+# ``--n-embd`` away (n_inner follows as 4 * n_embd unless given).
+PRESETS: dict[str, dict] = {
+    "paper": dict(n_layer=2, n_head=1, n_embd=128),
+    "1layer": dict(n_layer=1, n_head=1, n_embd=128),  # one layer cannot host the two-step circuit
+    "3layer": dict(n_layer=3, n_head=1, n_embd=128),
+    "4head": dict(n_layer=2, n_head=4, n_embd=128),  # the circuit then spreads over heads
+    "3layer-4head": dict(n_layer=3, n_head=4, n_embd=128),
+    "frozen-pos": dict(n_layer=2, n_head=1, n_embd=128, freeze_positions=True),  # random, never-trained positions
+    "width16": dict(n_layer=2, n_head=1, n_embd=16),
+    "width32": dict(n_layer=2, n_head=1, n_embd=32),
+    "width64": dict(n_layer=2, n_head=1, n_embd=64),
+    "width256": dict(n_layer=2, n_head=1, n_embd=256),
+    "tiny": dict(n_layer=2, n_head=1, n_embd=32),  # for tests and smoke runs
+}
+
+
+def preset_names() -> list[str]:
+    return list(PRESETS)
+
+
+def context_length(n_len: int) -> int:
+    """Longest sequence for training lengths 1..n_len: the CoT layout, ``2 * n_len + 3`` (no-CoT is shorter)."""
+    return 2 * int(n_len) + 3
+
+
+def build_config(
+    tokenizer,
+    n_len: int = 16,
+    preset: str = "paper",
+    cot: bool = True,
+    tasks: list[str] | None = None,
+    **overrides,
+) -> GPT2Config:
+    """A GPT2Config for ``preset`` with the tokenizer's special ids; ``overrides`` (n_layer, n_embd, ...) win.
+
+    ``freeze_positions`` may be passed as an override; it is stored in ``config.iterheads``.
+    """
+    if preset not in PRESETS:
+        raise IterHeadsError(f"unknown model preset {preset!r}; known presets: {', '.join(PRESETS)}")
+    if int(n_len) < 1:
+        raise IterHeadsError(f"n_len must be at least 1, got {n_len}")
+    spec = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    freeze = bool(spec.pop("freeze_positions", False))
+    n_embd, n_head = int(spec.pop("n_embd")), int(spec.pop("n_head"))
+    if n_embd < 1 or n_head < 1 or n_embd % n_head:
+        raise IterHeadsError(f"n_embd ({n_embd}) must be a positive multiple of n_head ({n_head})")
+    n_layer = int(spec.pop("n_layer"))
+    if n_layer < 1:
+        raise IterHeadsError(f"n_layer must be at least 1, got {n_layer}")
+    n_inner = int(spec.pop("n_inner", None) or 4 * n_embd)
+    if spec:
+        raise IterHeadsError(f"unknown model option(s): {', '.join(spec)}")
+    vocab = tokenizer.get_vocab()
+    return GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=context_length(n_len),
+        n_layer=n_layer,
+        n_head=n_head,
+        n_embd=n_embd,
+        n_inner=n_inner,
+        activation_function="gelu",  # exact GELU, as in the reference MLP
+        embd_pdrop=0.1,  # the paper's only dropout
+        resid_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=False,  # the paper's output layer is untied
+        bos_token_id=vocab[EOS],  # there is no BoS token: GPT-2 itself uses one id for both
+        eos_token_id=vocab[EOS],
+        pad_token_id=vocab[PAD],
+        iterheads={
+            "preset": preset,
+            "n_len": int(n_len),
+            "cot": bool(cot),
+            "freeze_positions": freeze,
+            "tasks": list(tasks or []),
+            "eoi_token_id": vocab[EOI],
+        },
+    )
+
+
+def iterheads_meta(config) -> dict:
+    """The project metadata of a config ({} for models not trained by this project)."""
+    meta = getattr(config, "iterheads", None)
+    return dict(meta) if isinstance(meta, dict) else {}
+
+
+def freeze_positions(model: GPT2LMHeadModel) -> None:
+    """Keep the random initial positional embeddings: no gradient, so Adam never touches them."""
+    model.transformer.wpe.weight.requires_grad_(False)
+
+
+def build_model(config: GPT2Config, seed: int = 0) -> GPT2LMHeadModel:
+    """A freshly initialised model (seeded), with frozen positions when the config asks for it."""
+    torch.manual_seed(int(seed))
+    model = GPT2LMHeadModel(config)
+    if iterheads_meta(config).get("freeze_positions"):
+        freeze_positions(model)
+    return model
+
+
+def load_checkpoint(path: str | Path, for_training: bool = False):
+    """(model, tokenizer) from a saved checkpoint directory, with one clear error when it is not one.
+
+    ``for_training=True`` re-applies frozen positional embeddings (``requires_grad`` is not saved).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise IterHeadsError(f"{path} is not a directory (expected a checkpoint saved by hf-iterheads train)")
+    missing = [f for f in ("config.json", "model.safetensors") if not (path / f).is_file()]
+    if missing:
+        raise IterHeadsError(f"{path} is not a model checkpoint: it has no {' or '.join(missing)}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path))
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as err:
+        raise IterHeadsError(f"cannot load a model and tokenizer from {path}: {str(err).splitlines()[0]}") from None
+    if not is_native_tokenizer(tokenizer):
+        raise IterHeadsError(f"{path} has a tokenizer without this project's <eoi>/<eos>/value tokens")
+    if len(tokenizer) > model.config.vocab_size:
+        raise IterHeadsError(
+            f"{path}: the tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size}"
+        )
+    if for_training and iterheads_meta(model.config).get("freeze_positions"):
+        freeze_positions(model)
+    return model, tokenizer
+
+
+def check_fits(config, seq_len: int, what: str = "sequence") -> None:
+    """Refuse sequences longer than the model's learned positions (they would index past ``wpe``)."""
+    n_positions = int(getattr(config, "n_positions", 0) or getattr(config, "max_position_embeddings", 0))
+    if n_positions and seq_len > n_positions:
+        raise IterHeadsError(
+            f"a {what} of {seq_len} tokens does not fit the model's context of {n_positions} positions "
+            f"(a CoT sequence of length L takes 2L+3 tokens)"
+        )
+
+
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,64 @@
+"""Pictures of the detector's output: layer x head heatmaps, and the best head's attention on one probe.
+
+matplotlib is optional (``pip install 'hf-iterheads[plots]'``): importing this module raises ImportError
+without it, and the detector then says so in one line and still writes scores.json.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def plot_scores(scores: dict, path: str | Path) -> None:
+    """Iteration score, peakiness and EoI score per (layer, head), each cell annotated when the grid is small."""
+    panels = [("iteration_score", "iteration score (pred s_t -> x_t)"), ("peakiness", "peakiness (share > 0.5)"), ("eoi_score", "EoI score (s_t -> EoI)")]
+    n_layers, n_heads = scores["n_layers"], scores["n_heads"]
+    fig, axes = plt.subplots(1, 3, figsize=(4 + 1.2 * 3 * max(2, min(n_heads, 16)) / 2, 1.5 + 0.45 * max(2, n_layers)), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels):
+        grid = np.asarray(scores[key], dtype=float)
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_xticks(range(n_heads)) if n_heads <= 16 else None
+        ax.set_yticks(range(n_layers)) if n_layers <= 32 else None
+        if n_layers * n_heads <= 64:
+            for (l, h), v in np.ndenumerate(grid):
+                ax.text(h, l, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < 0.6 else "k")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle(f"{scores['model']} on {scores['task']} (layers and heads 0-based)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_attention(
+    pattern: np.ndarray,
+    tokens: Sequence[str],
+    path: str | Path,
+    title: str = "",
+    queries: Sequence[int] = (),
+    keys: Sequence[int] = (),
+) -> None:
+    """A (T, T) attention map; red boxes mark the cells an iteration head should fill (pred s_t -> x_t)."""
+    T = len(pattern)
+    fig, ax = plt.subplots(figsize=(2 + 0.28 * T, 1.5 + 0.28 * T))
+    ax.imshow(pattern, vmin=0, vmax=1, cmap="Blues")
+    labels = [t if len(t) <= 8 else t[:7] + "~" for t in tokens[:T]]
+    ax.set_xticks(range(T), labels, rotation=90, fontsize=7)
+    ax.set_yticks(range(T), labels, fontsize=7)
+    ax.set_xlabel("key")
+    ax.set_ylabel("query")
+    for q, k in zip(queries, keys):
+        ax.add_patch(plt.Rectangle((k - 0.5, q - 0.5), 1, 1, fill=False, ec="red", lw=1))
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

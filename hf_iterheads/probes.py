@@ -1,0 +1,301 @@
+"""Probe sequences for the detector: teacher-forced CoT chains with the index of every token that matters.
+
+A probe is one task instance written out with its chain of states. For each probe we record
+
+* ``x_pos[t]``     -- the (first) token of input ``x_t``;
+* ``state_pos[t]`` -- the (first) token of state ``s_t``;
+* ``pred_pos[t]``  -- the token that predicts ``s_t`` (the one just before it; for ``t = 1`` that is EoI);
+* ``eoi_pos``      -- the end-of-input marker, i.e. ``pred_pos[1]`` (paper: EoI plays the role of ``s_0``).
+
+Two renderings:
+
+* ``native``: the project's tokenizer and layout (``<task> x_1..x_L <eoi> s_1..s_L <eos>``), exact by construction;
+* ``text``: any tokenizer, through a template such as ``"{inputs} -> {states}"`` (the default) or
+  ``"<polynomial> {inputs} <eoi> {states} <eos>"``. ``{inputs:SEP}`` / ``{states:SEP}`` set the string
+  that joins values (a space by default). Positions come from the tokenizer's offset mapping, so a BOS
+  token the tokenizer adds, digits split into pieces (score the first piece, or refuse with
+  ``multi_token="refuse"``), and values merged with their neighbours (refused) are all handled explicitly.
+
+Lengths are mixed (4..16 by default) so a head that looks a fixed distance back cannot pass as an
+iteration head; bits repeat a lot, so a head that matches content cannot either.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .errors import IterHeadsError
+from .tasks import IterativeTask, get_task
+from .tokenizer import Layout, is_native_tokenizer
+
+DEFAULT_TEMPLATE = "{inputs} -> {states}"
+_PLACEHOLDER = re.compile(r"\{(inputs|states)(?::([^{}]*))?\}")
+
+
+def parse_lengths(spec: str | int | Sequence[int]) -> list[int]:
+    """``"4-16"`` -> 4..16, ``"4,8,12"`` -> those, ``8`` -> [8]."""
+    if isinstance(spec, int):
+        values = [spec]
+    elif isinstance(spec, str):
+        values = []
+        try:
+            for part in spec.replace(" ", "").split(","):
+                if "-" in part:
+                    lo, hi = (int(v) for v in part.split("-", 1))
+                    if hi < lo:
+                        raise ValueError
+                    values.extend(range(lo, hi + 1))
+                elif part:
+                    values.append(int(part))
+        except ValueError:
+            raise IterHeadsError(f"cannot read lengths {spec!r}: use e.g. 4-16, 8 or 4,8,12") from None
+    else:
+        values = [int(v) for v in spec]
+    if not values or min(values) < 2:
+        raise IterHeadsError(f"lengths must be at least 2 (x_(t-1) and x_(t+1) controls need neighbours), got {spec!r}")
+    return sorted(set(values))
+
+
+@dataclass
+class Probes:
+    """A batch of probes, right-padded; index tensors are (N, L_max) with -1 where t > L."""
+
+    task: str
+    rendering: str
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    lengths: np.ndarray
+    inputs: np.ndarray  # (N, L_max) values, -1 padded
+    states: np.ndarray
+    x_pos: torch.Tensor
+    state_pos: torch.Tensor
+    pred_pos: torch.Tensor
+    eoi_pos: torch.Tensor
+    target_ids: torch.Tensor  # (N, L_max) id of the (first) token of s_t, -1 padded
+    template: str | None = None
+    texts: list[str] | None = None
+    bos: bool = False
+    multi_token: bool = False
+    seq_lens: np.ndarray = field(default=None)  # tokens per probe
+
+    def __post_init__(self) -> None:
+        if self.seq_lens is None:
+            self.seq_lens = self.attention_mask.sum(1).numpy()
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def max_tokens(self) -> int:
+        return int(self.seq_lens.max())
+
+    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        """Index arrays of probes of similar token count (little padding), longest first."""
+        order = np.argsort(-self.seq_lens, kind="stable")
+        for i in range(0, len(order), max(1, int(batch_size))):
+            yield np.sort(order[i : i + batch_size])
+
+    def batch(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        """Model inputs for the probes ``idx``, trimmed to their longest sequence."""
+        width = int(self.seq_lens[idx].max())
+        return {"input_ids": self.input_ids[idx, :width], "attention_mask": self.attention_mask[idx, :width]}
+
+    def pairs(self, idx: np.ndarray) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """(queries, keys) for the scores: iteration (pred -> x_t), eoi (s_t -> EoI), prev/next controls."""
+        x, pred, state = self.x_pos[idx], self.pred_pos[idx], self.state_pos[idx]
+        none = torch.full_like(x[:, :1], -1)
+        prev = torch.cat([none, x[:, :-1]], 1)
+        nxt = torch.cat([x[:, 1:], none], 1)
+        nxt = torch.where(pred >= 0, nxt, -1)
+        eoi = torch.where(state >= 0, self.eoi_pos[idx, None], -1)
+        return {"iteration": (pred, x), "eoi": (state, eoi), "prev": (pred, prev), "next": (pred, nxt)}
+
+
+def _pad(rows: list[np.ndarray], width: int, fill: int = -1) -> np.ndarray:
+    out = np.full((len(rows), width), fill, dtype=np.int64)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
+def sample_chains(task: IterativeTask, lengths: list[int], n: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``n`` (inputs, states) chains, lengths taken in turn so every length is equally represented."""
+    rng = np.random.default_rng(seed)
+    per = {L: sum(1 for i in range(n) if lengths[i % len(lengths)] == L) for L in lengths}
+    chains = []
+    for L, count in per.items():
+        if count:
+            xs = task.sample_inputs(count, L, rng)
+            chains.extend(zip(xs, task.run(xs)))
+    return chains
+
+
+def native_probes(tokenizer, task: str | IterativeTask, lengths, n: int = 64, seed: int = 0) -> Probes:
+    """Probes in the project's own layout: positions are known without looking at any text."""
+    task = get_task(task)
+    if not is_native_tokenizer(tokenizer):
+        raise IterHeadsError("the native rendering needs the project's tokenizer (<eoi>, <eos>, value tokens); use --rendering text")
+    layout = Layout(tokenizer, task, cot=True)
+    chains = sample_chains(task, parse_lengths(lengths), n, seed)
+    ids, xp, sp, tg = [], [], [], []
+    for xs, ss in chains:
+        L = len(xs)
+        row = layout.ids(xs[None], ss[None])[0]
+        ids.append(row)
+        xp.append(np.arange(1, L + 1))
+        sp.append(np.arange(L + 2, 2 * L + 2))
+        tg.append(row[L + 2 : 2 * L + 2])
+    return _assemble(task, "native", chains, ids, xp, sp, tg, layout.pad_id)
+
+
+def _assemble(task, rendering, chains, ids, xp, sp, tg, pad_id, **extra) -> Probes:
+    lmax = max(len(c[0]) for c in chains)
+    width = max(len(r) for r in ids)
+    input_ids = _pad(ids, width, pad_id)
+    mask = _pad([np.ones(len(r)) for r in ids], width, 0)
+    state_pos = torch.from_numpy(_pad(sp, lmax))
+    pred_pos = torch.where(state_pos >= 0, state_pos - 1, -1)
+    return Probes(
+        task=task.name,
+        rendering=rendering,
+        input_ids=torch.from_numpy(input_ids),
+        attention_mask=torch.from_numpy(mask),
+        lengths=np.array([len(c[0]) for c in chains]),
+        inputs=_pad([c[0] for c in chains], lmax),
+        states=_pad([c[1] for c in chains], lmax),
+        x_pos=torch.from_numpy(_pad(xp, lmax)),
+        state_pos=state_pos,
+        pred_pos=pred_pos,
+        eoi_pos=pred_pos[:, 0].clone(),
+        target_ids=torch.from_numpy(_pad(tg, lmax)),
+        **extra,
+    )
+
+
+def render(template: str, inputs: Sequence[int], states: Sequence[int]) -> tuple[str, list[tuple[int, int]], list[tuple[int, int]]]:
+    """The probe text and the character span of every input and state value."""
+    found = list(_PLACEHOLDER.finditer(template))
+    kinds = [m.group(1) for m in found]
+    if kinds != ["inputs", "states"]:
+        raise IterHeadsError(
+            f"template {template!r} must contain {{inputs}} then {{states}} exactly once each "
+            "(optionally {inputs:SEP} to join values with SEP)"
+        )
+    rest = _PLACEHOLDER.sub("", template)
+    if "{" in rest or "}" in rest:
+        raise IterHeadsError(f"template {template!r} has an unknown placeholder; only {{inputs}} and {{states}} exist")
+    text, spans, pos = "", {"inputs": [], "states": []}, 0
+    for m in found:
+        text += template[pos : m.start()]
+        sep = " " if m.group(2) is None else m.group(2)
+        values = inputs if m.group(1) == "inputs" else states
+        for i, v in enumerate(values):
+            if i:
+                text += sep
+            spans[m.group(1)].append((len(text), len(text) + len(str(v))))
+            text += str(v)
+        pos = m.end()
+    text += template[pos:]
+    return text, spans["inputs"], spans["states"]
+
+
+def _locate(text: str, offsets: list[tuple[int, int]], special: list[int], span: tuple[int, int], unk: int | None, ids) -> tuple[int, int]:
+    """(first token index, number of tokens) of the value at ``span``; refuses values merged with neighbours."""
+    a, b = span
+    hits = [i for i, (s, e) in enumerate(offsets) if not special[i] and e > s and e > a and s < b]
+    value = text[a:b]
+    if not hits:
+        raise IterHeadsError(f"the tokenizer gives value {value!r} no token of its own (offset mapping) in {text!r}")
+    s0, _ = offsets[hits[0]]
+    _, e1 = offsets[hits[-1]]
+    if text[s0:a].strip() or e1 > b:
+        merged = text[min(s0, a) : max(e1, b)]
+        raise IterHeadsError(
+            f"the tokenizer merges value {value!r} with neighbouring text into {merged!r}; "
+            "change --template (e.g. put spaces between values) so each value starts its own token"
+        )
+    if unk is not None and any(ids[i] == unk for i in hits):
+        raise IterHeadsError(f"the tokenizer has no token for value {value!r} (it becomes the unknown token)")
+    return hits[0], len(hits)
+
+
+def text_probes(
+    tokenizer,
+    task: str | IterativeTask,
+    lengths,
+    n: int = 64,
+    seed: int = 0,
+    template: str | None = None,
+    multi_token: str = "first",
+) -> Probes:
+    """Probes rendered as text for any fast tokenizer, positions aligned through the offset mapping."""
+    task = get_task(task)
+    template = template or DEFAULT_TEMPLATE
+    if multi_token not in ("first", "refuse"):
+        raise IterHeadsError(f"multi_token must be 'first' or 'refuse', got {multi_token!r}")
+    if not getattr(tokenizer, "is_fast", False):
+        raise IterHeadsError(
+            f"{type(tokenizer).__name__} is not a fast tokenizer: the text rendering needs its offset mapping"
+        )
+    render(template, [0], [0])  # placeholder errors first
+    between = template[template.index("}") + 1 : template.index("{states")]
+    if not between.strip():
+        raise IterHeadsError(f"template {template!r} needs a marker between {{inputs}} and {{states}} (it plays EoI), e.g. ' -> '")
+    chains = sample_chains(task, parse_lengths(lengths), n, seed)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    ids, xp, sp, tg, texts = [], [], [], [], []
+    bos = split = False
+    for xs, ss in chains:
+        text, in_spans, st_spans = render(template, xs.tolist(), ss.tolist())
+        enc = tokenizer(text, return_offsets_mapping=True, return_special_tokens_mask=True, add_special_tokens=True)
+        row, offsets, special = enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]], enc["special_tokens_mask"]
+        x_first, s_first = [], []
+        for spans, out in ((in_spans, x_first), (st_spans, s_first)):
+            for span in spans:
+                first, count = _locate(text, offsets, special, span, unk, row)
+                if count > 1:
+                    split = True
+                    if multi_token == "refuse":
+                        raise IterHeadsError(
+                            f"the tokenizer splits value {text[span[0]:span[1]]!r} into {count} tokens "
+                            "(multi_token='refuse'); use multi_token='first' to score the first token"
+                        )
+                out.append(first)
+        bos = bos or bool(special[0])
+        ids.append(np.asarray(row))
+        xp.append(np.asarray(x_first))
+        sp.append(np.asarray(s_first))
+        tg.append(np.asarray(row)[s_first])
+        texts.append(text)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    return _assemble(task, "text", chains, ids, xp, sp, tg, pad, template=template, texts=texts, bos=bos, multi_token=split)
+
+
+def make_probes(
+    tokenizer,
+    task: str | IterativeTask = "parity",
+    lengths="4-16",
+    n: int = 64,
+    seed: int = 0,
+    rendering: str = "auto",
+    template: str | None = None,
+    multi_token: str = "first",
+) -> Probes:
+    """Native probes for the project's tokenizer, text probes otherwise (or as forced by ``rendering``)."""
+    task = get_task(task)
+    if int(n) < 1:
+        raise IterHeadsError(f"--n must be at least 1, got {n}")
+    if rendering == "auto":
+        rendering = "native" if template is None and is_native_tokenizer(tokenizer) else "text"
+    if rendering == "native":
+        if template is not None:
+            raise IterHeadsError("--template applies to the text rendering only")
+        return native_probes(tokenizer, task, lengths, n, seed)
+    if rendering == "text":
+        return text_probes(tokenizer, task, lengths, n, seed, template, multi_token)
+    raise IterHeadsError(f"unknown rendering {rendering!r}: use auto, native or text")

@@ -1,0 +1,136 @@
+"""Publish a checkpoint the Hugging Face way: ``hf-iterheads release --repo-id ORG/NAME``.
+
+The folder that goes up is assembled first (safetensors weights, config, tokenizer, model card) and checked
+to load with plain ``AutoModelForCausalLM`` / ``AutoTokenizer``; ``--dry-run`` writes exactly that folder
+and uploads nothing. Pickled weights (``*.bin``, ``*.pt``) are never published.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from huggingface_hub import HfApi, ModelCard
+
+from .errors import IterHeadsError
+from .outputs import atomic_output_dir, check_output_dir
+
+BUNDLED = Path(__file__).parent / "checkpoints"
+RELEASE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "README.md",
+)
+PICKLED = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
+
+
+def bundled_checkpoints() -> list[str]:
+    """Short names of the reference checkpoints shipped inside the package."""
+    return sorted(p.parent.name for p in BUNDLED.glob("*/config.json"))
+
+
+def resolve_checkpoint(name: str) -> Path:
+    """A checkpoint folder from a path or a bundled short name (e.g. ``polynomial-cot``)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if (BUNDLED / name / "config.json").is_file():
+        return BUNDLED / name
+    known = ", ".join(bundled_checkpoints()) or "none"
+    raise IterHeadsError(f"{name!r} is neither a checkpoint folder nor a bundled checkpoint (bundled: {known})")
+
+
+def assemble_release(checkpoint: str | Path, dest: Path) -> list[str]:
+    """Copy the publishable files of ``checkpoint`` into ``dest`` after checking they are complete and safe."""
+    src = resolve_checkpoint(str(checkpoint))
+    pickled = [p.name for pattern in PICKLED for p in src.glob(pattern)]
+    if pickled:
+        raise IterHeadsError(f"{src} holds pickled weights ({', '.join(pickled)}); only safetensors are released")
+    missing = [f for f in ("config.json", "model.safetensors", "tokenizer_config.json", "README.md") if not (src / f).is_file()]
+    if missing:
+        raise IterHeadsError(f"{src} is not a releasable checkpoint: missing {', '.join(missing)}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:  # exactly what a user of the released repo will run
+        AutoModelForCausalLM.from_pretrained(str(src))
+        AutoTokenizer.from_pretrained(str(src))
+    except (OSError, ValueError) as err:
+        raise IterHeadsError(f"{src} does not load with plain transformers: {str(err).splitlines()[0]}") from None
+    card = ModelCard.load(src / "README.md")
+    if not card.data.to_dict().get("library_name"):
+        raise IterHeadsError(f"{src}/README.md is not a model card with metadata (library_name is missing)")
+    copied = []
+    for name in RELEASE_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dest / name)
+            copied.append(name)
+    for png in sorted(src.glob("*.png")):  # figures the card may show
+        shutil.copy2(png, dest / png.name)
+        copied.append(png.name)
+    return copied
+
+
+def release(
+    checkpoint: str | Path,
+    repo_id: str,
+    dry_run: bool = False,
+    output_dir: str | Path | None = None,
+    private: bool = False,
+    token: str | None = None,
+    overwrite: bool = False,
+) -> str:
+    """Upload ``checkpoint`` to ``repo_id``; with ``dry_run`` only write the folder to ``output_dir``."""
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise IterHeadsError(f"--repo-id expects ORG/NAME, got {repo_id!r}")
+    if dry_run:
+        if output_dir is None:
+            raise IterHeadsError("--dry-run needs --output-dir (the folder that would be uploaded is written there)")
+        check_output_dir(output_dir, overwrite)
+        with atomic_output_dir(output_dir, overwrite) as tmp:
+            files = assemble_release(checkpoint, tmp)
+        return f"dry run: wrote {len(files)} files to {output_dir} (nothing uploaded)"
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        assemble_release(checkpoint, Path(tmp))
+        api = HfApi(token=token)
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message="Release hf-iterheads checkpoint")
+    return f"uploaded to {getattr(info, 'commit_url', repo_id)}"
+
+
+def run(args: argparse.Namespace) -> int:
+    print(
+        release(
+            args.checkpoint,
+            args.repo_id,
+            dry_run=args.dry_run,
+            output_dir=args.output_dir,
+            private=args.private,
+            overwrite=args.overwrite,
+        )
+    )
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    bundled = ", ".join(bundled_checkpoints()) or "none yet"
+    parser = subparsers.add_parser(
+        "release",
+        help="upload a checkpoint (weights, tokenizer, model card) to the Hub",
+        description="Publish a trained checkpoint as a Hub model repo; --dry-run writes the exact folder instead.",
+    )
+    parser.add_argument("--repo-id", required=True, metavar="ORG/NAME", help="the Hub model repo to create or update")
+    parser.add_argument(
+        "--checkpoint", default="polynomial-cot", help=f"checkpoint folder or bundled short name (bundled: {bundled})"
+    )
+    parser.add_argument("--dry-run", action="store_true", help="write the folder that would be uploaded; upload nothing")
+    parser.add_argument("--output-dir", default=None, help="where --dry-run writes the folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
+    parser.add_argument("--private", action="store_true", help="create the repo as private")
+    parser.set_defaults(func=run)

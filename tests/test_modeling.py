@@ -1,0 +1,67 @@
+"""The paper's model as a stock GPT-2 config, its presets, frozen positions, and checkpoint loading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hf_iterheads.errors import IterHeadsError
+from hf_iterheads.modeling import PRESETS, build_config, build_model, check_fits, load_checkpoint
+from hf_iterheads.tokenizer import EOS, PAD, build_tokenizer, save_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+def test_paper_preset_is_the_paper_model(tok):
+    c = build_config(tok, n_len=16, preset="paper", tasks=["polynomial"])
+    assert (c.n_layer, c.n_head, c.n_embd, c.n_inner, c.n_positions) == (2, 1, 128, 512, 35)
+    assert (c.embd_pdrop, c.resid_pdrop, c.attn_pdrop) == (0.1, 0.0, 0.0)
+    assert c.tie_word_embeddings is False
+    vocab = tok.get_vocab()
+    assert c.eos_token_id == vocab[EOS] and c.pad_token_id == vocab[PAD] and c.vocab_size == len(tok)
+    assert c.iterheads["cot"] is True and c.iterheads["n_len"] == 16 and c.iterheads["tasks"] == ["polynomial"]
+    model = build_model(c)
+    assert model.lm_head.weight.data_ptr() != model.transformer.wte.weight.data_ptr()  # untied
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_builds_and_runs(tok, preset):
+    c = build_config(tok, n_len=4, preset=preset, n_embd=32 if preset not in ("width16",) else None)
+    model = build_model(c)
+    ids = torch.randint(0, len(tok), (2, 11))
+    assert model(input_ids=ids).logits.shape == (2, 11, c.vocab_size)
+    assert c.n_layer == PRESETS[preset]["n_layer"] and c.n_head == PRESETS[preset]["n_head"]
+
+
+def test_bad_model_options(tok):
+    with pytest.raises(IterHeadsError, match="unknown model preset"):
+        build_config(tok, preset="gpt5")
+    with pytest.raises(IterHeadsError, match="multiple of n_head"):
+        build_config(tok, preset="4head", n_embd=30)
+    with pytest.raises(IterHeadsError, match="does not fit"):
+        check_fits(build_config(tok, n_len=4), 2 * 5 + 3)
+
+
+def test_frozen_positions_survive_save_and_load(tok, tmp_path):
+    model = build_model(build_config(tok, n_len=4, preset="frozen-pos", n_embd=32), seed=3)
+    assert not model.transformer.wpe.weight.requires_grad
+    model.save_pretrained(tmp_path)
+    save_tokenizer(tok, tmp_path)
+    assert (tmp_path / "model.safetensors").is_file() and not list(tmp_path.glob("*.bin"))
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path)  # plain transformers, no remote code
+    assert AutoTokenizer.from_pretrained(tmp_path).get_vocab() == tok.get_vocab()
+    assert torch.equal(plain.transformer.wpe.weight, model.transformer.wpe.weight)
+    again, _ = load_checkpoint(tmp_path, for_training=True)
+    assert not again.transformer.wpe.weight.requires_grad  # re-frozen from config.iterheads
+    assert again.transformer.wte.weight.requires_grad
+
+
+def test_load_checkpoint_refuses_non_checkpoints(tmp_path):
+    with pytest.raises(IterHeadsError, match="not a directory"):
+        load_checkpoint(tmp_path / "missing")
+    with pytest.raises(IterHeadsError, match="not a model checkpoint"):
+        load_checkpoint(tmp_path)

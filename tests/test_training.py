@@ -1,0 +1,207 @@
+"""Tiny end-to-end training runs through the CLI: files, reload, resume, recipes, data regimes, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hf_iterheads.cli import main
+from hf_iterheads.errors import IterHeadsError
+from hf_iterheads.tasks import get_task
+from hf_iterheads.tokenizer import Layout, build_tokenizer
+from hf_iterheads.training import (
+    PAPER_RECIPE, FixedSampler, OnlineData, TaskSchedule, TrainConfig, _row_codes, parse_curriculum,
+)
+
+TINY = ["--preset", "tiny", "--n-len", "5", "--per-length", "24", "--batch-size", "16", "--warmup-steps", "2",
+        "--eval-per-length", "8", "--log-every", "2", "--report-to", "none", "--threads", "1"]
+
+
+def train(out: Path, *extra: str, task: str = "polynomial") -> int:
+    return main(["train", "--task", task, "--output-dir", str(out), *TINY, *extra])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "poly"
+    assert train(out, "--max-steps", "8", "--eval-every", "4", "--checkpoint-every", "4") == 0
+    return out
+
+
+def test_end_to_end_run_writes_a_loadable_checkpoint(run):
+    names = {p.name for p in run.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", "metrics.jsonl", "run_config.json",
+            "eval_results.json", "checkpoints"} <= names
+    assert not [n for n in names if n.startswith(".")]  # no temp dir left behind
+    model = AutoModelForCausalLM.from_pretrained(run)
+    tok = AutoTokenizer.from_pretrained(run)
+    layout = Layout(tok, "polynomial")
+    x = get_task("polynomial").sample_inputs(2, 5, np.random.default_rng(0))
+    ids = torch.from_numpy(layout.ids(x, get_task("polynomial").run(x)))
+    assert model(input_ids=ids).logits.shape == (2, 13, model.config.vocab_size)
+    assert model.config.iterheads["tasks"] == ["polynomial"] and model.config.n_embd == 32
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(run / "README.md")
+    measured = json.loads((run / "eval_results.json").read_text())["results"][0]["summary"]
+    in_card = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert in_card["accuracy"] == round(measured["accuracy"], 4)  # model-index holds the measured numbers
+    assert in_card["attn1_peakiness"] == round(measured["attn1_peakiness"], 4)
+    assert card.data.library_name == "transformers" and "polynomial" in card.text
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 4, 8, 8]  # start, every 4 steps, final full evaluation
+    assert {"accuracy", "attn0_peakiness", "attn0_mass", "attn1_peakiness", "attn1_mass", "per_length"} <= set(evals[0])
+    assert [r["step"] for r in records if r["kind"] == "train"] == [2, 4, 6, 8]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_4", "step_8"]
+
+
+@pytest.mark.parametrize("data", ["online", "fixed"])
+def test_resume_after_interruption_gives_the_same_weights(tmp_path, data):
+    # An epoch is 8 (online) or 9 (fixed) batches: the run is killed at step 12, resumes from the step-10
+    # checkpoint in the middle of its second epoch, and must end exactly where the straight run ends.
+    common = ["--data", data, "--max-steps", "14", "--eval-every", "5", "--checkpoint-every", "5"]
+    assert train(tmp_path / "straight", *common) == 0
+    assert train(tmp_path / "broken", *common, "--interrupt-at-step", "12") == 130
+    assert not (tmp_path / "broken" / "config.json").exists()
+    assert main(["train", "--resume", "--output-dir", str(tmp_path / "broken"), "--threads", "1"]) == 0
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(tmp_path / "broken" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "broken" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))  # no duplicate records after resuming
+
+
+def test_frozen_positions_are_never_trained(tmp_path):
+    from hf_iterheads.modeling import build_config, build_model
+
+    assert train(tmp_path / "r", "--max-steps", "3", "--freeze-positions", "--seed", "5", "--lr", "1e-2") == 0
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "r")
+    fresh = build_model(build_config(build_tokenizer(model_max_length=13), 5, "tiny", freeze_positions=True), seed=5)
+    assert torch.equal(trained.transformer.wpe.weight, fresh.transformer.wpe.weight)
+    assert not torch.equal(trained.transformer.wte.weight, fresh.transformer.wte.weight)
+
+
+def test_paper_recipe_is_exact_and_flags_override():
+    from hf_iterheads.cli import build_parser
+    from hf_iterheads.training import resolve_config
+
+    args = build_parser().parse_args(["train", "--task", "polynomial", "--output-dir", "x", "--recipe", "paper"])
+    cfg = resolve_config(args)
+    assert (cfg.data, cfg.lr, cfg.batch_size, cfg.warmup_steps, cfg.schedule, cfg.epochs, cfg.max_steps) == (
+        "fixed", 3e-4, 256, 0, "constant", 1000, None)
+    assert PAPER_RECIPE["betas"] == (0.9, 0.999)
+    args = build_parser().parse_args(["train", "--task", "polynomial", "--output-dir", "x", "--recipe", "paper",
+                                      "--lr", "1e-3", "--max-steps", "50"])
+    cfg = resolve_config(args)
+    assert (cfg.lr, cfg.max_steps, cfg.epochs, cfg.data) == (1e-3, 50, None, "fixed")
+
+
+def test_bucketed_fixed_batches_hold_one_length_and_cover_every_row():
+    groups = [np.arange(0, 10), np.arange(10, 35), np.arange(35, 40)]
+    sampler = FixedSampler(groups, batch_size=8, seed=0, bucket=True)
+    first = list(sampler)
+    assert len(first) == len(sampler) == 2 + 4 + 1
+    assert sorted(i for b in first for i in b) == list(range(40))
+    assert all(len({next(g for g, rows in enumerate(groups) if i in rows) for i in b}) == 1 for b in first)
+    sampler.set_epoch(1)
+    assert list(sampler) != first  # reshuffled every epoch
+    sampler.set_epoch(0)
+    assert list(sampler) == first  # ... deterministically (resume relies on it)
+
+
+def test_online_batches_never_contain_test_sequences():
+    task = get_task("binary_copy")
+    tok = build_tokenizer()
+    test_rows = np.array([[0, 0, 0], [0, 1, 1], [1, 0, 1], [1, 1, 1]])
+    exclude = {("binary_copy", 3): np.unique(_row_codes(test_rows, 2))}
+    cfg = TrainConfig(tasks=["binary_copy"], output_dir="x", n_len=3, batch_size=64, length_warmup=0)
+    data = OnlineData(cfg, {"binary_copy": Layout(tok, task)}, exclude, 0, epoch_len=4)
+    seen = set()
+    for b in range(30):
+        batch = data.__getitems__(list(range(b * 64, (b + 1) * 64)))
+        ids = batch["input_ids"]
+        if ids.shape[1] == 9:  # length 3
+            seen |= {tuple(r) for r in (ids[:, 1:4] - int(tok.convert_tokens_to_ids("0"))).tolist()}
+        assert (batch["labels"][:, : ids.shape[1] // 2 + 1] == -100).all()  # no loss up to EoI
+    assert seen and not seen & {tuple(r) for r in test_rows.tolist()}
+
+
+def test_curriculum_fades_the_helper_task():
+    cfg = TrainConfig(tasks=["polynomial"], output_dir="x", curriculum="binary_copy:0.5:100", n_len=16, length_warmup=30)
+    schedule = TaskSchedule(cfg)
+    names, w = schedule.weights(0)
+    assert names == ["polynomial", "binary_copy"] and np.allclose(w, [0.5, 0.5])
+    assert np.allclose(schedule.weights(50)[1], [0.75, 0.25]) and np.allclose(schedule.weights(500)[1], [1, 0])
+    assert schedule.max_len(0) == 1 and schedule.max_len(30) == 16
+    with pytest.raises(IterHeadsError, match="TASK:SHARE"):
+        parse_curriculum("binary_copy")
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hf-iterheads train: error:"), err
+    return err[0]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--task", "polynomal"], "unknown task"),
+        (["--task", "polynomial", "--preset", "huge"], "unknown model preset"),
+        (["--task", "polynomial", "--recipe", "slow"], "unknown recipe"),
+        (["--task", "polynomial", "--data", "fixed", "--curriculum", "binary_copy:0.5:10"], "need --data online"),
+        (["--task", "polynomial", "--curriculum", "nope:0.5:10"], "unknown task"),
+        (["--task", "polynomial", "--n-len", "0"], "at least 1"),
+        (["--task", "polynomial", "--init-from", "/nonexistent/ckpt"], "not a directory"),
+    ],
+)
+def test_bad_training_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, message):
+    out = tmp_path / "run"
+    assert main(["train", "--output-dir", str(out), "--max-steps", "2", "--report-to", "none", *args]) == 2
+    assert message in _one_line_error(capsys)
+    assert not out.exists()
+
+
+def test_non_empty_output_dir_and_bad_resume(tmp_path, capsys):
+    (tmp_path / "keep.txt").write_text("mine")
+    assert main(["train", "--task", "parity", "--output-dir", str(tmp_path), "--max-steps", "2"]) == 2
+    assert "not empty" in _one_line_error(capsys)
+    assert main(["train", "--task", "parity", "--output-dir", str(tmp_path), "--max-steps", "2", "--overwrite"]) == 2
+    assert "does not look like a training run" in _one_line_error(capsys)
+    assert main(["train", "--resume", "--output-dir", str(tmp_path)]) == 2
+    assert "no run_config.json" in _one_line_error(capsys)
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_init_from_a_checkpoint_without_the_task_token(tmp_path, capsys):
+    from hf_iterheads.modeling import build_config, build_model
+    from hf_iterheads.tokenizer import save_tokenizer
+
+    tok = build_tokenizer(tasks=["parity"], model_max_length=13)
+    ckpt = tmp_path / "parity_only"
+    build_model(build_config(tok, 5, "tiny")).save_pretrained(ckpt)
+    save_tokenizer(tok, ckpt)
+    out = tmp_path / "run"
+    assert main(["train", "--task", "polynomial", "--init-from", str(ckpt), "--output-dir", str(out),
+                 "--n-len", "5", "--max-steps", "2", "--report-to", "none"]) == 2
+    assert "<polynomial>" in _one_line_error(capsys)
+    assert not out.exists()
+    assert main(["train", "--task", "parity", "--init-from", str(ckpt), "--output-dir", str(out),
+                 "--n-len", "6", "--max-steps", "2", "--report-to", "none"]) == 2
+    assert "does not fit" in _one_line_error(capsys)
+    assert not out.exists()
+
+
+def test_packaged_model_card_template_matches_its_source():
+    from hf_iterheads.training import model_card_template
+
+    source = Path(__file__).resolve().parents[1] / "model_cards" / "model_card_template.md"
+    assert model_card_template().read_text() == source.read_text()  # the package copy must not drift
