@@ -25,13 +25,14 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from .attention import AttentionCapture, find_attention_modules, head_counts, mass_on
 from .errors import IterHeadsError
+from .modeling import bundled_path
 from .probes import Probes, make_probes, parse_lengths
 from .tasks import get_task
 
@@ -39,7 +40,6 @@ MIN_SCORE = 0.25
 CHANCE_RATIO = 3.0
 CONTROL_RATIO = 2.0
 SCORE_NAMES = ("iteration", "eoi", "prev", "next")
-CHECKPOINTS = Path(__file__).parent / "checkpoints"
 DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -54,8 +54,8 @@ def resolve_model_name(name: str) -> str:
     """A local folder, a checkpoint shipped with the package (by short name), or a Hub repo id."""
     if Path(name).expanduser().is_dir():
         return str(Path(name).expanduser())
-    if "/" not in name and (CHECKPOINTS / name / "config.json").is_file():
-        return str(CHECKPOINTS / name)
+    if bundled_path(name):
+        return str(bundled_path(name))
     return name
 
 

@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -29,7 +26,8 @@ import torch
 
 from .attention import circuit_pairs, mass_on, summarize
 from .errors import IterHeadsError
-from .tasks import IterativeTask, get_task
+from .outputs import write_json_atomic
+from .tasks import IterativeTask, get_task, parse_lengths
 from .tokenizer import Layout
 
 SUMMARY_FROM = 4  # the paper averages test metrics over L = 4 .. n_len
@@ -255,34 +253,6 @@ def test_data(
 # --- CLI -------------------------------------------------------------------------------------------------------
 
 
-def parse_lengths(spec: str | None) -> list[int] | None:
-    """``"4-16"``, ``"1,2,8"`` or ``"4-8,16"`` -> sorted lengths."""
-    if not spec:
-        return None
-    out: set[int] = set()
-    try:
-        for part in spec.split(","):
-            lo, _, hi = part.partition("-")
-            out.update(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
-        raise IterHeadsError(f"cannot read lengths {spec!r}; write e.g. 4-16 or 1,2,8") from None
-    if not out or min(out) < 1:
-        raise IterHeadsError(f"lengths must be at least 1, got {spec!r}")
-    return sorted(out)
-
-
-def write_json_atomic(obj, path: str | Path) -> None:
-    """Write JSON to ``path`` via a temporary file and a rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=2)
-        fh.write("\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def run_eval(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
@@ -294,7 +264,7 @@ def run_eval(args: argparse.Namespace) -> int:
     meta = iterheads_meta(model.config)
     cot = meta.get("cot", True) if args.cot is None else args.cot
     n_len = args.n_len or meta.get("n_len") or 16
-    lengths = parse_lengths(args.lengths) or list(range(1, n_len + 1))
+    lengths = parse_lengths(args.lengths) if args.lengths else list(range(1, n_len + 1))
     report = {"model": str(args.model_dir), "n_len": n_len, "per_length_count": args.per_length, "seed": args.seed}
     report["results"] = []
     for task in tasks:

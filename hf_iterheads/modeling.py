@@ -120,12 +120,26 @@ def build_model(config: GPT2Config, seed: int = 0) -> GPT2LMHeadModel:
     return model
 
 
+BUNDLED = Path(__file__).parent / "checkpoints"  # reference checkpoints shipped with the package
+
+
+def bundled_checkpoints() -> list[str]:
+    """Short names of the reference checkpoints shipped inside the package (e.g. ``polynomial-cot``)."""
+    return sorted(p.parent.name for p in BUNDLED.glob("*/config.json"))
+
+
+def bundled_path(name: str) -> Path | None:
+    """The folder of a bundled checkpoint by short name, or None."""
+    path = BUNDLED / str(name)
+    return path if "/" not in str(name) and (path / "config.json").is_file() else None
+
+
 def load_checkpoint(path: str | Path, for_training: bool = False):
     """(model, tokenizer) from a saved checkpoint directory, with one clear error when it is not one.
 
     ``for_training=True`` re-applies frozen positional embeddings (``requires_grad`` is not saved).
     """
-    path = Path(path)
+    path = Path(path) if Path(path).is_dir() else (bundled_path(str(path)) or Path(path))
     if not path.is_dir():
         raise IterHeadsError(f"{path} is not a directory (expected a checkpoint saved by hf-iterheads train)")
     missing = [f for f in ("config.json", "model.safetensors") if not (path / f).is_file()]

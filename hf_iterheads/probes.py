@@ -31,6 +31,7 @@ import torch
 
 from .errors import IterHeadsError
 from .tasks import IterativeTask, get_task
+from .tasks import parse_lengths as tasks_parse_lengths
 from .tokenizer import Layout, is_native_tokenizer
 
 DEFAULT_TEMPLATE = "{inputs} -> {states}"
@@ -38,27 +39,8 @@ _PLACEHOLDER = re.compile(r"\{(inputs|states)(?::([^{}]*))?\}")
 
 
 def parse_lengths(spec: str | int | Sequence[int]) -> list[int]:
-    """``"4-16"`` -> 4..16, ``"4,8,12"`` -> those, ``8`` -> [8]."""
-    if isinstance(spec, int):
-        values = [spec]
-    elif isinstance(spec, str):
-        values = []
-        try:
-            for part in spec.replace(" ", "").split(","):
-                if "-" in part:
-                    lo, hi = (int(v) for v in part.split("-", 1))
-                    if hi < lo:
-                        raise ValueError
-                    values.extend(range(lo, hi + 1))
-                elif part:
-                    values.append(int(part))
-        except ValueError:
-            raise IterHeadsError(f"cannot read lengths {spec!r}: use e.g. 4-16, 8 or 4,8,12") from None
-    else:
-        values = [int(v) for v in spec]
-    if not values or min(values) < 2:
-        raise IterHeadsError(f"lengths must be at least 2 (x_(t-1) and x_(t+1) controls need neighbours), got {spec!r}")
-    return sorted(set(values))
+    """Probe lengths: at least 2, since the x_(t-1) and x_(t+1) controls need neighbours."""
+    return tasks_parse_lengths(spec, minimum=2)
 
 
 @dataclass

@@ -14,9 +14,9 @@ from pathlib import Path
 from huggingface_hub import HfApi, ModelCard
 
 from .errors import IterHeadsError
+from .modeling import bundled_checkpoints, bundled_path
 from .outputs import atomic_output_dir, check_output_dir
 
-BUNDLED = Path(__file__).parent / "checkpoints"
 RELEASE_FILES = (
     "config.json",
     "generation_config.json",
@@ -29,18 +29,13 @@ RELEASE_FILES = (
 PICKLED = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
 
 
-def bundled_checkpoints() -> list[str]:
-    """Short names of the reference checkpoints shipped inside the package."""
-    return sorted(p.parent.name for p in BUNDLED.glob("*/config.json"))
-
-
 def resolve_checkpoint(name: str) -> Path:
     """A checkpoint folder from a path or a bundled short name (e.g. ``polynomial-cot``)."""
     path = Path(name).expanduser()
     if path.is_dir():
         return path
-    if (BUNDLED / name / "config.json").is_file():
-        return BUNDLED / name
+    if bundled_path(name):
+        return bundled_path(name)
     known = ", ".join(bundled_checkpoints()) or "none"
     raise IterHeadsError(f"{name!r} is neither a checkpoint folder nor a bundled checkpoint (bundled: {known})")
 

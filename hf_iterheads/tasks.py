@@ -97,6 +97,27 @@ class IterativeTask:
         return values.astype(np.int64)
 
 
+def parse_lengths(spec: str | int | Iterable[int], minimum: int = 1) -> list[int]:
+    """``"4-16"`` -> 4..16, ``"4,8,12"`` or ``"4-8,16"`` -> those, ``8`` -> [8]; sorted, each >= ``minimum``."""
+    values: list[int] = []
+    try:
+        if isinstance(spec, (int, np.integer)):
+            values = [int(spec)]
+        elif isinstance(spec, str):
+            for part in spec.replace(" ", "").split(","):
+                lo, dash, hi = part.partition("-")
+                if dash and int(hi) < int(lo):
+                    raise ValueError
+                values.extend(range(int(lo), int(hi) + 1) if dash else [int(part)] if part else [])
+        else:
+            values = [int(v) for v in spec]
+    except ValueError:
+        raise IterHeadsError(f"cannot read lengths {spec!r}: use e.g. 4-16, 8 or 4,8,12") from None
+    if not values or min(values) < minimum:
+        raise IterHeadsError(f"lengths must be at least {minimum}, got {spec!r}")
+    return sorted(set(values))
+
+
 def check_length(length: int) -> None:
     if int(length) < 1:
         raise IterHeadsError(f"sequence length must be at least 1, got {length}")

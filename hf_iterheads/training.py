@@ -542,7 +542,6 @@ def train(cfg: TrainConfig, resume: bool = False, interrupt_at_step: int | None 
     test = {name: split_by_length(s["test"]) for name, s in splits.items()}
     eval_data = {name: {L: (x[: cfg.eval_per_length], s[: cfg.eval_per_length]) for L, (x, s) in t.items()} for name, t in test.items()}
     pad_id = layouts[cfg.tasks[0]].pad_id
-    n_train = sum(len(split["train"]) for split in splits.values())
     if cfg.data == "fixed":
         dataset = FixedData([(layouts[n], split_by_length(splits[n]["train"])) for n in cfg.tasks], pad_id)
         sampler = FixedSampler(dataset.groups, cfg.batch_size, cfg.seed, cfg.bucket)
@@ -666,7 +665,7 @@ def train(cfg: TrainConfig, resume: bool = False, interrupt_at_step: int | None 
     if main:
         final = run_eval(final=True)
         log_eval(final, seconds)
-        from .evaluation import write_json_atomic
+        from .outputs import write_json_atomic
 
         write_json_atomic({"step": step, "seconds": round(seconds, 1), "results": final}, out / "eval_results.json")
         unwrapped = accelerator.unwrap_model(model)
