@@ -37,6 +37,9 @@ PRESETS: dict[str, dict] = {
 }
 
 
+INIT_RANGE = 0.02  # GPT-2's own initializer_range; training recipes choose their own (training.INIT_RANGE)
+
+
 def preset_names() -> list[str]:
     return list(PRESETS)
 
@@ -64,6 +67,8 @@ def build_config(
         raise IterHeadsError(f"n_len must be at least 1, got {n_len}")
     spec = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
     freeze = bool(spec.pop("freeze_positions", False))
+    init_range = float(spec.pop("initializer_range", None) or INIT_RANGE)
+    embed_std = float(spec.pop("embed_init_std", None) or 0.0)
     n_embd, n_head = int(spec.pop("n_embd")), int(spec.pop("n_head"))
     if n_embd < 1 or n_head < 1 or n_embd % n_head:
         raise IterHeadsError(f"n_embd ({n_embd}) must be a positive multiple of n_head ({n_head})")
@@ -86,6 +91,7 @@ def build_config(
         resid_pdrop=0.0,
         attn_pdrop=0.0,
         tie_word_embeddings=False,  # the paper's output layer is untied
+        initializer_range=init_range,
         bos_token_id=vocab[EOS],  # there is no BoS token: GPT-2 itself uses one id for both
         eos_token_id=vocab[EOS],
         pad_token_id=vocab[PAD],
@@ -94,6 +100,7 @@ def build_config(
             "n_len": int(n_len),
             "cot": bool(cot),
             "freeze_positions": freeze,
+            "embed_init_std": embed_std,
             "tasks": list(tasks or []),
             "eoi_token_id": vocab[EOI],
         },
@@ -115,6 +122,11 @@ def build_model(config: GPT2Config, seed: int = 0) -> GPT2LMHeadModel:
     """A freshly initialised model (seeded), with frozen positions when the config asks for it."""
     torch.manual_seed(int(seed))
     model = GPT2LMHeadModel(config)
+    embed_std = iterheads_meta(config).get("embed_init_std")
+    if embed_std:  # an init choice only: the checkpoint stays a stock GPT-2
+        with torch.no_grad():
+            model.transformer.wte.weight.normal_(0.0, embed_std)
+            model.transformer.wpe.weight.normal_(0.0, embed_std)
     if iterheads_meta(config).get("freeze_positions"):
         freeze_positions(model)
     return model

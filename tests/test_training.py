@@ -84,7 +84,11 @@ def test_frozen_positions_are_never_trained(tmp_path):
 
     assert train(tmp_path / "r", "--max-steps", "3", "--freeze-positions", "--seed", "5", "--lr", "1e-2") == 0
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "r")
-    fresh = build_model(build_config(build_tokenizer(model_max_length=13), 5, "tiny", freeze_positions=True), seed=5)
+    from hf_iterheads.training import EMBED_INIT_STD, INIT_RANGE
+
+    config = build_config(build_tokenizer(model_max_length=13), 5, "tiny", freeze_positions=True,
+                          initializer_range=INIT_RANGE, embed_init_std=EMBED_INIT_STD)
+    fresh = build_model(config, seed=5)
     assert torch.equal(trained.transformer.wpe.weight, fresh.transformer.wpe.weight)
     assert not torch.equal(trained.transformer.wte.weight, fresh.transformer.wte.weight)
 
