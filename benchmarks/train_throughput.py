@@ -116,7 +116,7 @@ def main() -> None:
     loader = lambda bucket: DataLoader(fixed, batch_sampler=FixedSampler(fixed.groups, BATCH, 0, bucket), collate_fn=lambda b: b)  # noqa: E731
     results.append(measure("ours-padded", loader(False), model(), args.steps, args.warmup))
     results.append(measure("ours-bucketed", loader(True), model(), args.steps, args.warmup))
-    cfg = TrainConfig(tasks=["polynomial"], output_dir="-", n_len=N_LEN, batch_size=BATCH, bucket=True)
+    cfg = TrainConfig(tasks=["polynomial"], output_dir="-", n_len=N_LEN, batch_size=BATCH, bucket=True, curriculum="")
     online = OnlineData(cfg, {"polynomial": layout}, {}, layout.pad_id, STEPS_PER_EPOCH)
     results.append(measure("ours-online", DataLoader(online, batch_sampler=OnlineSampler(STEPS_PER_EPOCH, BATCH),
                                                      collate_fn=lambda b: b), model(), args.steps, args.warmup))

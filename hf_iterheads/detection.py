@@ -3,7 +3,9 @@
 For every (layer, head) the detector measures, on teacher-forced CoT probes (:mod:`hf_iterheads.probes`):
 
 * ``iteration_score`` -- mean attention mass from the position predicting ``s_t`` to ``x_t`` (the
-  iteration head); ``peakiness`` -- the paper's share of those attentions above 0.5;
+  iteration head); ``peakiness`` -- the paper's share of those attentions above 0.5. Only steps where
+  ``s_t`` depends on ``x_t`` count (polynomial iteration after a 0 state does not: ``s_t = 1`` whatever
+  ``x_t`` is, and a trained head skips the look-up); ``iteration_all_score`` counts every step;
 * ``eoi_score`` -- mass from the positions holding ``s_t`` to EoI (the layer-1 partner of the circuit);
 * controls -- the same mass on ``x_(t-1)`` and ``x_(t+1)`` (``prev_score``, ``next_score``) and the uniform
   ``baseline`` 1/(visible keys), so a score can be read as "how far above chance".
@@ -39,7 +41,7 @@ from .tasks import get_task
 MIN_SCORE = 0.25
 CHANCE_RATIO = 3.0
 CONTROL_RATIO = 2.0
-SCORE_NAMES = ("iteration", "eoi", "prev", "next")
+SCORE_NAMES = ("iteration", "iteration_all", "eoi", "prev", "next")
 DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -296,7 +298,7 @@ class DetectionResult:
         s = self.scores
         grid = lambda a: [[round(float(v), 6) for v in row] for row in a]  # noqa: E731
         out = {"model": self.model, "task": self.task, "n_layers": self.n_layers, "n_heads": self.n_heads}
-        for key in ("iteration_score", "eoi_score", "peakiness", "eoi_peakiness", "prev_score", "next_score", "baseline", "eoi_baseline"):
+        for key in ("iteration_score", "iteration_all_score", "eoi_score", "peakiness", "eoi_peakiness", "prev_score", "next_score", "baseline", "eoi_baseline"):
             out[key] = grid(s[key])
         out["n_kv_heads"] = int(s["n_kv_heads"])
         out["kv_group"] = [[int(v) for v in row] for row in s["kv_group"]]
@@ -431,6 +433,7 @@ class IterationHeadDetector:
             "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
             "device": str(next(self.model.parameters()).device),
             "example_probe": probes.texts[0] if probes.texts else None,
+            "informative_share": round(float(probes.informative[probes.x_pos.numpy() >= 0].mean()), 6),
         }
         result = DetectionResult(self.name, task_obj.name, scores, meta)
         if ablate:

@@ -64,10 +64,14 @@ class Probes:
     bos: bool = False
     multi_token: bool = False
     seq_lens: np.ndarray = field(default=None)  # tokens per probe
+    informative: np.ndarray = field(default=None)  # (N, L_max) True where s_t depends on x_t
+
 
     def __post_init__(self) -> None:
         if self.seq_lens is None:
             self.seq_lens = self.attention_mask.sum(1).numpy()
+        if self.informative is None:
+            self.informative = self.x_pos.numpy() >= 0
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -88,14 +92,22 @@ class Probes:
         return {"input_ids": self.input_ids[idx, :width], "attention_mask": self.attention_mask[idx, :width]}
 
     def pairs(self, idx: np.ndarray) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """(queries, keys) for the scores: iteration (pred -> x_t), eoi (s_t -> EoI), prev/next controls."""
-        x, pred, state = self.x_pos[idx], self.pred_pos[idx], self.state_pos[idx]
+        """(queries, keys) for the scores: iteration (pred -> x_t), eoi (s_t -> EoI), prev/next controls.
+
+        ``iteration`` and its controls use only the informative steps (see ``IterativeTask.informative``);
+        ``iteration_all`` keeps every step.
+        """
+        x, state = self.x_pos[idx], self.state_pos[idx]
+        pred_all = self.pred_pos[idx]
+        pred = torch.where(torch.from_numpy(self.informative[idx]), pred_all, -1)
         none = torch.full_like(x[:, :1], -1)
         prev = torch.cat([none, x[:, :-1]], 1)
         nxt = torch.cat([x[:, 1:], none], 1)
         nxt = torch.where(pred >= 0, nxt, -1)
         eoi = torch.where(state >= 0, self.eoi_pos[idx, None], -1)
-        return {"iteration": (pred, x), "eoi": (state, eoi), "prev": (pred, prev), "next": (pred, nxt)}
+        return {
+            "iteration": (pred, x), "iteration_all": (pred_all, x), "eoi": (state, eoi), "prev": (pred, prev), "next": (pred, nxt),
+        }
 
 
 def _pad(rows: list[np.ndarray], width: int, fill: int = -1) -> np.ndarray:
@@ -155,6 +167,7 @@ def _assemble(task, rendering, chains, ids, xp, sp, tg, pad_id, **extra) -> Prob
         pred_pos=pred_pos,
         eoi_pos=pred_pos[:, 0].clone(),
         target_ids=torch.from_numpy(_pad(tg, lmax)),
+        informative=_pad([task.informative(c[0][None], c[1][None])[0] for c in chains], lmax, 0).astype(bool),
         **extra,
     )
 

@@ -27,6 +27,40 @@ RELEASE_FILES = (
     "README.md",
 )
 PICKLED = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
+NOTES_MARK = "<!-- hf-iterheads: release notes, generated from model_cards/{name}.md -->"
+GENERIC_NOTES = "## Intended use and limitations"  # the training card's generic closing section
+
+
+def release_card(checkpoint: str | Path, notes: str | Path, name: str | None = None) -> str:
+    """The checkpoint's training card with its closing section replaced by ``notes`` (a jinja template from
+    ``model_cards/``) rendered with numbers measured now: the detector and ablation on the checkpoint's task."""
+    import json
+
+    import jinja2
+
+    from .detection import detect_iteration_heads
+
+    src = resolve_checkpoint(str(checkpoint))
+    name = name or Path(notes).stem
+    card = (src / "README.md").read_text()
+    base = card.split("<!-- hf-iterheads: release notes")[0].split(GENERIC_NOTES)[0].rstrip()
+    config = json.loads((src / "config.json").read_text())
+    task = (config.get("iterheads", {}).get("tasks") or ["parity"])[-1]  # a transfer model: its last task
+    result = detect_iteration_heads(str(src), task=task, ablate=True)
+    d, ab = result.to_dict(), result.ablation
+    top, eoi = d["top_heads"][0], d["eoi_top_heads"][0]
+    evals = json.loads((src / "eval_results.json").read_text())["results"][0] if (src / "eval_results.json").is_file() else {}
+    values = dict(
+        n=d["n"], lengths=d["lengths_spec"], top=top, eoi=eoi, task=task,
+        eoi_peakiness=d["eoi_peakiness"][eoi["layer"]][eoi["head"]],
+        all_score=d["iteration_all_score"][top["layer"]][top["head"]], informative=d["informative_share"],
+        clean=ab["clean"]["token_accuracy"], ablated=ab["zero"]["top"]["token_accuracy"],
+        chance=ab["clean"]["chance_token_accuracy"],
+        per_length={int(L): m["accuracy"] for L, m in evals.get("per_length", {}).items()},
+    )
+    values["min_long"] = min((a for L, a in values["per_length"].items() if L >= 7), default=float("nan"))
+    body = jinja2.Template(Path(notes).read_text(), undefined=jinja2.StrictUndefined).render(**values)
+    return f"{base}\n\n{NOTES_MARK.format(name=name)}\n\n{body.strip()}\n"
 
 
 def resolve_checkpoint(name: str) -> Path:

@@ -86,6 +86,22 @@ class IterativeTask:
             states[:, t] = self._checked(self.step(states[:, t - 1], inputs[:, t]), "step")
         return states
 
+    def informative(self, inputs: np.ndarray, states: np.ndarray) -> np.ndarray:
+        """Where ``s_t`` depends on ``x_t`` (shape (n, L) booleans): the steps an iteration head must fetch.
+
+        Polynomial iteration after ``s_(t-1) = 0`` gives ``s_t = 1`` whatever ``x_t`` is, so a trained head
+        may (and does) skip ``x_t`` there; the detector scores only the informative steps.
+        """
+        inputs, states = np.asarray(inputs, dtype=np.int64), np.asarray(states, dtype=np.int64)
+        alphabet = np.asarray(self.inputs, dtype=np.int64)
+        first = self.first(alphabet) if self.first is not None else alphabet
+        fetch = {s: len(np.unique(self.step(np.full_like(alphabet, s), alphabet))) > 1 for s in self.states}
+        out = np.zeros(inputs.shape, dtype=bool)
+        out[:, 0] = len(np.unique(first)) > 1
+        if inputs.shape[1] > 1:
+            out[:, 1:] = np.vectorize(lambda s: fetch.get(int(s), True), otypes=[bool])(states[:, :-1])
+        return out
+
     def _checked(self, values: np.ndarray, where: str) -> np.ndarray:
         values = np.asarray(values)
         bad = ~np.isin(values, self.states)

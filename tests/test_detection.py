@@ -324,3 +324,22 @@ def test_without_matplotlib_scores_json_still_written(tmp_path, monkeypatch, nat
     notes = write_outputs(result, tmp_path / "out")
     assert len(notes) == 1 and "matplotlib" in notes[0] and "pip install" in notes[0]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["scores.json"]
+
+
+def test_only_steps_where_x_t_matters_count_for_the_iteration_score(native_tok):
+    from hf_iterheads.tasks import get_task
+
+    poly = get_task("polynomial")
+    inputs = np.array([[3, 5, 2, 7], [4, 8, 1, 9]])
+    states = poly.run(inputs)
+    mask = poly.informative(inputs, states)
+    assert mask[:, 0].all()  # s_1 = x_1
+    assert (mask[:, 1:] == (states[:, :-1] != 0)).all()  # after a 0 state, s_t = 1 whatever x_t is
+    parity = get_task("parity")
+    assert parity.informative(inputs % 2, parity.run(inputs % 2)).all()
+    probes = make_probes(native_tok, "polynomial", "4-16", n=64, seed=0)
+    assert 0 < probes.informative[probes.x_pos.numpy() >= 0].mean() < 1
+    pairs = probes.pairs(np.arange(len(probes)))
+    skipped = torch.from_numpy(~probes.informative) & (probes.x_pos >= 0)
+    assert (pairs["iteration"][0][skipped] == -1).all() and (pairs["iteration_all"][0][skipped] >= 0).all()
+    assert (pairs["prev"][0][skipped] == -1).all()  # the controls use the same steps

@@ -90,3 +90,15 @@ def test_bundled_checkpoints_are_complete_release_folders():
             p.name for p in folder.iterdir()
         }, name
         AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_bundled_model_cards_are_built_from_their_sources():
+    from hf_iterheads.release import NOTES_MARK, release_card
+
+    sources = sorted(p for p in (ROOT / "model_cards").glob("*.md") if p.name != "model_card_template.md")
+    assert {p.stem for p in sources} == set(bundled_checkpoints())
+    for notes in sources:
+        folder = ROOT / "hf_iterheads" / "checkpoints" / notes.stem
+        card = (folder / "README.md").read_text()
+        assert NOTES_MARK.format(name=notes.stem) in card and "## Mechanism found" in card and "## Limitations" in card
+        assert card == release_card(folder, notes), f"{notes.stem}: run python model_cards/build_cards.py"

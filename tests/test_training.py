@@ -209,3 +209,50 @@ def test_packaged_model_card_template_matches_its_source():
 
     source = Path(__file__).resolve().parents[1] / "model_cards" / "model_card_template.md"
     assert model_card_template().read_text() == source.read_text()  # the package copy must not drift
+
+
+def test_max_train_len_limits_training_lengths_not_evaluation():
+    cfg = TrainConfig(tasks=["parity"], output_dir="x", n_len=8, max_train_len=3, curriculum="", length_warmup=0)
+    assert TaskSchedule(cfg).max_len(0) == 3 and TaskSchedule(cfg).max_len(10**6) == 3
+
+
+def test_default_curriculum_is_for_training_from_scratch_with_online_data():
+    import argparse
+
+    from hf_iterheads.cli import build_parser
+    from hf_iterheads.training import FAST_CURRICULUM, resolve_config
+
+    def cfg(*extra):
+        args = build_parser().parse_args(["train", "--task", "parity", "--output-dir", "x", *extra])
+        assert isinstance(args, argparse.Namespace)
+        return resolve_config(args)
+
+    assert cfg().curriculum == FAST_CURRICULUM
+    assert cfg("--init-from", "polynomial-cot").curriculum == ""
+    assert cfg("--data", "fixed").curriculum == ""
+    assert cfg("--init-from", "polynomial-cot", "--curriculum", "binary_copy:0.2:10").curriculum == "binary_copy:0.2:10"
+    assert cfg("--curriculum", "").curriculum == ""
+
+
+def test_bad_max_train_len_is_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--task", "parity", "--output-dir", str(out), "--n-len", "5", "--max-train-len", "9"]) == 2
+    assert "--max-train-len" in _one_line_error(capsys)
+    assert not out.exists()
+
+
+def test_formed_cosine_waits_for_the_head_then_decays_and_survives_a_checkpoint():
+    from hf_iterheads.training import FormedThenCosine, head_formed
+
+    lam = FormedThenCosine(warmup_steps=10, decay_steps=100)
+    assert lam(5) == 0.5 and lam(10) == 1.0 and lam(5000) == 1.0  # constant while the head has not formed
+    lam.decay_start = 510  # the head formed: down to 0 over 100 steps
+    assert lam(510) == 1.0 and abs(lam(560) - 0.5) < 1e-9 and lam(610) == 0.0 and lam(900) == 0.0
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    saved = torch.optim.lr_scheduler.LambdaLR(opt, lam).state_dict()
+    fresh = FormedThenCosine(10, 100)
+    torch.optim.lr_scheduler.LambdaLR(opt, fresh).load_state_dict(saved)
+    assert fresh.decay_start == 510  # --resume continues the decay where it was
+    per = {str(L): {"attn1_peakiness": 0.95 if L <= 12 else 0.1} for L in range(1, 17)}
+    assert head_formed([{"per_length": per}], max_len=12) and not head_formed([{"per_length": per}], max_len=16)
+    assert not head_formed([{"per_length": {str(L): {"attn1_peakiness": None} for L in range(1, 17)}}], 16)

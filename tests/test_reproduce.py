@@ -1,0 +1,119 @@
+"""The reproduction: its plan, its verdict rules on hand-made numbers, and a smoke-scale run end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hf_iterheads.cli import main
+from hf_iterheads.report import RESULTS_END, RESULTS_START, findings
+from hf_iterheads.reproduce import FULL, QUICK, SMOKE, first_step, plan
+
+
+def test_plan_covers_every_experiment_of_the_issue():
+    jobs = {j.name: j for j in plan(QUICK)}
+    for task in ("binary_copy", "parity", "polynomial"):
+        assert {f"{task}-cot-2L", f"{task}-nocot-2L", f"{task}-cot-1L"} <= set(jobs)
+    assert "--no-cot" in jobs["parity-nocot-2L"].train_args and "--no-cot" not in jobs["parity-cot-2L"].train_args
+    assert jobs["polynomial-cot-1L"].train_args[jobs["polynomial-cot-1L"].train_args.index("--n-layer") + 1] == "1"
+    transfer = [j for j in jobs.values() if j.meta["kind"] == "transfer"]
+    scratch = [j for j in jobs.values() if j.task == "parity" and j.meta.get("cot") and j.meta["layers"] == 2
+               and j.meta["kind"] in ("grid", "scratch")]
+    assert len(transfer) == len(scratch) == QUICK.seeds
+    assert all(j.deps == ("polynomial-cot-2L",) and "@polynomial-cot-2L" in j.train_args for j in transfer)
+    assert {j.meta["width"] for j in jobs.values() if j.meta["kind"] == "width"} == set(QUICK.widths)
+    assert jobs["polynomial-cot-2L"].detect_tasks == ("polynomial", "parity")  # scores before transfer
+    assert any(j.meta["kind"] == "length" and "--max-train-len" in j.train_args for j in jobs.values())
+    full = plan(FULL)
+    assert all(j.train_args[j.train_args.index("--recipe") + 1] == "paper" for j in full)
+    assert len(full) > len(jobs)
+
+
+def _row(name, acc, per_length=None, **meta):
+    base = {"name": name, "task": name.split("-")[0], "cot": "nocot" not in name, "layers": 1 if "1L" in name else 2,
+            "width": 128, "seed": 0, "kind": "grid", "budget_steps": 100}
+    return {**base, **meta, "summary": {"accuracy": acc, "attn0_peakiness": 0.95, "attn1_peakiness": 0.95},
+            "per_length": per_length or {L: acc for L in range(1, 17)}, "curve": [], "formed_step": 50, "solved_step": None}
+
+
+def _verdicts(rows):
+    return {f["finding"].split(" ")[0] + f["finding"].split(" ")[1]: f["verdict"] for f in findings({r["name"]: r for r in rows}, {})}
+
+
+def test_verdicts_follow_the_numbers():
+    good = [_row(f"{t}-cot-2L", 1.0) for t in ("binary_copy", "parity", "polynomial")]
+    collapse = [_row(f"{t}-{v}", 0.1) for t in ("parity", "polynomial") for v in ("nocot-2L", "cot-1L")]
+    v = _verdicts(good + collapse)
+    assert v["2layers"] == "reproduced" and v["withoutCoT,"] == "reproduced"
+    bad = [_row("parity-cot-2L", 0.2)] + [r for r in good if r["name"] != "parity-cot-2L"]
+    assert _verdicts(bad + collapse)["2layers"] == "not reproduced at this budget"
+    rescued = bad + [_row("transfer-parity-seed0", 1.0, kind="transfer", solved_step=300)]
+    assert _verdicts(rescued + collapse)["2layers"].startswith("partly")
+    no_collapse = collapse[:-1] + [_row("polynomial-cot-1L", 0.9)]
+    assert _verdicts(good + no_collapse)["withoutCoT,"].startswith("partly")
+
+
+def test_transfer_verdict_uses_steps_to_accuracy_on_the_curves():
+    def run(name, kind, seed, curve):
+        row = _row(name, curve[-1][1], kind=kind, seed=seed, task="parity")
+        row["curve"] = [{"step": s, "accuracy": a} for s, a in curve]
+        return row
+
+    scratch = [run("parity-cot-2L", "grid", 0, [(500, 0.1), (1000, 0.2)]),
+               run("parity-cot-2L-seed1", "scratch", 1, [(500, 0.1), (1000, 0.3)])]
+    fast = [run(f"transfer-parity-seed{s}", "transfer", s, [(250, 0.95), (500, 0.995)]) for s in range(2)]
+    assert _verdicts(scratch + fast)["transfer:pretrained"] == "reproduced"
+    slow = [run(f"transfer-parity-seed{s}", "transfer", s, [(250, 0.95), (500, 0.96)]) for s in range(2)]
+    assert _verdicts(scratch + slow)["transfer:pretrained"].startswith("partly")
+    never = [run("transfer-parity-seed0", "transfer", 0, [(250, 0.5)])]
+    assert _verdicts(scratch + never)["transfer:pretrained"] == "not reproduced"
+
+
+def test_first_step_is_the_first_crossing():
+    evals = [{"step": 10, "a": 0.1}, {"step": 20, "a": None}, {"step": 30, "a": 0.95}, {"step": 40, "a": 0.99}]
+    assert first_step(evals, "a", 0.9) == 30 and first_step(evals, "a", 0.999) is None
+
+
+def test_smoke_reproduction_end_to_end_and_resumes(tmp_path, capsys):
+    out = tmp_path / "repro"
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{RESULTS_START}\nold\n{RESULTS_END}\n\nrest\n")
+    assert main(["reproduce", "--smoke", "--output-dir", str(out), "--workers", "2", "--update-readme", str(readme)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    runs = {r["name"]: r for r in results["runs"]}
+    assert len(runs) == len(plan(SMOKE)) and all(r["status"] == "ok" for r in runs.values())
+    main_run = runs["polynomial-cot-2L"]
+    assert set(main_run["detect"]) == {"polynomial", "parity"} and main_run["per_length"]
+    assert {f["finding"] for f in results["findings"]} and results["meta"]["versions"]["torch"]
+    report = (out / "report.md").read_text()
+    assert "## Findings" in report and "emergence.png" in report and "hf-iterheads train" in report
+    for png in ("accuracy_by_length.png", "emergence.png", "attention_maps.png", "transfer.png", "width_sweep.png"):
+        assert (out / png).stat().st_size > 1000
+    text = readme.read_text()
+    assert "old" not in text and "rest" in text and "repro/accuracy_by_length.png" in text
+    # a second run finds every run finished: nothing is retrained, the report is rewritten
+    stamp = (out / "runs" / "polynomial-cot-2L" / "model.safetensors").stat().st_mtime_ns
+    assert main(["reproduce", "--smoke", "--output-dir", str(out), "--workers", "2"]) == 0
+    assert (out / "runs" / "polynomial-cot-2L" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hf-iterheads reproduce: error:"), err
+    return err[0]
+
+
+def test_bad_output_dirs_are_refused(tmp_path, capsys):
+    (tmp_path / "mine.txt").write_text("keep")
+    assert main(["reproduce", "--smoke", "--output-dir", str(tmp_path)]) == 2
+    assert "not a reproduction folder" in _one_line(capsys)
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
+    other = tmp_path / "quick"
+    other.mkdir()
+    (other / "reproduce.json").write_text(json.dumps({"scale": "quick"}))
+    assert main(["reproduce", "--smoke", "--output-dir", str(other)]) == 2
+    assert "--overwrite" in _one_line(capsys)
+    assert main(["reproduce", "--smoke", "--output-dir", str(tmp_path / "x"), "--workers", "-1"]) == 2
+    assert "--workers" in _one_line(capsys) and not (tmp_path / "x").exists()
