@@ -23,7 +23,6 @@ import json
 import platform
 import time
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 

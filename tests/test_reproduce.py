@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import pytest
 
 from hf_iterheads.cli import main
 from hf_iterheads.report import RESULTS_END, RESULTS_START, findings
