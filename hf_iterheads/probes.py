@@ -66,7 +66,6 @@ class Probes:
     seq_lens: np.ndarray = field(default=None)  # tokens per probe
     informative: np.ndarray = field(default=None)  # (N, L_max) True where s_t depends on x_t
 
-
     def __post_init__(self) -> None:
         if self.seq_lens is None:
             self.seq_lens = self.attention_mask.sum(1).numpy()

@@ -27,7 +27,8 @@ RELEASE_FILES = (
     "README.md",
 )
 PICKLED = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
-NOTES_MARK = "<!-- hf-iterheads: release notes, generated from model_cards/{name}.md -->"
+NOTES_PREFIX = "<!-- hf-iterheads: release notes"
+NOTES_MARK = NOTES_PREFIX + ", generated from model_cards/{name}.md -->"
 GENERIC_NOTES = "## Intended use and limitations"  # the training card's generic closing section
 
 
@@ -43,7 +44,7 @@ def release_card(checkpoint: str | Path, notes: str | Path, name: str | None = N
     src = resolve_checkpoint(str(checkpoint))
     name = name or Path(notes).stem
     card = (src / "README.md").read_text()
-    base = card.split("<!-- hf-iterheads: release notes")[0].split(GENERIC_NOTES)[0].rstrip()
+    base = card.split(NOTES_PREFIX)[0].split(GENERIC_NOTES)[0].rstrip()
     config = json.loads((src / "config.json").read_text())
     task = (config.get("iterheads", {}).get("tasks") or ["parity"])[-1]  # a transfer model: its last task
     result = detect_iteration_heads(str(src), task=task, ablate=True)

@@ -37,7 +37,15 @@ def _acc(row: dict | None) -> float | None:
 
 def _steps_to(row: dict, threshold: float = 0.99) -> int | None:
     """First evaluated step with test accuracy >= threshold (the curve is evaluated every few hundred steps)."""
-    return next((c["step"] for c in row.get("curve", []) if (c.get("accuracy") or 0) >= threshold), None)
+    from .reproduce import first_step
+
+    return first_step(row.get("curve", []), "accuracy", threshold)
+
+
+def _width_rows(rows: dict[str, dict]) -> list[dict]:
+    """The width sweep and the main run (d = 128), finished runs only, narrowest first."""
+    sweep = [r for r in rows.values() if r.get("kind") == "width" or r["name"] == "polynomial-cot-2L"]
+    return sorted((r for r in sweep if r.get("summary")), key=lambda r: r["width"])
 
 
 def _spread(values: list[float]) -> str:
@@ -97,10 +105,8 @@ def findings(rows: dict[str, dict], meta: dict) -> list[dict[str, str]]:
                 "measured": f"head formed at step {formed}; final attn0 {_f(s.get('attn0_peakiness'))}, attn1 "
                 f"{_f(s.get('attn1_peakiness'))}{jump}", "verdict": "reproduced" if good else "not reproduced"})
 
-    widths = sorted((r for r in rows.values() if r.get("kind") == "width" and r.get("summary")), key=lambda r: r["width"])
-    if widths:
-        if main.get("summary"):
-            widths.append({**main, "width": 128})
+    widths = _width_rows(rows)
+    if any(r.get("kind") == "width" for r in widths):
         fail = {r["width"]: r.get("formed_step") is None for r in widths}
         small = [w for w in fail if w < 30]
         large = [w for w in fail if w >= 64]
@@ -202,9 +208,7 @@ def write_report(rows_list: list[dict], meta: dict, out: Path, jobs: dict) -> Pa
     picture("emergence.png", lambda p: figs.emergence(curves, p, FORMED))
     picture("transfer.png", lambda p: figs.transfer([r for r in rows_list if r.get("kind") in ("transfer", "scratch")
                                                      or r["name"] == "parity-cot-2L"], p, SOLVED))
-    picture("width_sweep.png", lambda p: figs.width_sweep([r for r in rows_list if r.get("kind") == "width"]
-                                                          + ([{**rows["polynomial-cot-2L"], "width": 128}]
-                                                             if rows.get("polynomial-cot-2L", {}).get("summary") else []), p))
+    picture("width_sweep.png", lambda p: figs.width_sweep(_width_rows(rows), p))
     length_row = next((r for r in rows_list if r.get("kind") == "length" and r.get("per_length")), None)
     if length_row:
         picture("length_generalisation.png", lambda p: figs.length_generalisation(length_row, p))

@@ -30,7 +30,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -192,15 +191,13 @@ def _call(cmd: list[str], log: Path, env: dict[str, str]) -> None:
         raise RuntimeError(f"exit {code}: {tail[0][:200]} (log: {log})")
 
 
-def run_plan(jobs: list[Job], out: Path, workers: int, threads: int, scale: Scale) -> dict[str, str]:
+def run_plan(jobs: list[Job], out: Path, workers: int, threads: int, scale: Scale, gpus: int) -> dict[str, str]:
     """Run ``jobs`` on ``workers`` processes, dependencies first, longest first; returns name -> status."""
     from tqdm.auto import tqdm
 
     status: dict[str, str] = {}
     pending = sorted(jobs, key=lambda j: -j.cost())
     running: dict[futures.Future, Job] = {}
-    gpus = _gpu_count()
-    lock = threading.Lock()
     bar = tqdm(total=len(jobs), desc="reproduce", unit="run", dynamic_ncols=True)
     with futures.ThreadPoolExecutor(max_workers=workers) as pool:
         slot = 0
@@ -229,8 +226,7 @@ def run_plan(jobs: list[Job], out: Path, workers: int, threads: int, scale: Scal
             for fut in done:
                 job = running.pop(fut)
                 err = fut.exception()
-                with lock:
-                    status[job.name] = "ok" if err is None else f"failed: {err}"
+                status[job.name] = "ok" if err is None else f"failed: {err}"
                 if err is not None:
                     bar.write(f"{job.name} failed: {err}")
                 bar.update(1)
@@ -330,7 +326,8 @@ def run_reproduce(args: argparse.Namespace) -> int:
 
     scale = SCALES[args.scale]
     cpus = os.cpu_count() or 1
-    workers = args.workers or (_gpu_count() or cpus)
+    gpus = _gpu_count()
+    workers = args.workers or (gpus or cpus)
     if workers < 1:
         raise IterHeadsError(f"--workers must be at least 1, got {workers}")
     threads = max(1, cpus // workers) if not args.threads else args.threads
@@ -347,13 +344,13 @@ def run_reproduce(args: argparse.Namespace) -> int:
         old = json.loads(previous.read_text())["meta"] if previous.is_file() else {}
         wall, finished = old.get("wall_seconds", 0.0), old.get("finished")
     else:
-        status = run_plan(jobs, out, workers, threads, scale)
+        status = run_plan(jobs, out, workers, threads, scale, gpus)
         wall = time.perf_counter() - start
     rows = [collect(job, out) for job in jobs]
     for row in rows:
         row["status"] = status.get(row["name"], "not run")
     meta = {"command": command, "scale": dataclasses.asdict(scale), "workers": workers, "threads": threads,
-            "cpus": cpus, "gpus": _gpu_count(), "wall_seconds": round(wall, 1), "versions": versions(),
+            "cpus": cpus, "gpus": gpus, "wall_seconds": round(wall, 1), "versions": versions(),
             "finished": finished or time.strftime("%Y-%m-%d %H:%M:%S")}
     report = write_report(rows, meta, out, {job.name: job for job in jobs})
     if args.update_readme:

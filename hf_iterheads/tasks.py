@@ -95,11 +95,11 @@ class IterativeTask:
         inputs, states = np.asarray(inputs, dtype=np.int64), np.asarray(states, dtype=np.int64)
         alphabet = np.asarray(self.inputs, dtype=np.int64)
         first = self.first(alphabet) if self.first is not None else alphabet
-        fetch = {s: len(np.unique(self.step(np.full_like(alphabet, s), alphabet))) > 1 for s in self.states}
-        out = np.zeros(inputs.shape, dtype=bool)
+        # states after which F(s, .) is the same for every input: nothing to fetch
+        constant = [s for s in self.states if len(np.unique(self.step(np.full_like(alphabet, s), alphabet))) == 1]
+        out = np.empty(inputs.shape, dtype=bool)
         out[:, 0] = len(np.unique(first)) > 1
-        if inputs.shape[1] > 1:
-            out[:, 1:] = np.vectorize(lambda s: fetch.get(int(s), True), otypes=[bool])(states[:, :-1])
+        out[:, 1:] = ~np.isin(states[:, :-1], constant)
         return out
 
     def _checked(self, values: np.ndarray, where: str) -> np.ndarray:

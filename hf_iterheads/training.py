@@ -127,6 +127,11 @@ class TrainConfig:
     compile: bool = False
     stop_when_solved: bool = False
 
+    @property
+    def longest_trained(self) -> int:
+        """The longest length the run trains on (``max_train_len``, else ``n_len``); evaluation goes to n_len."""
+        return self.max_train_len or self.n_len
+
 
 # --- data ----------------------------------------------------------------------------------------------------
 
@@ -283,7 +288,7 @@ class TaskSchedule:
         w = cfg.task_weights or [1.0] * len(self.primary)
         self.primary_w = np.asarray(w, dtype=float) / sum(w)
         self.aux = parse_curriculum(cfg.curriculum)
-        self.n_len, self.length_warmup = cfg.max_train_len or cfg.n_len, cfg.length_warmup
+        self.n_len, self.length_warmup = cfg.longest_trained, cfg.length_warmup
 
     def weights(self, step: int) -> tuple[list[str], np.ndarray]:
         shares = [s if n == 0 else s * max(0.0, 1.0 - step / n) for _, s, n in self.aux]
@@ -594,7 +599,7 @@ def train(cfg: TrainConfig, resume: bool = False, interrupt_at_step: int | None 
     eval_data = {name: {L: (x[: cfg.eval_per_length], s[: cfg.eval_per_length]) for L, (x, s) in t.items()} for name, t in test.items()}
     pad_id = layouts[cfg.tasks[0]].pad_id
     if cfg.data == "fixed":
-        keep = range(1, (cfg.max_train_len or cfg.n_len) + 1)
+        keep = range(1, cfg.longest_trained + 1)
         dataset = FixedData([(layouts[n], split_by_length(splits[n]["train"], keep)) for n in cfg.tasks], pad_id)
         sampler = FixedSampler(dataset.groups, cfg.batch_size, cfg.seed, cfg.bucket)
     else:
@@ -716,7 +721,7 @@ def train(cfg: TrainConfig, resume: bool = False, interrupt_at_step: int | None 
             if formed is not None and formed.decay_start is None and step % cfg.eval_every == 0:
                 from accelerate.utils import broadcast_object_list
 
-                at = [step if results is not None and head_formed(results, cfg.max_train_len or cfg.n_len) else None]
+                at = [step if results is not None and head_formed(results, cfg.longest_trained) else None]
                 formed.decay_start = broadcast_object_list(at)[0]  # the main process decides for all
                 if formed.decay_start is not None:
                     log.write({"kind": "formed", "step": step, "time": round(now, 2)})
