@@ -58,7 +58,8 @@ FAST_CURRICULUM = "binary_copy:0.5:3000"
 FAST_LENGTH_WARMUP = 0  # steps over which the longest trained length grows from 1 to n_len (0 = off)
 # Once the head has formed, the runs that missed 0.99 with uniform lengths missed whole lengths (L = 5..7, or
 # L = 16) while the others were exact: 1 seed in 3 reached 0.99. "adaptive" draws the lengths the model still gets
-# wrong more often (AdaptiveLengths); with it every seed we ran reached 1.000 (recipe_search.md, session 3).
+# wrong more often (AdaptiveLengths), once attn1 peakiness reaches 0.5: 5 seeds in 8 then reached accuracy >= 0.99
+# with attn1 >= 0.9 (recipe_search.md, sessions 3-4). Adapting from step 0 skipped the head for 2 seeds in 7.
 FAST_LENGTH_SAMPLING = "adaptive"
 FAST_EVAL_EVERY = 500
 # Initialisation as in the paper's reference code (PyTorch defaults: embeddings N(0, 1), linear layers with
@@ -328,8 +329,8 @@ class AdaptiveLengths:
 
     Why: with absolute positions every length needs its own look-up, and once the head has formed the runs that
     miss 0.99 miss whole lengths while the rest are exact (recipe_search.md). With ``wait``, sampling stays uniform
-    until the iteration head has formed: adapting from step 0 let one seed in five learn the short lengths one by
-    one without the head, and never form it. Each (task, L) keeps an EMA of the
+    until the iteration head is forming (attn1 peakiness >= START_PEAKINESS): adapting from step 0 let one seed in
+    five learn the short lengths one by one without the head, and never form it. Each (task, L) keeps an EMA of the
     teacher-forced sequence accuracy of its training rows (every process sees every row: they are gathered).
     Every ``every`` steps (the run's --log-every) the weights are republished as half uniform, half in proportion
     to the error 1 - EMA, so no length drops below half its uniform share. Weights published at step s apply from
@@ -338,6 +339,7 @@ class AdaptiveLengths:
     """
 
     LAG, DECAY, UNIFORM_SHARE = 2, 0.9, 0.5
+    START_PEAKINESS = 0.5  # half way: the head is forming, and no longer at risk of being skipped
 
     def __init__(self, tasks: list[str], n_len: int, every: int = 100, wait: bool = False) -> None:
         self.tasks, self.n_len, self.every, self.wait = list(dict.fromkeys(tasks)), int(n_len), int(every), bool(wait)
@@ -642,12 +644,12 @@ class FormedThenCosine:
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def head_formed(results: list[dict], max_len: int) -> bool:
-    """attn1 peakiness >= SOLVED_PEAKINESS for every task, averaged over the trained lengths 4..max_len."""
+def head_formed(results: list[dict], max_len: int, threshold: float = SOLVED_PEAKINESS) -> bool:
+    """attn1 peakiness >= ``threshold`` for every task, averaged over the trained lengths 4..max_len."""
     for r in results:
         values = [m.get("attn1_peakiness") for L, m in r["per_length"].items() if 4 <= int(L) <= max_len]
         values = [v for v in values if v is not None]
-        if not values or float(np.mean(values)) < SOLVED_PEAKINESS:
+        if not values or float(np.mean(values)) < threshold:
             return False
     return True
 
@@ -828,18 +830,22 @@ def train(cfg: TrainConfig, resume: bool = False, interrupt_at_step: int | None 
                         accelerator.set_trigger()
             if step % cfg.eval_every == 0 and cfg.stop_when_solved and accelerator.check_trigger():
                 done = True  # every process stops at the same step (the trigger is all-reduced)
-            waiting = (formed is not None and formed.decay_start is None) or (lengths is not None and lengths.wait)
-            if waiting and step % cfg.eval_every == 0:
+            if step % cfg.eval_every == 0 and ((formed is not None and formed.decay_start is None)
+                                                or (lengths is not None and lengths.wait)):
                 from accelerate.utils import broadcast_object_list
 
-                at = [step if results is not None and head_formed(results, cfg.longest_trained) else None]
-                if broadcast_object_list(at)[0] is not None:  # the main process decides for all
+                ok = results is not None  # the main process decides for all
+                flags = broadcast_object_list([ok and head_formed(results, cfg.longest_trained),
+                                               ok and head_formed(results, cfg.longest_trained, lengths.START_PEAKINESS
+                                                                  if lengths is not None else SOLVED_PEAKINESS)])
+                if formed is not None and formed.decay_start is None and flags[0]:
                     log.write({"kind": "formed", "step": step, "time": round(now, 2)})
                     bar.write(f"step {step}: the iteration head formed")
-                    if formed is not None:
-                        formed.decay_start = step  # the learning rate decays over cfg.decay_steps from here
-                    if lengths is not None:
-                        lengths.wait = False  # from here the failing lengths are drawn more often
+                    formed.decay_start = step  # the learning rate decays over cfg.decay_steps from here
+                if lengths is not None and lengths.wait and flags[1]:
+                    log.write({"kind": "adapting", "step": step, "time": round(now, 2)})
+                    bar.write(f"step {step}: the iteration head is forming; the failing lengths are drawn more often")
+                    lengths.wait = False
             if formed is not None and formed.decay_start is not None and step >= formed.decay_start + cfg.decay_steps:
                 done = True
             if step % cfg.checkpoint_every == 0 or step == total_steps:
@@ -955,7 +961,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--curriculum", help="helper tasks fading out, TASK:SHARE:STEPS[,...] e.g. binary_copy:0.5:1000")
     p.add_argument("--length-warmup", type=int, help="steps over which the longest length grows from 1 to n_len")
     p.add_argument("--length-sampling", choices=LENGTH_SAMPLINGS,
-                   help="online data: lengths uniform, or adaptive (lengths the model still gets wrong drawn more often)")
+                   help="online data: lengths uniform, or adaptive (once attn1 peakiness reaches 0.5, the lengths the "
+                        "model still gets wrong are drawn more often)")
     p.add_argument("--eval-every", type=int, help="steps between evaluations (accuracy + peakiness)")
     p.add_argument("--eval-per-length", type=int, default=256, help="test sequences per length during training")
     p.add_argument("--log-every", type=int, default=50)

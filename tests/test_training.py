@@ -16,7 +16,8 @@ from hf_iterheads.errors import IterHeadsError
 from hf_iterheads.tasks import get_task
 from hf_iterheads.tokenizer import Layout, build_tokenizer
 from hf_iterheads.training import (
-    PAPER_RECIPE, AdaptiveLengths, FixedSampler, OnlineData, TaskSchedule, TrainConfig, _row_codes, parse_curriculum,
+    PAPER_RECIPE, AdaptiveLengths, FixedSampler, OnlineData, TaskSchedule, TrainConfig, _row_codes, head_formed,
+    parse_curriculum,
 )
 
 TINY = ["--preset", "tiny", "--n-len", "5", "--per-length", "24", "--batch-size", "16", "--warmup-steps", "2",
@@ -83,6 +84,19 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path, data):
     steps = [json.loads(line)["step"] for line in (tmp_path / "broken" / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["kind"] == "train"]
     assert steps == sorted(steps) and len(steps) == len(set(steps))  # no duplicate records after resuming
+
+
+@pytest.mark.parametrize("gate", [0.0, 1.01])
+def test_adaptive_lengths_start_when_the_head_is_forming(tmp_path, monkeypatch, gate):
+    # With CoT and two layers the lengths stay uniform until attn1 peakiness reaches START_PEAKINESS at an
+    # evaluation; a gate of 0 opens at the first one (step 4), a gate above 1 never does.
+    monkeypatch.setattr(AdaptiveLengths, "START_PEAKINESS", gate)
+    assert train(tmp_path / "r", "--max-steps", "8", "--eval-every", "4", "--checkpoint-every", "4") == 0
+    records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "adapting"] == ([4] if gate == 0.0 else [])
+    saved = [torch.load(f, weights_only=False) for f in (tmp_path / "r" / "checkpoints" / "step_8").glob("custom_*")]
+    state = next(s for s in saved if isinstance(s, dict) and "wait" in s)  # AdaptiveLengths.state_dict()
+    assert state["wait"] is (gate > 0) and bool(state["steps"]) is (gate == 0.0)
 
 
 def test_frozen_positions_are_never_trained(tmp_path):
@@ -176,6 +190,11 @@ def test_adaptive_lengths_draw_the_failing_lengths_more_and_publish_with_a_lag()
     waiting.observe(np.array([0, 0]), np.array([1, 4]), np.array([1, 0]))
     waiting.after_step(10)
     assert waiting.probabilities("polynomial", 100, 4) is None and waiting.ema[0, 1] > 0
+    # The gate: attn1 peakiness averaged over L = 4..max_len, every task; below 4 does not count.
+    results = [{"per_length": {"2": {"attn1_peakiness": 0.0}, "4": {"attn1_peakiness": 0.4},
+                               "5": {"attn1_peakiness": 0.7}}}]
+    assert head_formed(results, 5, AdaptiveLengths.START_PEAKINESS) and not head_formed(results, 5)
+    assert not head_formed(results, 4, AdaptiveLengths.START_PEAKINESS)
 
 
 def _one_line_error(capsys) -> str:
