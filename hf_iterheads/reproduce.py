@@ -12,7 +12,7 @@ Experiments (``runs/NAME`` in the output directory, one ``hf-iterheads train`` r
 * ``polynomial-cot-2L-dW`` -- the embedding-width sweep (the main run is d = 128);
 * ``polynomial-cot-2L-trainM`` -- trained on lengths 1..M, tested up to n_len (length generalisation).
 
-Scales: ``--quick`` (default) took 35 minutes on a 2-core CPU (our fast recipe, shorter budgets, so parity
+Scales: ``--quick`` (default) took 29 minutes on a 2-core CPU (our fast recipe, shorter budgets, so parity
 from scratch is expected to fail, as it does at the paper's scale before hundreds of epochs);
 ``--full`` is the paper's recipe and budgets (1000 epochs), for GPUs. Runs go to separate worker processes
 (one CPU thread each, or one GPU each); an interrupted reproduction continues where it stopped when run
@@ -367,7 +367,7 @@ def add_cli(subparsers) -> None:
         help="train, evaluate and probe every model the paper's findings need; write report.md + results.json",
         description="Reproduce the paper's findings end to end: CoT vs no CoT, 1 vs 2 layers, emergence, "
         "attention maps, transfer vs scratch (seeds), width sweep, length generalisation, detector + ablation "
-        "on every model. --quick (default) took 35 minutes on a 2-core CPU; --full is the paper's "
+        "on every model. --quick (default) took 29 minutes on a 2-core CPU; --full is the paper's "
         "scale (GPUs). Running again with the same --output-dir continues an interrupted reproduction.",
     )
     size = p.add_mutually_exclusive_group()

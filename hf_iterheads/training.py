@@ -830,19 +830,19 @@ def train(cfg: TrainConfig, resume: bool = False, interrupt_at_step: int | None 
                         accelerator.set_trigger()
             if step % cfg.eval_every == 0 and cfg.stop_when_solved and accelerator.check_trigger():
                 done = True  # every process stops at the same step (the trigger is all-reduced)
-            if step % cfg.eval_every == 0 and ((formed is not None and formed.decay_start is None)
-                                                or (lengths is not None and lengths.wait)):
+            waiting = (formed is not None and formed.decay_start is None, lengths is not None and lengths.wait)
+            if step % cfg.eval_every == 0 and any(waiting):
                 from accelerate.utils import broadcast_object_list
 
-                ok = results is not None  # the main process decides for all
-                flags = broadcast_object_list([ok and head_formed(results, cfg.longest_trained),
-                                               ok and head_formed(results, cfg.longest_trained, lengths.START_PEAKINESS
-                                                                  if lengths is not None else SOLVED_PEAKINESS)])
-                if formed is not None and formed.decay_start is None and flags[0]:
+                # the main process decides for all: has the head formed (0.9), is it forming (START_PEAKINESS)?
+                thresholds = (SOLVED_PEAKINESS, AdaptiveLengths.START_PEAKINESS)
+                flags = broadcast_object_list([results is not None and head_formed(results, cfg.longest_trained, t)
+                                               for t in thresholds])
+                if waiting[0] and flags[0]:
                     log.write({"kind": "formed", "step": step, "time": round(now, 2)})
                     bar.write(f"step {step}: the iteration head formed")
                     formed.decay_start = step  # the learning rate decays over cfg.decay_steps from here
-                if lengths is not None and lengths.wait and flags[1]:
+                if waiting[1] and flags[1]:
                     log.write({"kind": "adapting", "step": step, "time": round(now, 2)})
                     bar.write(f"step {step}: the iteration head is forming; the failing lengths are drawn more often")
                     lengths.wait = False
