@@ -3,17 +3,21 @@
 
 Variants, all with the paper's model (2 layers, d 128) and Adam, run in the same process one after another:
 
-* ``reference-like``: what the reference code's loader does -- the fixed dataset, rows collated one by one
-  in Python, every batch padded to 35 tokens (2 * 16 + 3), no bucketing;
+* ``reference``: a faithful re-implementation of the reference code's model (no biases, its pre-norm; the
+  ``RefBlockModel`` of ``recipe_search.py``) fed by the reference loader below: the baseline the issue names;
+* ``reference-like``: the same loader with our model: the fixed dataset, rows collated one by one in Python,
+  every batch padded to 35 tokens (2 * 16 + 3), no bucketing;
 * ``ours-padded``: our vectorised loader (``FixedData``), lengths mixed in a batch, padded to the longest;
-* ``ours-bucketed``: the same with one length per batch (no padding at all) -- what training uses;
-* ``ours-online``: fresh sequences per batch (bucketed), generated inside the loader;
+* ``ours-bucketed``: the same with one length per batch (no padding at all), stock ``model(**batch).loss``;
+* ``ours-bucketed+loss-after-eoi``: the same batches with ``modeling.loss_after_eoi`` (the last layer skips the
+  positions before EoI, the last token is not fed): what training uses;
+* ``ours-online``: fresh sequences per batch (bucketed), generated inside the loader, with loss_after_eoi;
 * ``ours-bucketed+compile``: ``torch.compile(dynamic=True)`` on top (the first steps, which compile, are excluded).
 
 Reported per variant: seconds per step and per epoch (64 steps), real tokens/s (padding excluded, comparable
 across variants) and processed tokens/s (padding included).
 
-    python benchmarks/train_throughput.py --steps 24 --threads 1 --out benchmarks/results/train_throughput.json
+    python benchmarks/train_throughput.py --steps 64 --threads 2 --skip-compile --out benchmarks/results/train_throughput.json
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ import platform
 import time
 
 import torch
+import torch.nn.functional as F
+from recipe_search import RefBlockModel  # benchmarks/ is on sys.path when this script runs
 from torch.utils.data import DataLoader
 
 from hf_iterheads.data import build_dataset
 from hf_iterheads.evaluation import split_by_length
-from hf_iterheads.modeling import build_config, build_model
+from hf_iterheads.modeling import build_config, build_model, loss_after_eoi
 from hf_iterheads.tokenizer import Layout, build_tokenizer
 from hf_iterheads.training import FixedData, FixedSampler, OnlineData, OnlineSampler, TrainConfig
 
@@ -58,7 +64,20 @@ def batches(loader):
         yield from loader
 
 
-def measure(name: str, loader, model, steps: int, warmup: int) -> dict:
+def stock_loss(model, batch):
+    return model(**batch).loss
+
+
+def eoi_loss(model, batch):
+    return loss_after_eoi(model, batch["input_ids"], batch["labels"])[0]
+
+
+def reference_loss(model, batch):
+    logits, _ = model(batch["input_ids"])
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
+
+
+def measure(name: str, loader, model, steps: int, warmup: int, loss_fn=stock_loss) -> dict:
     opt = torch.optim.Adam(model.parameters(), lr=3e-4)
     it = batches(loader)
     real = padded = 0
@@ -67,7 +86,7 @@ def measure(name: str, loader, model, steps: int, warmup: int) -> dict:
             start, real, padded = time.perf_counter(), 0, 0
         batch = dict(next(it))
         n_real = batch.pop("n_real", None)  # the reference-like loader has no attention mask, only a count
-        loss = model(**batch).loss
+        loss = loss_fn(model, batch)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -110,21 +129,31 @@ def main() -> None:
         def __init__(self, loader): self.loader = loader
         def __iter__(self): return counted(self.loader)
 
+    def reference_model():
+        torch.manual_seed(0)
+        return RefBlockModel().train()
+
     results = []
-    results.append(measure("reference-like", Wrap(reference_like_loader(split, layout, 0)), model(), args.steps, args.warmup))
+    reference = Wrap(reference_like_loader(split, layout, 0))
+    results.append(measure("reference", reference, reference_model(), args.steps, args.warmup, reference_loss))
+    results.append(measure("reference-like", reference, model(), args.steps, args.warmup))
     loader = lambda bucket: DataLoader(fixed, batch_sampler=FixedSampler(fixed.groups, BATCH, 0, bucket), collate_fn=lambda b: b)  # noqa: E731
     results.append(measure("ours-padded", loader(False), model(), args.steps, args.warmup))
     results.append(measure("ours-bucketed", loader(True), model(), args.steps, args.warmup))
+    results.append(measure("ours-bucketed+loss-after-eoi", loader(True), model(), args.steps, args.warmup, eoi_loss))
     cfg = TrainConfig(tasks=["polynomial"], output_dir="-", n_len=N_LEN, batch_size=BATCH, bucket=True, curriculum="")
     online = OnlineData(cfg, {"polynomial": layout}, {}, layout.pad_id, STEPS_PER_EPOCH)
     results.append(measure("ours-online", DataLoader(online, batch_sampler=OnlineSampler(STEPS_PER_EPOCH, BATCH),
-                                                     collate_fn=lambda b: b), model(), args.steps, args.warmup))
+                                                     collate_fn=lambda b: b), model(), args.steps, args.warmup, eoi_loss))
     if not args.skip_compile:
         compiled = torch.compile(model(), dynamic=True)
         results.append(measure("ours-bucketed+compile", loader(True), compiled, args.steps, max(args.warmup, 16)))
-    base = results[0]["s_per_epoch"]
+    results.append(measure("reference (again, for drift)", reference, reference_model(), args.steps, args.warmup,
+                           reference_loss))
+    base = (results[0]["s_per_epoch"] + results[-1]["s_per_epoch"]) / 2  # the reference, measured first and last
     for r in results:
-        r["speedup_vs_reference_like"] = round(base / r["s_per_epoch"], 2)
+        r["fraction_of_reference_time"] = round(r["s_per_epoch"] / base, 3)
+        r["speedup_vs_reference"] = round(base / r["s_per_epoch"], 2)
     report = {"setting": "polynomial, n_len 16, batch 256, 64 steps/epoch, paper model (2 layers, d 128)",
               "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
               "cores": torch.get_num_interop_threads(), "results": results}

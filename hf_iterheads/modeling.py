@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from .errors import IterHeadsError
@@ -130,6 +131,54 @@ def build_model(config: GPT2Config, seed: int = 0) -> GPT2LMHeadModel:
     if iterheads_meta(config).get("freeze_positions"):
         freeze_positions(model)
     return model
+
+
+# --- the training loss, computing only what it depends on ---------------------------------------------------
+
+
+def supports_loss_after_eoi(model) -> bool:
+    """Whether :func:`loss_after_eoi` reproduces ``model(...).loss``: a plain GPT-2 self-attention stack."""
+    return isinstance(model, GPT2LMHeadModel) and not model.config.add_cross_attention
+
+
+def _block(block, h: torch.Tensor, start: int) -> torch.Tensor:
+    """One ``GPT2Block`` (its own modules and scaling), returning only the positions ``start..``.
+
+    Keys and values come from every position; queries, the output projection and the MLP only from ``start`` on.
+    The causal mask is written here (not left to the attention backend), so the result does not depend on
+    ``config._attn_implementation``."""
+    attn = block.attn
+    q, k, v = attn.c_attn(block.ln_1(h)).split(attn.split_size, dim=2)
+    q = q[:, start:]
+    B, T, Q = h.shape[0], h.shape[1], q.shape[1]
+    q, k, v = (t.view(B, t.shape[1], attn.num_heads, attn.head_dim).transpose(1, 2) for t in (q, k, v))
+    # Query i sits at position start + i and sees keys 0..start + i (a lower-right aligned causal mask).
+    mask = None if start == 0 else torch.ones(Q, T, dtype=torch.bool, device=h.device).tril(start)
+    z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=start == 0, scale=attn.scaling,
+                                       dropout_p=attn.attn_dropout.p if block.training else 0.0)
+    h = h[:, start:] + attn.resid_dropout(attn.c_proj(z.transpose(1, 2).reshape(B, Q, -1)))
+    return h + block.mlp(block.ln_2(h))
+
+
+def loss_after_eoi(model: GPT2LMHeadModel, input_ids: torch.Tensor, labels: torch.Tensor):
+    """``model(input_ids, labels=labels).loss`` for right-padded batches, without the work the loss ignores.
+
+    The loss is only on the tokens after EoI (the states and EoS), so in the last layer nothing but the keys
+    and values is needed at the positions before EoI (about half the sequence), and the last token (EoS)
+    predicts nothing anywhere. The same modules run in the same order, so the gradients are those of the stock
+    forward (tests compare the two). Padding is on the right, so causal attention never reads it and no mask
+    is needed. Returns (loss, logits, targets) with ``logits[:, i]`` predicting ``targets[:, i]``.
+    """
+    scored = labels[:, 1:] != -100
+    start = int(scored.int().argmax(1).min())  # the first position whose next token is scored (EoI)
+    ids, targets = input_ids[:, :-1], labels[:, start + 1 :]
+    tr = model.transformer
+    h = tr.drop(tr.wte(ids) + tr.wpe(torch.arange(ids.shape[1], device=ids.device)))
+    for i, block in enumerate(tr.h):
+        h = _block(block, h, start if i == len(tr.h) - 1 else 0)
+    logits = model.lm_head(tr.ln_f(h))
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+    return loss, logits, targets
 
 
 BUNDLED = Path(__file__).parent / "checkpoints"  # reference checkpoints shipped with the package

@@ -12,7 +12,7 @@ Experiments (``runs/NAME`` in the output directory, one ``hf-iterheads train`` r
 * ``polynomial-cot-2L-dW`` -- the embedding-width sweep (the main run is d = 128);
 * ``polynomial-cot-2L-trainM`` -- trained on lengths 1..M, tested up to n_len (length generalisation).
 
-Scales: ``--quick`` (default) took 35 minutes on a 2-core CPU (our fast recipe, shorter budgets, so parity
+Scales: ``--quick`` (default) took 29 minutes on a 2-core CPU (our fast recipe, shorter budgets, so parity
 from scratch is expected to fail, as it does at the paper's scale before hundreds of epochs);
 ``--full`` is the paper's recipe and budgets (1000 epochs), for GPUs. Runs go to separate worker processes
 (one CPU thread each, or one GPU each); an interrupted reproduction continues where it stopped when run
@@ -64,18 +64,14 @@ class Scale:
     curve_every: int  # evaluation interval of the transfer / scratch parity runs
     probes: int  # detector probes per model
     preset: str = "paper"  # model preset every run starts from (modeling.PRESETS)
-    main_args: tuple[str, ...] = ()  # extra training flags of the polynomial CoT 2-layer and length runs
-    main_seed: int = 0
     transfer_args: tuple[str, ...] = ()  # extra flags of the fine-tuning runs
 
 
-# The quick main run is the bundled polynomial-cot's recipe: the default recipe left lengths 5..7 unsolved for
-# seed 0 (benchmarks/results/recipe_search.md), and the transfer inherits whatever its starting model gets wrong.
-# Fine-tuning uses the paper's learning rate: at 1e-3 the transferred head was first disrupted, then relearned.
-QUICK = Scale("quick", "fast", 16, main_steps=16000, copy_steps=12000, short_steps=2000, transfer_steps=2500,
+# The quick scale is the default recipe throughout (12,000 steps). Fine-tuning uses the paper's learning rate:
+# at 1e-3 the transferred head was first disrupted, then relearned.
+QUICK = Scale("quick", "fast", 16, main_steps=12000, copy_steps=12000, short_steps=2000, transfer_steps=2500,
               width_steps=12000, seeds=3, poly_seeds=1, widths=(16, 32, 64), train_len=12, per_length=1024,
-              eval_every=500, curve_every=250, probes=64, main_args=("--schedule", "formed-cosine"), main_seed=2,
-              transfer_args=("--lr", "3e-4"))
+              eval_every=500, curve_every=250, probes=64, transfer_args=("--lr", "3e-4"))
 FULL = Scale("full", "paper", 16, main_steps=64000, copy_steps=64000, short_steps=64000, transfer_steps=64000,
              width_steps=64000, seeds=5, poly_seeds=5, widths=(16, 32, 48, 64, 256), train_len=12, per_length=1024,
              eval_every=640, curve_every=640, probes=256)
@@ -121,14 +117,12 @@ def plan(scale: Scale) -> list[Job]:
             name = f"{task}-{cot}-{layers}L"
             main = cot == "cot" and layers == 2
             steps = {"polynomial": scale.main_steps, "binary_copy": scale.copy_steps}.get(task) if main else None
-            extra, seed = [], 0
+            extra = []
             if main and task == "parity":
                 extra = ["--eval-every", str(scale.curve_every), "--stop-when-solved"]
             elif main and task == "binary_copy":
                 extra = ["--stop-when-solved"]
-            elif main:
-                extra, seed = list(scale.main_args), scale.main_seed
-            add(name, task, steps or scale.short_steps, extra, kind="grid", cot=cot == "cot", layers=layers, seed=seed,
+            add(name, task, steps or scale.short_steps, extra, kind="grid", cot=cot == "cot", layers=layers,
                 detect=("polynomial", "parity") if name == "polynomial-cot-2L" else None)
     for seed in range(1, scale.poly_seeds):
         add(f"polynomial-cot-2L-seed{seed}", "polynomial", scale.main_steps, kind="seed", seed=seed)
@@ -144,8 +138,7 @@ def plan(scale: Scale) -> list[Job]:
         add(f"polynomial-cot-2L-d{width}", "polynomial", scale.width_steps, ["--n-embd", str(width), "--stop-when-solved"],
             kind="width", width=width)
     add(f"polynomial-cot-2L-train{scale.train_len}", "polynomial", scale.main_steps,
-        ["--max-train-len", str(scale.train_len), *scale.main_args], kind="length", train_len=scale.train_len,
-        seed=scale.main_seed)
+        ["--max-train-len", str(scale.train_len)], kind="length", train_len=scale.train_len)
     return jobs
 
 
@@ -374,7 +367,7 @@ def add_cli(subparsers) -> None:
         help="train, evaluate and probe every model the paper's findings need; write report.md + results.json",
         description="Reproduce the paper's findings end to end: CoT vs no CoT, 1 vs 2 layers, emergence, "
         "attention maps, transfer vs scratch (seeds), width sweep, length generalisation, detector + ablation "
-        "on every model. --quick (default) took 35 minutes on a 2-core CPU; --full is the paper's "
+        "on every model. --quick (default) took 29 minutes on a 2-core CPU; --full is the paper's "
         "scale (GPUs). Running again with the same --output-dir continues an interrupted reproduction.",
     )
     size = p.add_mutually_exclusive_group()

@@ -56,6 +56,11 @@ FAST_BETAS = (0.9, 0.999)
 # formed for 1 seed in 3 within 12,000 steps; with it for 3 in 3 (recipe_search.md). Not applied to fine-tuning.
 FAST_CURRICULUM = "binary_copy:0.5:3000"
 FAST_LENGTH_WARMUP = 0  # steps over which the longest trained length grows from 1 to n_len (0 = off)
+# Once the head has formed, the runs that missed 0.99 with uniform lengths missed whole lengths (L = 5..7, or
+# L = 16) while the others were exact: 1 seed in 3 reached 0.99. "adaptive" draws the lengths the model still gets
+# wrong more often (AdaptiveLengths), once attn1 peakiness reaches 0.5: 5 seeds in 8 then reached accuracy >= 0.99
+# with attn1 >= 0.9 (recipe_search.md, sessions 3-4). Adapting from step 0 skipped the head for 2 seeds in 7.
+FAST_LENGTH_SAMPLING = "adaptive"
 FAST_EVAL_EVERY = 500
 # Initialisation as in the paper's reference code (PyTorch defaults: embeddings N(0, 1), linear layers with
 # std ~ 1/sqrt(3 * 128) = 0.05) instead of GPT-2's 0.02 everywhere; with GPT-2's own init the head did not form
@@ -66,17 +71,20 @@ EMBED_INIT_STD = 1.0
 # --- the paper's recipe (paper.md section 6), exactly -------------------------------------------------------
 PAPER_RECIPE = dict(
     data="fixed", lr=3e-4, warmup_steps=0, schedule="constant", batch_size=256, bucket=True, epochs=1000,
-    max_steps=None, decay_steps=FAST_DECAY_STEPS, betas=(0.9, 0.999), curriculum="", length_warmup=0, eval_every=640,
+    max_steps=None, decay_steps=FAST_DECAY_STEPS, betas=(0.9, 0.999), curriculum="", length_warmup=0,
+    length_sampling="uniform", eval_every=640,
     init_range=INIT_RANGE, embed_init_std=EMBED_INIT_STD,
 )
 FAST_RECIPE = dict(
     data=FAST_DATA, lr=FAST_LR, warmup_steps=FAST_WARMUP_STEPS, schedule=FAST_SCHEDULE, batch_size=FAST_BATCH_SIZE,
     bucket=FAST_BUCKET, epochs=None, max_steps=FAST_MAX_STEPS, decay_steps=FAST_DECAY_STEPS, betas=FAST_BETAS,
     curriculum=FAST_CURRICULUM,
-    length_warmup=FAST_LENGTH_WARMUP, eval_every=FAST_EVAL_EVERY, init_range=INIT_RANGE, embed_init_std=EMBED_INIT_STD,
+    length_warmup=FAST_LENGTH_WARMUP, length_sampling=FAST_LENGTH_SAMPLING, eval_every=FAST_EVAL_EVERY,
+    init_range=INIT_RANGE, embed_init_std=EMBED_INIT_STD,
 )
 RECIPES = {"paper": PAPER_RECIPE, "fast": FAST_RECIPE}
 SCHEDULES = ("constant", "cosine", "linear", "formed-cosine")
+LENGTH_SAMPLINGS = ("uniform", "adaptive")
 SOLVED_ACCURACY, SOLVED_PEAKINESS = 0.99, 0.9  # "the head has formed": the issue's headline thresholds
 DATASET_REPO_ID = "hf-iterheads/iterative-tasks"  # where the datasets are published (model card metadata)
 
@@ -116,6 +124,7 @@ class TrainConfig:
     task_weights: list[float] | None = None
     curriculum: str = FAST_CURRICULUM
     length_warmup: int = FAST_LENGTH_WARMUP
+    length_sampling: str = "uniform"  # the recipes set it; runs saved before the option existed were uniform
     eval_every: int = FAST_EVAL_EVERY
     eval_per_length: int = 256
     log_every: int = 50
@@ -221,10 +230,18 @@ class OnlineData(Dataset):
     test sequence are redrawn, so test accuracy never measures memorisation.
     """
 
-    def __init__(self, cfg: TrainConfig, layouts: dict[str, Layout], exclude: dict, pad_id: int, epoch_len: int):
+    def __init__(self, cfg: TrainConfig, layouts: dict[str, Layout], exclude: dict, pad_id: int, epoch_len: int,
+                 lengths: AdaptiveLengths | None = None):
         self.cfg, self.layouts, self.pad_id, self.epoch_len = cfg, layouts, pad_id, epoch_len
         self.schedule = TaskSchedule(cfg)
         self.exclude = exclude  # (task, L) -> sorted row codes of the test split
+        self.lengths = lengths  # None: lengths uniform in 1..max_len
+
+    def _lengths(self, name: str, step: int, max_len: int, n: int | None, rng: np.random.Generator):
+        p = self.lengths.probabilities(name, step, max_len) if self.lengths is not None else None
+        if p is None:
+            return rng.integers(1, max_len + 1, size=n)
+        return rng.choice(max_len, size=n, p=p) + 1
 
     def __len__(self) -> int:
         return self.epoch_len * self.cfg.batch_size
@@ -249,10 +266,15 @@ class OnlineData(Dataset):
         n = len(indices)
         if self.cfg.bucket:
             task = get_task(names[rng.choice(len(names), p=weights)])
-            picks = [(task.name, int(rng.integers(1, max_len + 1)), n)]
+            picks = [(task.name, int(self._lengths(task.name, step, max_len, None, rng)), n)]
         else:
             t = rng.choice(len(names), size=n, p=weights)
-            lengths = rng.integers(1, max_len + 1, size=n)
+            if self.lengths is None:
+                lengths = rng.integers(1, max_len + 1, size=n)
+            else:
+                lengths = np.zeros(n, dtype=np.int64)
+                for i in np.unique(t):
+                    lengths[t == i] = self._lengths(names[i], step, max_len, int((t == i).sum()), rng)
             keys, counts = np.unique(np.stack([t, lengths], 1), axis=0, return_counts=True)
             picks = [(names[k[0]], int(k[1]), int(c)) for k, c in zip(keys, counts)]
         groups = []
@@ -302,6 +324,59 @@ class TaskSchedule:
         return min(self.n_len, 1 + int((self.n_len - 1) * step / self.length_warmup))
 
 
+class AdaptiveLengths:
+    """Length weights that follow training accuracy: the lengths the model still gets wrong are drawn more often.
+
+    Why: with absolute positions every length needs its own look-up, and once the head has formed the runs that
+    miss 0.99 miss whole lengths while the rest are exact (recipe_search.md). With ``wait``, sampling stays uniform
+    until the iteration head is forming (attn1 peakiness >= START_PEAKINESS): adapting from step 0 let one seed in
+    five learn the short lengths one by one without the head, and never form it. Each (task, L) keeps an EMA of the
+    teacher-forced sequence accuracy of its training rows (every process sees every row: they are gathered).
+    Every ``every`` steps (the run's --log-every) the weights are republished as half uniform, half in proportion
+    to the error 1 - EMA, so no length drops below half its uniform share. Weights published at step s apply from
+    step s + LAG: the data loader prefetches a batch, and this way an interrupted run resumed from a checkpoint
+    draws exactly the batches the uninterrupted one drew. The state is saved with ``save_state``.
+    """
+
+    LAG, DECAY, UNIFORM_SHARE = 2, 0.9, 0.5
+    START_PEAKINESS = 0.5  # half way: the head is forming, and no longer at risk of being skipped
+
+    def __init__(self, tasks: list[str], n_len: int, every: int = 100, wait: bool = False) -> None:
+        self.tasks, self.n_len, self.every, self.wait = list(dict.fromkeys(tasks)), int(n_len), int(every), bool(wait)
+        self.ema = np.zeros((len(self.tasks), self.n_len + 1))  # column L (column 0 unused)
+        self.published: list[tuple[int, np.ndarray]] = []  # (first step it applies to, error per (task, L))
+
+    def observe(self, tasks: np.ndarray, lengths: np.ndarray, correct: np.ndarray) -> None:
+        """Fold in one step's rows: task index, length and whether the whole row was right, for every row."""
+        for t, L in {(int(t), int(L)) for t, L in zip(tasks, lengths)}:
+            rows = (tasks == t) & (lengths == L)
+            self.ema[t, L] = self.DECAY * self.ema[t, L] + (1 - self.DECAY) * float(correct[rows].mean())
+
+    def after_step(self, step: int) -> None:
+        if step % self.every == 0 and not self.wait:
+            self.published = [*self.published[-1:], (step + self.LAG, 1.0 - self.ema.copy())]
+
+    def probabilities(self, task: str, step: int, max_len: int) -> np.ndarray | None:
+        """P(L = 1..max_len) for a batch of ``task`` drawn for ``step``; None = uniform (nothing published yet)."""
+        current = [err for first, err in self.published if first <= step]
+        if not current or task not in self.tasks:
+            return None
+        err = np.clip(current[-1][self.tasks.index(task), 1 : max_len + 1], 0.0, 1.0)
+        uniform = np.full(max_len, 1.0 / max_len)
+        if err.sum() <= 0:
+            return uniform
+        p = self.UNIFORM_SHARE * uniform + (1 - self.UNIFORM_SHARE) * err / err.sum()
+        return p / p.sum()
+
+    def state_dict(self) -> dict:
+        return {"ema": torch.from_numpy(self.ema.copy()), "steps": [first for first, _ in self.published],
+                "errors": [torch.from_numpy(e.copy()) for _, e in self.published], "wait": self.wait}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ema, self.wait = state["ema"].numpy().copy(), bool(state["wait"])
+        self.published = [(int(first), e.numpy().copy()) for first, e in zip(state["steps"], state["errors"])]
+
+
 def parse_curriculum(spec: str) -> list[tuple[str, float, int]]:
     """``"binary_copy:0.5:1000,parity:0.2:0"`` -> [(task, share at step 0, steps to fade to 0; 0 = constant)]."""
     out = []
@@ -338,6 +413,8 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         recipe["epochs"] = None
     if args.curriculum is None and (args.init_from or recipe["data"] == "fixed"):
         recipe["curriculum"] = ""  # fine-tuning (transfer) and the fixed dataset: the given task only, unless asked
+    if args.length_sampling is None and recipe["data"] == "fixed":
+        recipe["length_sampling"] = "uniform"  # the fixed dataset has its own lengths
     tasks = [t for t in (args.task or "").split(",") if t]
     if not tasks:
         raise IterHeadsError("give at least one task with --task (e.g. --task polynomial)")
@@ -382,8 +459,11 @@ def check_config(cfg: TrainConfig) -> None:
         raise IterHeadsError(f"the learning rate must be > 0 and warmup >= 0 (got {cfg.lr}, {cfg.warmup_steps})")
     if (cfg.max_steps is None) == (cfg.epochs is None) or (cfg.max_steps or cfg.epochs) < 1:
         raise IterHeadsError("give a positive --epochs or --max-steps (not both)")
-    if (parse_curriculum(cfg.curriculum) or cfg.length_warmup) and cfg.data != "online":
-        raise IterHeadsError("--curriculum and --length-warmup need --data online (the fixed dataset is fixed)")
+    if cfg.length_sampling not in LENGTH_SAMPLINGS:
+        raise IterHeadsError(f"unknown length sampling {cfg.length_sampling!r}; use {' or '.join(LENGTH_SAMPLINGS)}")
+    if (parse_curriculum(cfg.curriculum) or cfg.length_warmup or cfg.length_sampling != "uniform") and cfg.data != "online":
+        raise IterHeadsError("--curriculum, --length-warmup and --length-sampling adaptive need --data online "
+                             "(the fixed dataset is fixed)")
     if cfg.mixed_precision not in ("no", "fp16", "bf16"):
         raise IterHeadsError(f"unknown mixed precision {cfg.mixed_precision!r}; use no, fp16 or bf16")
 
@@ -532,11 +612,19 @@ def _latest_checkpoint(output_dir: Path) -> Path | None:
     return max(ckpts, key=lambda p: int(p.name[5:]), default=None)
 
 
-def _batch_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Share of sequences of the batch whose every labelled token is predicted right (teacher-forced)."""
-    pred, tgt = logits[:, :-1].argmax(-1), labels[:, 1:]
-    scored = tgt != -100
-    return ((pred == tgt) | ~scored).all(1).float().mean().item()
+def _batch_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Share of sequences of the batch whose every scored token is predicted right (teacher-forced);
+    ``logits[:, i]`` predicts ``targets[:, i]`` (already shifted)."""
+    scored = targets != -100
+    return ((logits.argmax(-1) == targets) | ~scored).all(1).float().mean().item()
+
+
+def _row_outcomes(batch: dict, logits: torch.Tensor, targets: torch.Tensor, task_index: torch.Tensor) -> torch.Tensor:
+    """(rows, 3): task index (from the task token), length L (EoI sits at L + 1), whole row right (0/1)."""
+    scored = targets != -100
+    correct = ((logits.argmax(-1) == targets) | ~scored).all(1)
+    length = (batch["labels"][:, 1:] != -100).int().argmax(1) - 1
+    return torch.stack([task_index[batch["input_ids"][:, 0]], length, correct.long()], 1)
 
 
 class FormedThenCosine:
@@ -556,12 +644,12 @@ class FormedThenCosine:
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def head_formed(results: list[dict], max_len: int) -> bool:
-    """attn1 peakiness >= SOLVED_PEAKINESS for every task, averaged over the trained lengths 4..max_len."""
+def head_formed(results: list[dict], max_len: int, threshold: float = SOLVED_PEAKINESS) -> bool:
+    """attn1 peakiness >= ``threshold`` for every task, averaged over the trained lengths 4..max_len."""
     for r in results:
         values = [m.get("attn1_peakiness") for L, m in r["per_length"].items() if 4 <= int(L) <= max_len]
         values = [v for v in values if v is not None]
-        if not values or float(np.mean(values)) < SOLVED_PEAKINESS:
+        if not values or float(np.mean(values)) < threshold:
             return False
     return True
 
@@ -575,6 +663,7 @@ def train(cfg: TrainConfig, resume: bool = False, interrupt_at_step: int | None 
 
     from .data import build_dataset
     from .evaluation import evaluate_model, split_by_length
+    from .modeling import loss_after_eoi, supports_loss_after_eoi
 
     out = Path(cfg.output_dir)
     model, tokenizer = make_model(cfg)  # may raise: nothing written yet
@@ -598,6 +687,7 @@ def train(cfg: TrainConfig, resume: bool = False, interrupt_at_step: int | None 
     test = {name: split_by_length(s["test"]) for name, s in splits.items()}
     eval_data = {name: {L: (x[: cfg.eval_per_length], s[: cfg.eval_per_length]) for L, (x, s) in t.items()} for name, t in test.items()}
     pad_id = layouts[cfg.tasks[0]].pad_id
+    lengths = None  # AdaptiveLengths, online data only
     if cfg.data == "fixed":
         keep = range(1, cfg.longest_trained + 1)
         dataset = FixedData([(layouts[n], split_by_length(splits[n]["train"], keep)) for n in cfg.tasks], pad_id)
@@ -611,7 +701,14 @@ def train(cfg: TrainConfig, resume: bool = False, interrupt_at_step: int | None 
                 codes = _row_codes(x, base)
                 if codes is not None:
                     exclude[(name, L)] = np.unique(codes)
-        dataset = OnlineData(cfg, layouts, exclude, pad_id, epoch_len)
+        if cfg.length_sampling == "adaptive":
+            # No iteration head to wait for without CoT or a second layer: adapt from the start.
+            lengths = AdaptiveLengths(list(layouts), cfg.longest_trained, every=cfg.log_every,
+                                      wait=cfg.cot and model.config.n_layer >= 2)
+            task_index = torch.full((len(tokenizer),), -1, dtype=torch.long)
+            for i, name in enumerate(lengths.tasks):
+                task_index[layouts[name].task_id] = i
+        dataset = OnlineData(cfg, layouts, exclude, pad_id, epoch_len, lengths)
         sampler = OnlineSampler(epoch_len, cfg.batch_size)
     # Own generator: a DataLoader iterator otherwise draws its base seed from the global RNG, so a resumed
     # run (one extra iterator) would get other dropout masks than an uninterrupted one.
@@ -620,6 +717,9 @@ def train(cfg: TrainConfig, resume: bool = False, interrupt_at_step: int | None 
 
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    # One process, eager: the loss skips the work it does not depend on (modeling.loss_after_eoi, ~20% faster,
+    # same gradients). Under DDP or torch.compile the wrapped model's own forward has to run.
+    fast_loss = accelerator.num_processes == 1 and not cfg.compile and supports_loss_after_eoi(model)
     steps_per_epoch = max(1, len(loader) // cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     schedule = cfg.schedule
@@ -633,6 +733,8 @@ def train(cfg: TrainConfig, resume: bool = False, interrupt_at_step: int | None 
         name = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}[schedule]
         scheduler = get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps)
     accelerator.register_for_checkpointing(scheduler)  # stepped by hand: once per optimizer step
+    if lengths is not None:
+        accelerator.register_for_checkpointing(lengths)
 
     step, elapsed = 0, 0.0
     ckpt = _latest_checkpoint(out) if resume else None
@@ -684,18 +786,28 @@ def train(cfg: TrainConfig, resume: bool = False, interrupt_at_step: int | None 
         sampler.set_epoch(epoch)
         for batch in batches:
             with accelerator.accumulate(model):
-                output = model(**batch)
-                accelerator.backward(output.loss)
+                if fast_loss:
+                    with accelerator.autocast():
+                        loss, logits, targets = loss_after_eoi(model, batch["input_ids"], batch["labels"])
+                else:
+                    output = model(**batch)
+                    loss, logits, targets = output.loss, output.logits[:, :-1], batch["labels"][:, 1:]
+                accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad()
-            loss_sum += output.loss.item()
-            acc_sum += _batch_accuracy(output.logits.detach(), batch["labels"])
+            loss_sum += loss.item()
+            acc_sum += _batch_accuracy(logits.detach(), targets)
+            if lengths is not None:  # every process folds in every process's rows, in the same order
+                rows = accelerator.gather(_row_outcomes(batch, logits.detach(), targets, task_index)).cpu().numpy()
+                lengths.observe(rows[:, 0], rows[:, 1], rows[:, 2])
             n_sum += 1
             tokens += int(batch["attention_mask"].sum())
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
             step += 1
+            if lengths is not None:
+                lengths.after_step(step)
             bar.update(1)
             now = time.perf_counter() - start
             if step % cfg.log_every == 0 or step == total_steps:
@@ -718,14 +830,22 @@ def train(cfg: TrainConfig, resume: bool = False, interrupt_at_step: int | None 
                         accelerator.set_trigger()
             if step % cfg.eval_every == 0 and cfg.stop_when_solved and accelerator.check_trigger():
                 done = True  # every process stops at the same step (the trigger is all-reduced)
-            if formed is not None and formed.decay_start is None and step % cfg.eval_every == 0:
+            waiting = (formed is not None and formed.decay_start is None, lengths is not None and lengths.wait)
+            if step % cfg.eval_every == 0 and any(waiting):
                 from accelerate.utils import broadcast_object_list
 
-                at = [step if results is not None and head_formed(results, cfg.longest_trained) else None]
-                formed.decay_start = broadcast_object_list(at)[0]  # the main process decides for all
-                if formed.decay_start is not None:
+                # the main process decides for all: has the head formed (0.9), is it forming (START_PEAKINESS)?
+                thresholds = (SOLVED_PEAKINESS, AdaptiveLengths.START_PEAKINESS)
+                flags = broadcast_object_list([results is not None and head_formed(results, cfg.longest_trained, t)
+                                               for t in thresholds])
+                if waiting[0] and flags[0]:
                     log.write({"kind": "formed", "step": step, "time": round(now, 2)})
-                    bar.write(f"step {step}: the iteration head formed; learning rate decays over {cfg.decay_steps} steps")
+                    bar.write(f"step {step}: the iteration head formed")
+                    formed.decay_start = step  # the learning rate decays over cfg.decay_steps from here
+                if waiting[1] and flags[1]:
+                    log.write({"kind": "adapting", "step": step, "time": round(now, 2)})
+                    bar.write(f"step {step}: the iteration head is forming; the failing lengths are drawn more often")
+                    lengths.wait = False
             if formed is not None and formed.decay_start is not None and step >= formed.decay_start + cfg.decay_steps:
                 done = True
             if step % cfg.checkpoint_every == 0 or step == total_steps:
@@ -840,6 +960,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--task-weights", help="mixture weights, one per --task, e.g. 0.3,0.7")
     p.add_argument("--curriculum", help="helper tasks fading out, TASK:SHARE:STEPS[,...] e.g. binary_copy:0.5:1000")
     p.add_argument("--length-warmup", type=int, help="steps over which the longest length grows from 1 to n_len")
+    p.add_argument("--length-sampling", choices=LENGTH_SAMPLINGS,
+                   help="online data: lengths uniform, or adaptive (once attn1 peakiness reaches 0.5, the lengths the "
+                        "model still gets wrong are drawn more often)")
     p.add_argument("--eval-every", type=int, help="steps between evaluations (accuracy + peakiness)")
     p.add_argument("--eval-per-length", type=int, default=256, help="test sequences per length during training")
     p.add_argument("--log-every", type=int, default=50)

@@ -65,3 +65,32 @@ def test_load_checkpoint_refuses_non_checkpoints(tmp_path):
         load_checkpoint(tmp_path / "missing")
     with pytest.raises(IterHeadsError, match="not a model checkpoint"):
         load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("preset, cot, attn", [("paper", True, "sdpa"), ("4head", True, "eager"), ("3layer", False, "sdpa")])
+def test_loss_after_eoi_matches_the_stock_loss_and_gradients(tok, preset, cot, attn):
+    # Training computes the loss without the last layer's work before EoI; it must be the stock loss exactly,
+    # on a right-padded batch of mixed lengths too (eval mode: the embedding dropout is the only random part).
+    import numpy as np
+
+    from hf_iterheads.modeling import loss_after_eoi
+    from hf_iterheads.tasks import get_task
+    from hf_iterheads.tokenizer import Layout
+    from hf_iterheads.training import assemble
+
+    model = build_model(build_config(tok, n_len=8, preset=preset, cot=cot, n_embd=32), seed=1).eval()
+    model.set_attn_implementation(attn)
+    task, rng, layout = get_task("parity"), np.random.default_rng(0), Layout(tok, "parity", cot)
+    groups = []
+    for L, n in ((3, 2), (8, 3), (5, 1)):
+        x = task.sample_inputs(n, L, rng)
+        groups.append((layout, x, task.run(x)))
+    batch = assemble(groups, layout.pad_id)
+    assert (batch["attention_mask"] == 0).any()  # padding present
+    params = [p for p in model.parameters()]
+    stock = model(**batch).loss
+    ours, logits, targets = loss_after_eoi(model, batch["input_ids"], batch["labels"])
+    assert torch.allclose(stock, ours, atol=1e-6)
+    assert logits.shape[:2] == targets.shape and (targets != -100).sum() == (batch["labels"] != -100).sum()
+    for a, b in zip(torch.autograd.grad(stock, params), torch.autograd.grad(ours, params)):
+        assert torch.allclose(a, b, atol=1e-6)

@@ -16,7 +16,8 @@ from hf_iterheads.errors import IterHeadsError
 from hf_iterheads.tasks import get_task
 from hf_iterheads.tokenizer import Layout, build_tokenizer
 from hf_iterheads.training import (
-    PAPER_RECIPE, FixedSampler, OnlineData, TaskSchedule, TrainConfig, _row_codes, parse_curriculum,
+    PAPER_RECIPE, AdaptiveLengths, FixedSampler, OnlineData, TaskSchedule, TrainConfig, _row_codes, head_formed,
+    parse_curriculum,
 )
 
 TINY = ["--preset", "tiny", "--n-len", "5", "--per-length", "24", "--batch-size", "16", "--warmup-steps", "2",
@@ -62,13 +63,19 @@ def test_end_to_end_run_writes_a_loadable_checkpoint(run):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_4", "step_8"]
 
 
-@pytest.mark.parametrize("data", ["online", "fixed"])
+@pytest.mark.parametrize("data", ["online", "fixed", "adaptive"])
 def test_resume_after_interruption_gives_the_same_weights(tmp_path, data):
     # An epoch is 8 (online) or 9 (fixed) batches: the run is killed at step 12, resumes from the step-10
     # checkpoint in the middle of its second epoch, and must end exactly where the straight run ends.
     common = ["--data", data, "--max-steps", "14", "--eval-every", "5", "--checkpoint-every", "5"]
-    assert train(tmp_path / "straight", *common) == 0
-    assert train(tmp_path / "broken", *common, "--interrupt-at-step", "12") == 130
+    if data == "adaptive":  # length weights that follow the training accuracy, republished every 2 steps
+        # (--log-every; without CoT there is no head to wait for): binary copy at a high constant rate, so that
+        # by step 20 some lengths are learned
+        common = ["--data", "online", "--length-sampling", "adaptive", "--max-steps", "30", "--eval-every", "10",
+                  "--checkpoint-every", "10", "--lr", "1e-2", "--schedule", "constant", "--n-len", "3", "--no-cot"]
+    task, stop = ("binary_copy", "27") if data == "adaptive" else ("polynomial", "12")
+    assert train(tmp_path / "straight", *common, task=task) == 0
+    assert train(tmp_path / "broken", *common, "--interrupt-at-step", stop, task=task) == 130
     assert not (tmp_path / "broken" / "config.json").exists()
     assert main(["train", "--resume", "--output-dir", str(tmp_path / "broken"), "--threads", "1"]) == 0
     a = load_file(tmp_path / "straight" / "model.safetensors")
@@ -77,6 +84,19 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path, data):
     steps = [json.loads(line)["step"] for line in (tmp_path / "broken" / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["kind"] == "train"]
     assert steps == sorted(steps) and len(steps) == len(set(steps))  # no duplicate records after resuming
+
+
+@pytest.mark.parametrize("gate", [0.0, 1.01])
+def test_adaptive_lengths_start_when_the_head_is_forming(tmp_path, monkeypatch, gate):
+    # With CoT and two layers the lengths stay uniform until attn1 peakiness reaches START_PEAKINESS at an
+    # evaluation; a gate of 0 opens at the first one (step 4), a gate above 1 never does.
+    monkeypatch.setattr(AdaptiveLengths, "START_PEAKINESS", gate)
+    assert train(tmp_path / "r", "--max-steps", "8", "--eval-every", "4", "--checkpoint-every", "4") == 0
+    records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "adapting"] == ([4] if gate == 0.0 else [])
+    saved = [torch.load(f, weights_only=False) for f in (tmp_path / "r" / "checkpoints" / "step_8").glob("custom_*")]
+    state = next(s for s in saved if isinstance(s, dict) and "wait" in s)  # AdaptiveLengths.state_dict()
+    assert state["wait"] is (gate > 0) and bool(state["steps"]) is (gate == 0.0)
 
 
 def test_frozen_positions_are_never_trained(tmp_path):
@@ -149,6 +169,34 @@ def test_curriculum_fades_the_helper_task():
         parse_curriculum("binary_copy")
 
 
+def test_adaptive_lengths_draw_the_failing_lengths_more_and_publish_with_a_lag():
+    lengths = AdaptiveLengths(["polynomial", "binary_copy"], n_len=4, every=10)
+    assert lengths.probabilities("polynomial", 5, 4) is None  # nothing published yet: uniform
+    for _ in range(100):  # L = 1, 2 always right, L = 3 half the rows, L = 4 never
+        lengths.observe(np.array([0] * 8), np.array([1, 1, 2, 2, 3, 3, 4, 4]), np.array([1, 1, 1, 1, 1, 0, 0, 0]))
+    lengths.after_step(9)
+    assert lengths.probabilities("polynomial", 100, 4) is None  # published every 10 steps only
+    lengths.after_step(10)
+    assert lengths.probabilities("polynomial", 11, 4) is None  # applies from step 10 + LAG
+    p = lengths.probabilities("polynomial", 12, 4)
+    assert np.allclose(p, [0.125, 0.125, 0.125 + 0.5 / 3, 0.125 + 1 / 3], atol=1e-3)  # half uniform, half error
+    assert np.allclose(lengths.probabilities("polynomial", 12, 2), [0.5, 0.5])  # both learned: uniform
+    assert np.allclose(lengths.probabilities("binary_copy", 12, 4), 0.25)  # never observed: all wrong, uniform
+    restored = AdaptiveLengths(["polynomial", "binary_copy"], n_len=4, every=10, wait=True)
+    restored.load_state_dict(lengths.state_dict())
+    assert np.allclose(restored.probabilities("polynomial", 12, 4), p) and np.allclose(restored.ema, lengths.ema)
+    assert not restored.wait
+    waiting = AdaptiveLengths(["polynomial"], n_len=4, every=10, wait=True)  # until the head forms: uniform
+    waiting.observe(np.array([0, 0]), np.array([1, 4]), np.array([1, 0]))
+    waiting.after_step(10)
+    assert waiting.probabilities("polynomial", 100, 4) is None and waiting.ema[0, 1] > 0
+    # The gate: attn1 peakiness averaged over L = 4..max_len, every task; below 4 does not count.
+    results = [{"per_length": {"2": {"attn1_peakiness": 0.0}, "4": {"attn1_peakiness": 0.4},
+                               "5": {"attn1_peakiness": 0.7}}}]
+    assert head_formed(results, 5, AdaptiveLengths.START_PEAKINESS) and not head_formed(results, 5)
+    assert not head_formed(results, 4, AdaptiveLengths.START_PEAKINESS)
+
+
 def _one_line_error(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("hf-iterheads train: error:"), err
@@ -162,6 +210,7 @@ def _one_line_error(capsys) -> str:
         (["--task", "polynomial", "--preset", "huge"], "unknown model preset"),
         (["--task", "polynomial", "--recipe", "slow"], "unknown recipe"),
         (["--task", "polynomial", "--data", "fixed", "--curriculum", "binary_copy:0.5:10"], "need --data online"),
+        (["--task", "polynomial", "--data", "fixed", "--length-sampling", "adaptive"], "need --data online"),
         (["--task", "polynomial", "--curriculum", "nope:0.5:10"], "unknown task"),
         (["--task", "polynomial", "--n-len", "0"], "at least 1"),
         (["--task", "polynomial", "--init-from", "/nonexistent/ckpt"], "not a directory"),
@@ -216,7 +265,7 @@ def test_max_train_len_limits_training_lengths_not_evaluation():
     assert TaskSchedule(cfg).max_len(0) == 3 and TaskSchedule(cfg).max_len(10**6) == 3
 
 
-def test_default_curriculum_is_for_training_from_scratch_with_online_data():
+def test_curriculum_and_adaptive_lengths_are_defaults_of_online_training_only():
     import argparse
 
     from hf_iterheads.cli import build_parser
@@ -232,6 +281,10 @@ def test_default_curriculum_is_for_training_from_scratch_with_online_data():
     assert cfg("--data", "fixed").curriculum == ""
     assert cfg("--init-from", "polynomial-cot", "--curriculum", "binary_copy:0.2:10").curriculum == "binary_copy:0.2:10"
     assert cfg("--curriculum", "").curriculum == ""
+    # adaptive length sampling is the online default; the fixed dataset (and the paper's recipe) keep their lengths
+    assert cfg().length_sampling == "adaptive" and cfg("--init-from", "polynomial-cot").length_sampling == "adaptive"
+    assert cfg("--data", "fixed").length_sampling == "uniform" and cfg("--recipe", "paper").length_sampling == "uniform"
+    assert cfg("--length-sampling", "uniform").length_sampling == "uniform"
 
 
 def test_bad_max_train_len_is_one_line(tmp_path, capsys):

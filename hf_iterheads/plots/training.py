@@ -45,11 +45,12 @@ def plot_curves(records: list[dict], path: str | Path, title: str = "") -> Path:
             if any(v is not None for v in values):
                 ax.plot(steps, [np.nan if v is None else v for v in values], color=colour, ls="--", lw=1,
                         alpha=0.6, label=key.replace("_", " ") + suffix)
+    marks = {"solved": ("solved", ":"), "formed": ("head formed", "--"), "adapting": ("adaptive lengths", "-.")}
     for r in records:
-        if r.get("kind") in ("solved", "formed"):
-            ax.axvline(r["step"], color="k", ls=":" if r["kind"] == "solved" else "--", lw=1)
-            ax.annotate(f"{'solved' if r['kind'] == 'solved' else 'head formed'} @ {r['step']}", (r["step"], 0.03),
-                        fontsize=8, rotation=90, ha="right")
+        if r.get("kind") in marks:
+            text, ls = marks[r["kind"]]
+            ax.axvline(r["step"], color="k", ls=ls, lw=1)
+            ax.annotate(f"{text} @ {r['step']}", (r["step"], 0.03), fontsize=8, rotation=90, ha="right")
     ax.set(xlabel="step", ylabel="test (mean over L = 4..n_len)", ylim=(-0.02, 1.02), title=title or "emergence")
     ax.legend(fontsize=7, loc="center right")
     ax.grid(alpha=0.3)
