@@ -329,8 +329,8 @@ class AdaptiveLengths:
 
     Why: with absolute positions every length needs its own look-up, and once the head has formed the runs that
     miss 0.99 miss whole lengths while the rest are exact (recipe_search.md). With ``wait``, sampling stays uniform
-    until the iteration head is forming (attn1 peakiness >= START_PEAKINESS): adapting from step 0 let one seed in
-    five learn the short lengths one by one without the head, and never form it. Each (task, L) keeps an EMA of the
+    until the iteration head is forming (attn1 peakiness >= START_PEAKINESS): adapting from step 0 let two seeds in
+    seven learn the short lengths one by one without the head, and never form it. Each (task, L) keeps an EMA of the
     teacher-forced sequence accuracy of its training rows (every process sees every row: they are gathered).
     Every ``every`` steps (the run's --log-every) the weights are republished as half uniform, half in proportion
     to the error 1 - EMA, so no length drops below half its uniform share. Weights published at step s apply from
@@ -612,17 +612,14 @@ def _latest_checkpoint(output_dir: Path) -> Path | None:
     return max(ckpts, key=lambda p: int(p.name[5:]), default=None)
 
 
-def _batch_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    """Share of sequences of the batch whose every scored token is predicted right (teacher-forced);
-    ``logits[:, i]`` predicts ``targets[:, i]`` (already shifted)."""
-    scored = targets != -100
-    return ((logits.argmax(-1) == targets) | ~scored).all(1).float().mean().item()
+def _rows_correct(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per sequence: is every scored token predicted right (teacher-forced)? ``logits[:, i]`` predicts
+    ``targets[:, i]`` (already shifted)."""
+    return ((logits.argmax(-1) == targets) | (targets == -100)).all(1)
 
 
-def _row_outcomes(batch: dict, logits: torch.Tensor, targets: torch.Tensor, task_index: torch.Tensor) -> torch.Tensor:
+def _row_outcomes(batch: dict, correct: torch.Tensor, task_index: torch.Tensor) -> torch.Tensor:
     """(rows, 3): task index (from the task token), length L (EoI sits at L + 1), whole row right (0/1)."""
-    scored = targets != -100
-    correct = ((logits.argmax(-1) == targets) | ~scored).all(1)
     length = (batch["labels"][:, 1:] != -100).int().argmax(1) - 1
     return torch.stack([task_index[batch["input_ids"][:, 0]], length, correct.long()], 1)
 
@@ -688,6 +685,7 @@ def train(cfg: TrainConfig, resume: bool = False, interrupt_at_step: int | None 
     eval_data = {name: {L: (x[: cfg.eval_per_length], s[: cfg.eval_per_length]) for L, (x, s) in t.items()} for name, t in test.items()}
     pad_id = layouts[cfg.tasks[0]].pad_id
     lengths = None  # AdaptiveLengths, online data only
+    can_form_head = cfg.cot and model.config.n_layer >= 2  # the circuit needs the CoT states and a second layer
     if cfg.data == "fixed":
         keep = range(1, cfg.longest_trained + 1)
         dataset = FixedData([(layouts[n], split_by_length(splits[n]["train"], keep)) for n in cfg.tasks], pad_id)
@@ -703,8 +701,7 @@ def train(cfg: TrainConfig, resume: bool = False, interrupt_at_step: int | None 
                     exclude[(name, L)] = np.unique(codes)
         if cfg.length_sampling == "adaptive":
             # No iteration head to wait for without CoT or a second layer: adapt from the start.
-            lengths = AdaptiveLengths(list(layouts), cfg.longest_trained, every=cfg.log_every,
-                                      wait=cfg.cot and model.config.n_layer >= 2)
+            lengths = AdaptiveLengths(list(layouts), cfg.longest_trained, every=cfg.log_every, wait=can_form_head)
             task_index = torch.full((len(tokenizer),), -1, dtype=torch.long)
             for i, name in enumerate(lengths.tasks):
                 task_index[layouts[name].task_id] = i
@@ -723,7 +720,7 @@ def train(cfg: TrainConfig, resume: bool = False, interrupt_at_step: int | None 
     steps_per_epoch = max(1, len(loader) // cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     schedule = cfg.schedule
-    if schedule == "formed-cosine" and (not cfg.cot or model.config.n_layer < 2):
+    if schedule == "formed-cosine" and not can_form_head:
         schedule = "cosine"  # no iteration head to wait for (no CoT, or no second layer): a plain cosine
     formed = None
     if schedule == "formed-cosine":
@@ -796,9 +793,10 @@ def train(cfg: TrainConfig, resume: bool = False, interrupt_at_step: int | None 
                 optimizer.step()
                 optimizer.zero_grad()
             loss_sum += loss.item()
-            acc_sum += _batch_accuracy(logits.detach(), targets)
+            correct = _rows_correct(logits.detach(), targets)
+            acc_sum += correct.float().mean().item()
             if lengths is not None:  # every process folds in every process's rows, in the same order
-                rows = accelerator.gather(_row_outcomes(batch, logits.detach(), targets, task_index)).cpu().numpy()
+                rows = accelerator.gather(_row_outcomes(batch, correct, task_index)).cpu().numpy()
                 lengths.observe(rows[:, 0], rows[:, 1], rows[:, 2])
             n_sum += 1
             tokens += int(batch["attention_mask"].sum())
