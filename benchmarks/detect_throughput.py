@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Detector throughput and peak memory: scoring inside the capture vs keeping every attention pattern.
 
-"ours"  = hf_iterheads.detection.score_heads: eager attention, a forward hook per layer reduces the
+"ours"  = hf_iterheads.detect.detection.score_heads: eager attention, a forward hook per layer reduces the
           pattern to per-head sums and drops it; logits only for the last position.
 "naive" = what a user would write: attn_implementation="eager", model(..., output_attentions=True) per
           batch, keep every layer's (B, H, T, T) pattern, score afterwards.
@@ -34,9 +34,9 @@ def _measure(method: str, layers: int, max_len: int, n: int, batch_size: int, re
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from hf_iterheads.attention import mass_on
-    from hf_iterheads.detection import score_heads
-    from hf_iterheads.probes import make_probes
+    from hf_iterheads.detect.attention import mass_on
+    from hf_iterheads.detect.detection import score_heads
+    from hf_iterheads.detect.probes import make_probes
     from hf_iterheads.tokenizer import build_tokenizer
 
     torch.manual_seed(0)

@@ -29,14 +29,22 @@ import time
 
 import torch
 import torch.nn.functional as F
-from recipe_search import RefBlockModel  # benchmarks/ is on sys.path when this script runs
+from recipe_search import (
+    RefBlockModel,  # benchmarks/ is on sys.path when this script runs
+)
 from torch.utils.data import DataLoader
 
 from hf_iterheads.data import build_dataset
 from hf_iterheads.evaluation import split_by_length
 from hf_iterheads.modeling import build_config, build_model, loss_after_eoi
 from hf_iterheads.tokenizer import Layout, build_tokenizer
-from hf_iterheads.training import FixedData, FixedSampler, OnlineData, OnlineSampler, TrainConfig
+from hf_iterheads.training import (
+    FixedData,
+    FixedSampler,
+    OnlineData,
+    OnlineSampler,
+    TrainConfig,
+)
 
 N_LEN, BATCH, STEPS_PER_EPOCH, WIDTH = 16, 256, 64, 35
 

@@ -1,7 +1,15 @@
 """hf-iterheads: the iteration-head mechanism of chain-of-thought, the Hugging Face way."""
 
 from .errors import IterHeadsError
-from .tasks import BUILTIN_TASKS, PAPER_TASKS, IterativeTask, get_task, make_cumsum_task, register_task, task_names
+from .tasks import (
+    BUILTIN_TASKS,
+    PAPER_TASKS,
+    IterativeTask,
+    get_task,
+    make_cumsum_task,
+    register_task,
+    task_names,
+)
 
 __version__ = "0.1.0"
 
@@ -20,7 +28,7 @@ __all__ = [
 def __getattr__(name: str):
     # The detector pulls in transformers models; import it only when asked for.
     if name in ("detect_iteration_heads", "IterationHeadDetector"):
-        from . import detection
+        from .detect import detection
 
         return getattr(detection, name)
     raise AttributeError(name)

@@ -19,9 +19,9 @@ COMMAND_MODULES = (
     "hf_iterheads.training",
     "hf_iterheads.evaluation",
     "hf_iterheads.plots",
-    "hf_iterheads.detection",
-    "hf_iterheads.reproduce",
-    "hf_iterheads.release",
+    "hf_iterheads.detect.detection",
+    "hf_iterheads.paper.reproduce",
+    "hf_iterheads.paper.release",
 )
 
 

@@ -74,7 +74,9 @@ def build_dataset(
     """Splits ``train`` and ``test`` for one task: every length 1..n_len, disjoint input sequences."""
     task = get_task(task)
     check_sizes(n_len, per_length)
-    from .tokenizer import build_tokenizer  # local: building a tokenizer is only needed for the text column
+    from .tokenizer import (
+        build_tokenizer,  # local: building a tokenizer is only needed for the text column
+    )
 
     layout = Layout(tokenizer or build_tokenizer(), task)
     parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"train": [], "test": []}

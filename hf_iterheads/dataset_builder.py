@@ -18,7 +18,11 @@ from pathlib import Path
 from datasets import DatasetDict
 from datasets.info import DatasetInfosDict
 from datasets.splits import SplitDict, SplitInfo
-from datasets.utils.tqdm import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+from datasets.utils.tqdm import (
+    are_progress_bars_disabled,
+    disable_progress_bars,
+    enable_progress_bars,
+)
 from huggingface_hub import DatasetCard, DatasetCardData, HfApi
 from tqdm.auto import tqdm
 

@@ -18,19 +18,29 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from contextlib import contextmanager
+from contextlib import nullcontext
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 
-from .attention import circuit_pairs, mass_on, summarize
+from .circuit import (
+    PAPER_NAMES,
+    check_attentions,
+    circuit_pairs,
+    eager_attention,
+    mass_on,
+    native_positions,
+    summarize,
+)
 from .errors import IterHeadsError
 from .outputs import write_json_atomic
 from .tasks import IterativeTask, get_task, parse_lengths
 from .tokenizer import Layout
 
 SUMMARY_FROM = 4  # the paper averages test metrics over L = 4 .. n_len
+SOLVED = 0.99  # test accuracy (mean over L = 4..n_len) at which a task counts as learned
+FORMED = 0.9  # attn1 peakiness at which the iteration head counts as formed
 CIRCUIT = ("attn0", "attn1")
 
 
@@ -67,23 +77,10 @@ def sequence_accuracy(
 # --- batched scoring of one length -------------------------------------------------------------------------
 
 
-@contextmanager
-def eager_attention(model):
-    """Run the block with eager attention, the only implementation that returns attention weights."""
-    previous = getattr(model.config, "_attn_implementation", None)
-    if previous != "eager":
-        model.set_attn_implementation("eager")
-    try:
-        yield model
-    finally:
-        if previous not in (None, "eager"):
-            model.set_attn_implementation(previous)
-
-
 def _forward(model, ids: torch.Tensor, attentions: bool):
     out = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_attentions=attentions)
-    if attentions and (not out.attentions or any(a is None for a in out.attentions)):
-        raise IterHeadsError(f"{type(model).__name__} returned no attention weights, even with eager attention")
+    if attentions:
+        check_attentions(model, out.attentions)
     return out
 
 
@@ -114,7 +111,7 @@ def score_length(
     device = next(model.parameters()).device
     n_layer = int(model.config.n_layer)
     attention = attention and layout.cot
-    pairs = circuit_pairs(length) if attention else {}
+    pairs = circuit_pairs(*native_positions(length)) if attention else {}
     layers = {"attn0": 0, "attn1": 1} if n_layer >= 2 else {"attn0": 0}
     tf_right, gen_right, masses = [], [], {k: [] for k in layers}
     for start in range(0, len(ids_all), batch_size):
@@ -125,7 +122,7 @@ def score_length(
             gen = greedy_generate(model, ids[:, : e + 1], ids.shape[1] - e - 1)
             gen_right.append((gen == ids[:, e + 1 :]).all(1).cpu())
         for name, layer in layers.items() if attention else ():
-            q, k = (p[None].expand(len(ids), -1) for p in pairs[name])
+            q, k = (p[None].expand(len(ids), -1) for p in pairs[PAPER_NAMES[name]])
             masses[name].append(mass_on(out.attentions[layer].float(), q, k)[0].cpu())
     result: dict[str, float | int | None] = {"n": len(ids_all), "accuracy": torch.cat(tf_right).float().mean().item()}
     result["generation_accuracy"] = torch.cat(gen_right).float().mean().item() if generate else None
@@ -177,7 +174,7 @@ def evaluate_model(
     was_training = model.training
     model.eval()
     try:
-        with eager_attention(model) if attention else _nullcontext():
+        with eager_attention(model) if attention else nullcontext():
             per_length = {
                 L: score_length(model, layout, x, s, batch_size, generate, attention) for L, (x, s) in sorted(data.items())
             }
@@ -193,9 +190,12 @@ def evaluate_model(
     }
 
 
-@contextmanager
-def _nullcontext():
-    yield
+def first_step(evals: list[dict], key: str, threshold: float) -> int | None:
+    """First evaluated step at which ``key`` reached ``threshold`` (None: never within the run)."""
+    for r in evals:
+        if r.get(key) is not None and r[key] >= threshold:
+            return int(r["step"])
+    return None
 
 
 # --- test data -----------------------------------------------------------------------------------------------

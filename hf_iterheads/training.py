@@ -494,7 +494,13 @@ def load_run_config(output_dir: str) -> TrainConfig:
 
 def make_model(cfg: TrainConfig):
     """(model, tokenizer): a fresh preset model, or a checkpoint to fine-tune (transfer) from ``init_from``."""
-    from .modeling import build_config, build_model, check_fits, iterheads_meta, load_checkpoint
+    from .modeling import (
+        build_config,
+        build_model,
+        check_fits,
+        iterheads_meta,
+        load_checkpoint,
+    )
 
     all_tasks = cfg.tasks + [name for name, _, _ in parse_curriculum(cfg.curriculum)]
     if cfg.init_from:

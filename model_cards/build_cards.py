@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from hf_iterheads.modeling import bundled_path
-from hf_iterheads.release import release_card
+from hf_iterheads.paper.release import release_card
 
 HERE = Path(__file__).resolve().parent
 

@@ -8,10 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from hf_iterheads.ablation import ablate_heads, head_means, random_heads, run_ablation, teacher_forced_metrics
-from hf_iterheads.attention import find_attention_modules, find_output_projection
+from hf_iterheads.detect.ablation import (
+    ablate_heads,
+    head_means,
+    random_heads,
+    run_ablation,
+    teacher_forced_metrics,
+)
+from hf_iterheads.detect.attention import find_attention_modules, find_output_projection
+from hf_iterheads.detect.probes import make_probes
 from hf_iterheads.errors import IterHeadsError
-from hf_iterheads.probes import make_probes
 from hf_iterheads.tokenizer import build_tokenizer
 from tests.test_detection import tiny_model
 
@@ -95,7 +101,10 @@ TRAINED = [("polynomial-cot", "polynomial", 0.9), ("parity-cot", "parity", 0.9)]
 def test_trained_checkpoint_circuit_is_found_and_causal(name, task, min_score):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from hf_iterheads.detection import IterationHeadDetector, detect_iteration_heads
+    from hf_iterheads.detect.detection import (
+        IterationHeadDetector,
+        detect_iteration_heads,
+    )
 
     checkpoint = CHECKPOINTS / name
     assert (checkpoint / "config.json").is_file(), f"bundled checkpoint {name} is missing"
@@ -130,7 +139,7 @@ def test_trained_checkpoint_circuit_is_found_and_causal(name, task, min_score):
 
 
 def test_the_no_cot_control_checkpoint_has_no_iteration_head():
-    from hf_iterheads.detection import detect_iteration_heads
+    from hf_iterheads.detect.detection import detect_iteration_heads
 
     result = detect_iteration_heads(str(CHECKPOINTS / "polynomial-nocot"), task="polynomial", n=64)
     assert not result.detected()[-1].any(), result.table()

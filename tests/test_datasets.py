@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 from datasets import load_dataset
 
-from hf_iterheads.data import build_dataset, collate, encode, load_task_dataset, sample_batch, split_sizes
+from hf_iterheads.data import (
+    build_dataset,
+    collate,
+    encode,
+    load_task_dataset,
+    sample_batch,
+    split_sizes,
+)
 from hf_iterheads.dataset_builder import write_dataset_folder
 from hf_iterheads.tokenizer import Layout, build_tokenizer
 from tests.conftest import lay_into_hub_cache

@@ -20,6 +20,7 @@ from tokenizers import Tokenizer, pre_tokenizers
 from tokenizers.models import WordLevel
 from tokenizers.processors import TemplateProcessing
 from transformers import (
+    AutoModelForCausalLM,
     Gemma2Config,
     GPT2Config,
     GPTNeoXConfig,
@@ -28,13 +29,17 @@ from transformers import (
     PhiConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
-    AutoModelForCausalLM,
 )
 
-from hf_iterheads.attention import eager_attentions, mass_on
-from hf_iterheads.detection import IterationHeadDetector, detect_iteration_heads, score_heads, write_outputs
+from hf_iterheads.circuit import eager_attentions, mass_on
+from hf_iterheads.detect.detection import (
+    IterationHeadDetector,
+    detect_iteration_heads,
+    score_heads,
+    write_outputs,
+)
+from hf_iterheads.detect.probes import make_probes
 from hf_iterheads.errors import IterHeadsError
-from hf_iterheads.probes import make_probes
 from hf_iterheads.tokenizer import build_tokenizer
 
 VOCAB = 64
@@ -320,7 +325,7 @@ def test_cli_bad_inputs_one_line_exit_2_no_output(cli_runs, case, needle):
 def test_without_matplotlib_scores_json_still_written(tmp_path, monkeypatch, native_tok):
     result = detect_iteration_heads(tiny_model("gpt2"), native_tok, task="parity", lengths="4", n=2)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
-    monkeypatch.delitem(sys.modules, "hf_iterheads.plots.heads", raising=False)
+    monkeypatch.delitem(sys.modules, "hf_iterheads.detect.plots", raising=False)
     notes = write_outputs(result, tmp_path / "out")
     assert len(notes) == 1 and "matplotlib" in notes[0] and "pip install" in notes[0]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["scores.json"]

@@ -13,7 +13,12 @@ import torch
 import hf_iterheads
 from hf_iterheads.cli import main
 from hf_iterheads.errors import IterHeadsError
-from hf_iterheads.evaluation import evaluate_model, score_length, sequence_accuracy, split_by_length
+from hf_iterheads.evaluation import (
+    evaluate_model,
+    score_length,
+    sequence_accuracy,
+    split_by_length,
+)
 from hf_iterheads.tasks import get_task
 from hf_iterheads.tokenizer import Layout, build_tokenizer
 

@@ -7,7 +7,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_iterheads.errors import IterHeadsError
-from hf_iterheads.modeling import PRESETS, build_config, build_model, check_fits, load_checkpoint
+from hf_iterheads.modeling import (
+    PRESETS,
+    build_config,
+    build_model,
+    check_fits,
+    load_checkpoint,
+)
 from hf_iterheads.tokenizer import EOS, PAD, build_tokenizer, save_tokenizer
 
 

@@ -8,8 +8,8 @@ from tokenizers import Tokenizer, pre_tokenizers
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
+from hf_iterheads.detect.probes import make_probes, parse_lengths, render
 from hf_iterheads.errors import IterHeadsError
-from hf_iterheads.probes import make_probes, parse_lengths, render
 from hf_iterheads.tokenizer import build_tokenizer
 from tests.test_detection import text_tokenizer
 

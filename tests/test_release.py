@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_iterheads.cli import main
 from hf_iterheads.modeling import bundled_checkpoints
-from hf_iterheads.release import RELEASE_FILES
+from hf_iterheads.paper.release import RELEASE_FILES
 from tests.conftest import lay_into_hub_cache
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,7 +93,7 @@ def test_bundled_checkpoints_are_complete_release_folders():
 
 
 def test_bundled_model_cards_are_built_from_their_sources():
-    from hf_iterheads.release import NOTES_MARK, release_card
+    from hf_iterheads.paper.release import NOTES_MARK, release_card
 
     sources = sorted(p for p in (ROOT / "model_cards").glob("*.md") if p.name != "model_card_template.md")
     assert {p.stem for p in sources} == set(bundled_checkpoints())

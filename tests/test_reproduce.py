@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
-
 from hf_iterheads.cli import main
-from hf_iterheads.report import RESULTS_END, RESULTS_START, findings
-from hf_iterheads.reproduce import FULL, QUICK, SMOKE, first_step, plan
+from hf_iterheads.evaluation import first_step
+from hf_iterheads.paper.report import RESULTS_END, RESULTS_START, findings
+from hf_iterheads.paper.reproduce import FULL, QUICK, SMOKE, plan
 
 
 def test_plan_covers_every_experiment_of_the_issue():

@@ -1,8 +1,14 @@
 import numpy as np
 import pytest
 
-from hf_iterheads import IterHeadsError, IterativeTask, get_task, make_cumsum_task, register_task
-from hf_iterheads.tasks import S3_ELEMENTS, S3_TABLE, _REGISTRY, task_names
+from hf_iterheads import (
+    IterativeTask,
+    IterHeadsError,
+    get_task,
+    make_cumsum_task,
+    register_task,
+)
+from hf_iterheads.tasks import _REGISTRY, S3_ELEMENTS, S3_TABLE, task_names
 
 
 def chain(name, inputs):

@@ -5,7 +5,15 @@ import pytest
 from transformers import AutoTokenizer
 
 from hf_iterheads import IterHeadsError, get_task
-from hf_iterheads.tokenizer import EOI, EOS, Layout, build_tokenizer, check_vocabulary, is_native_tokenizer, save_tokenizer
+from hf_iterheads.tokenizer import (
+    EOI,
+    EOS,
+    Layout,
+    build_tokenizer,
+    check_vocabulary,
+    is_native_tokenizer,
+    save_tokenizer,
+)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,14 @@ from hf_iterheads.errors import IterHeadsError
 from hf_iterheads.tasks import get_task
 from hf_iterheads.tokenizer import Layout, build_tokenizer
 from hf_iterheads.training import (
-    PAPER_RECIPE, AdaptiveLengths, FixedSampler, OnlineData, TaskSchedule, TrainConfig, _row_codes, head_formed,
+    PAPER_RECIPE,
+    AdaptiveLengths,
+    FixedSampler,
+    OnlineData,
+    TaskSchedule,
+    TrainConfig,
+    _row_codes,
+    head_formed,
     parse_curriculum,
 )
 

@@ -1,88 +1,12 @@
-"""Where the iteration-head circuit looks, and how much attention lands there (paper section 7).
-
-For a CoT sequence of length L with ``<eoi>`` at index ``e = L + 1`` (task token at 0, ``x_t`` at ``t``):
-
-* ``attn0[t]``: layer-1 attention from query ``e + t`` (the position holding ``s_t``) to key ``e`` (EoI);
-* ``attn1[t]``: layer-2 attention from query ``e + t - 1`` (the position predicting ``s_t``; EoI predicts
-  ``s_1``) to key ``t`` (``x_t``) -- the iteration head.
-
-Peakiness is the share of (sequence, t) pairs whose attention exceeds 0.5; the mean mass is reported
-beside it. Position pairs are given per sequence as index tensors of shape (B, P) padded with -1, so a
-batch may mix lengths and renderings (the detector's text probes put x_t wherever the tokenizer did).
-"""
+"""Attention capture in any causal LM: find its attention layers, and score each layer's probabilities
+inside the model's own attention code, then drop them (the circuit's pairs and scores: ``circuit.py``)."""
 
 from __future__ import annotations
 
 import torch
 
-from .errors import IterHeadsError
-
-PEAK_THRESHOLD = 0.5
-
-
-def circuit_pairs(length: int, offset: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """(queries, keys) for the native CoT layout of one length; ``offset`` shifts for leading tokens (BOS).
-
-    Keys ``attn1``/``attn0`` are the circuit; ``prev``/``next`` (x_{t-1}, x_{t+1}) are controls, -1 where
-    that input does not exist.
-    """
-    t = torch.arange(1, length + 1)
-    e = length + 1
-    pred = e + t - 1
-    prev = torch.where(t > 1, t - 1, -1)
-    nxt = torch.where(t < length, t + 1, -1)
-    sh = lambda x: torch.where(x >= 0, x + offset, -1)  # noqa: E731
-    return {
-        "attn1": (sh(pred), sh(t)),
-        "attn0": (sh(e + t), sh(torch.full_like(t, e))),
-        "prev": (sh(pred), sh(prev)),
-        "next": (sh(pred), sh(nxt)),
-    }
-
-
-def mass_on(probs: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention mass at (query, key) pairs: ``probs`` (B, H, T, T), ``queries``/``keys`` (B, P) with -1 = none.
-
-    Returns ``(mass, valid)``: mass (B, H, P) (0 where invalid) and valid (B, P) booleans.
-    """
-    if probs.dim() != 4:
-        raise ValueError(f"expected attention of shape (B, H, T, T), got {tuple(probs.shape)}")
-    valid = (queries >= 0) & (keys >= 0)
-    q, k = queries.clamp(min=0).to(probs.device), keys.clamp(min=0).to(probs.device)
-    b, h = probs.shape[:2]
-    rows = probs.gather(2, q[:, None, :, None].expand(b, h, -1, probs.shape[-1]))  # (B, H, P, T)
-    mass = rows.gather(3, k[:, None, :, None].expand(b, h, -1, 1)).squeeze(-1)
-    return mass * valid.to(probs.device)[:, None, :], valid
-
-
-def summarize(mass: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean mass, peakiness) per head, averaged over every valid (sequence, pair): shapes (H,)."""
-    n = valid.sum().clamp(min=1)
-    v = valid.to(mass.device)[:, None, :]
-    mean = (mass * v).sum(dim=(0, 2)) / n
-    peak = ((mass > PEAK_THRESHOLD) & v).sum(dim=(0, 2)) / n
-    return mean, peak
-
-
-def eager_attentions(model, **inputs) -> tuple[torch.Tensor, ...]:
-    """Per-layer attention probabilities (B, H, T, T) of a small model; never silently empty.
-
-    Under sdpa/flash attention transformers returns no weights, so the model is switched to eager for
-    the call and switched back afterwards.
-    """
-    previous = getattr(model.config, "_attn_implementation", None)
-    if previous != "eager":
-        model.set_attn_implementation("eager")
-    try:
-        out = model(**inputs, output_attentions=True)
-    finally:
-        if previous not in (None, "eager"):
-            model.set_attn_implementation(previous)
-    attentions = getattr(out, "attentions", None)
-    if not attentions or any(a is None for a in attentions):
-        raise IterHeadsError(f"{type(model).__name__} returned no attention weights, even with eager attention")
-    return attentions
-
+from ..circuit import eager_attention
+from ..errors import IterHeadsError
 
 # --- scalable capture: score inside each layer's own attention call, then drop the pattern ---------------
 
@@ -182,7 +106,7 @@ class AttentionCapture:
         self.modules = find_attention_modules(model)
         self.seen: set[int] = set()
         self._handles: list = []
-        self._previous = None
+        self._eager = eager_attention(model)
 
     def _hook(self, layer: int, index: int):
         def hook(module, args, output):
@@ -198,12 +122,7 @@ class AttentionCapture:
         return hook
 
     def __enter__(self) -> "AttentionCapture":
-        self._previous = getattr(self.model.config, "_attn_implementation", None)
-        if self._previous != "eager" and hasattr(self.model, "set_attn_implementation"):
-            try:
-                self.model.set_attn_implementation("eager")
-            except (ValueError, ImportError, NotImplementedError) as err:
-                raise IterHeadsError(f"{type(self.model).__name__} cannot switch to eager attention: {err}") from err
+        self._eager.__enter__()
         for layer, (_, module, index) in enumerate(self.modules):
             self._handles.append(module.register_forward_hook(self._hook(layer, index)))
         return self
@@ -212,8 +131,7 @@ class AttentionCapture:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        if self._previous not in (None, "eager") and hasattr(self.model, "set_attn_implementation"):
-            self.model.set_attn_implementation(self._previous)
+        self._eager.__exit__(*exc)
 
     def check_complete(self) -> None:
         missing = sorted(set(range(len(self.modules))) - self.seen)

@@ -15,8 +15,20 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import IterHeadsError
-from . import require_matplotlib
+from .errors import IterHeadsError
+
+
+def require_matplotlib():
+    """``matplotlib.pyplot`` with the file-only Agg backend, or one clear IterHeadsError (matplotlib is the
+    optional ``plots`` extra: importing this module never needs it)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise IterHeadsError("plots need matplotlib, which is not installed: pip install 'hf-iterheads[plots]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def plot_curves(records: list[dict], path: str | Path, title: str = "") -> Path:
@@ -69,10 +81,10 @@ def attention_maps(model, tokenizer, task: str, length: int, seed: int = 0, cot:
     """(tokens, [layer-1 map, layer-2 map, ...]) for one test-like sequence, head 0 ... averaged over heads."""
     import torch
 
-    from ..attention import eager_attentions
-    from ..modeling import check_fits
-    from ..tasks import get_task
-    from ..tokenizer import Layout
+    from .circuit import eager_attentions
+    from .modeling import check_fits
+    from .tasks import get_task
+    from .tokenizer import Layout
 
     layout = Layout(tokenizer, task, cot)
     check_fits(model.config, layout.seq_len(length), f"length-{length} sequence")
@@ -91,10 +103,10 @@ def plot_attention_maps(model, tokenizer, task: str, length: int, path: str | Pa
     plt = require_matplotlib()
     from matplotlib.patches import Rectangle
 
-    from ..attention import circuit_pairs
+    from .circuit import PAPER_NAMES, circuit_pairs, native_positions
 
     tokens, maps = attention_maps(model, tokenizer, task, length, seed, cot)
-    pairs = circuit_pairs(length) if cot else {}
+    pairs = {paper: circuit_pairs(*native_positions(length))[ours] for paper, ours in PAPER_NAMES.items()} if cot else {}
     n = len(maps)
     fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 5), squeeze=False)
     for layer, (ax, grid) in enumerate(zip(axes[0], maps)):
@@ -131,7 +143,7 @@ def run_plot(args: argparse.Namespace) -> int:
     out_dir = Path(args.output_dir) if args.output_dir else run_dir / "plots"
     task, length, model = args.task, args.length, None
     if has_model:  # load before writing anything: a broken checkpoint leaves no half set of pictures
-        from ..modeling import iterheads_meta, load_checkpoint
+        from .modeling import iterheads_meta, load_checkpoint
 
         model, tokenizer = load_checkpoint(run_dir)
         meta = iterheads_meta(model.config)
@@ -139,11 +151,11 @@ def run_plot(args: argparse.Namespace) -> int:
         if task is None:
             raise IterHeadsError("the checkpoint does not say which task it was trained on: pass --task")
         length = length or meta.get("n_len") or 16
-        from ..modeling import check_fits
-        from ..tokenizer import Layout
+        from .modeling import check_fits
+        from .tokenizer import Layout
 
         check_fits(model.config, Layout(tokenizer, task, meta.get("cot", True)).seq_len(length), f"length-{length} sequence")
-    from ..training import read_metrics
+    from .training import read_metrics
 
     records = read_metrics(run_dir / "metrics.jsonl") if has_metrics else []
     out_dir.mkdir(parents=True, exist_ok=True)

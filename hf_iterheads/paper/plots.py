@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import require_matplotlib
+from ..plots import require_matplotlib
 
 VARIANT_STYLE = {("cot", 2): ("CoT, 2 layers", "C0", "-"), ("nocot", 2): ("no CoT, 2 layers", "C3", "--"),
                  ("cot", 1): ("CoT, 1 layer", "C1", ":")}

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, ModelCard
 
-from .errors import IterHeadsError
-from .modeling import bundled_checkpoints, bundled_path
-from .outputs import atomic_output_dir, check_output_dir
+from ..errors import IterHeadsError
+from ..modeling import bundled_checkpoints, bundled_path
+from ..outputs import atomic_output_dir, check_output_dir
 
 RELEASE_FILES = (
     "config.json",
@@ -39,7 +39,7 @@ def release_card(checkpoint: str | Path, notes: str | Path, name: str | None = N
 
     import jinja2
 
-    from .detection import detect_iteration_heads
+    from ..detect.detection import detect_iteration_heads
 
     src = resolve_checkpoint(str(checkpoint))
     name = name or Path(notes).stem

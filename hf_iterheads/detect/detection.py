@@ -1,6 +1,6 @@
 """Find iteration heads (paper section 8) in any causal LM, and check them causally.
 
-For every (layer, head) the detector measures, on teacher-forced CoT probes (:mod:`hf_iterheads.probes`):
+For every (layer, head) the detector measures, on teacher-forced CoT probes (:mod:`hf_iterheads.detect.probes`):
 
 * ``iteration_score`` -- mean attention mass from the position predicting ``s_t`` to ``x_t`` (the
   iteration head); ``peakiness`` -- the paper's share of those attentions above 0.5. Only steps where
@@ -11,7 +11,7 @@ For every (layer, head) the detector measures, on teacher-forced CoT probes (:mo
   ``baseline`` 1/(visible keys), so a score can be read as "how far above chance".
 
 Weights are captured inside each model's own eager attention and reduced to these numbers layer by layer
-(:class:`hf_iterheads.attention.AttentionCapture`), so memory never holds layers x heads x T x T.
+(:class:`hf_iterheads.detect.attention.AttentionCapture`), so memory never holds layers x heads x T x T.
 A head is ``detected`` when its iteration score is at least ``MIN_SCORE``, ``CHANCE_RATIO`` times the
 uniform baseline and ``CONTROL_RATIO`` times either neighbour control. Layers and heads are 0-based:
 the paper's "layer-2 head" of a 2-layer model is layer 1.
@@ -32,11 +32,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .attention import AttentionCapture, find_attention_modules, head_counts, mass_on
-from .errors import IterHeadsError
-from .modeling import bundled_path
+from ..circuit import mass_on
+from ..errors import IterHeadsError
+from ..modeling import bundled_path
+from ..tasks import get_task
+from .attention import AttentionCapture, find_attention_modules, head_counts
 from .probes import Probes, make_probes, parse_lengths
-from .tasks import get_task
 
 MIN_SCORE = 0.25
 CHANCE_RATIO = 3.0
@@ -481,7 +482,7 @@ def write_outputs(result: DetectionResult, output_dir: str | Path) -> list[str]:
     try:
         (tmp / "scores.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
         try:
-            from .plots import heads as plots_heads
+            from . import plots as plots_heads
 
             plots_heads.plot_scores(result.to_dict(), tmp / "heads.png")
             m = result.pattern_marks

@@ -21,10 +21,10 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from ..errors import IterHeadsError
+from ..tasks import get_task
 from .attention import find_attention_modules, find_output_projection, head_counts
-from .errors import IterHeadsError
 from .probes import Probes
-from .tasks import get_task
 
 Head = tuple[int, int]
 

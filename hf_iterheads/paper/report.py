@@ -1,6 +1,6 @@
 """The reproduction's report: findings with verdicts, tables and figures, all from the runs' own files.
 
-``write_report`` turns the rows of :func:`hf_iterheads.reproduce.collect` into ``report.md``,
+``write_report`` turns the rows of :func:`hf_iterheads.paper.reproduce.collect` into ``report.md``,
 ``results.json`` and PNG figures. A verdict is a rule applied to measured numbers (written next to it),
 never a claim typed in advance: where the paper's finding did not show at this scale, the report says so.
 """
@@ -12,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .outputs import write_json_atomic
+from ..evaluation import FORMED, SOLVED, first_step
+from ..outputs import write_json_atomic
+from ..tasks import PAPER_TASKS
 
 RESULTS_START, RESULTS_END = "<!-- reproduce:results:start -->", "<!-- reproduce:results:end -->"
 
@@ -37,7 +39,6 @@ def _acc(row: dict | None) -> float | None:
 
 def _steps_to(row: dict, threshold: float = 0.99) -> int | None:
     """First evaluated step with test accuracy >= threshold (the curve is evaluated every few hundred steps)."""
-    from .reproduce import first_step
 
     return first_step(row.get("curve", []), "accuracy", threshold)
 
@@ -60,7 +61,7 @@ def _spread(values: list[float]) -> str:
 def findings(rows: dict[str, dict], meta: dict) -> list[dict[str, str]]:
     """The paper's section-9 findings, each with what was measured here and a verdict by a stated rule."""
     out = []
-    tasks = ("binary_copy", "parity", "polynomial")
+    tasks = PAPER_TASKS
     scratch = {t: _acc(rows.get(f"{t}-cot-2L")) for t in tasks}
     best_transfer = max((_acc(r) or 0.0 for r in rows.values() if r.get("kind") == "transfer"), default=None)
     ok = {t: (a or 0) >= 0.9 for t, a in scratch.items()}
@@ -161,7 +162,7 @@ def findings_table(found: list[dict]) -> str:
 
 def grid_table(rows: dict[str, dict], n_len: int) -> str:
     body = []
-    for task in ("binary_copy", "parity", "polynomial"):
+    for task in PAPER_TASKS:
         for variant in ("cot-2L", "nocot-2L", "cot-1L"):
             r = rows.get(f"{task}-{variant}", {})
             s = r.get("summary") or {}
@@ -188,8 +189,7 @@ def detection_table(rows: dict[str, dict]) -> str:
 
 def write_report(rows_list: list[dict], meta: dict, out: Path, jobs: dict) -> Path:
     """Figures, ``results.json`` and ``report.md`` in ``out``; returns the report's path."""
-    from .plots import reproduce as figs
-    from .reproduce import FORMED, SOLVED, TASKS
+    from . import plots as figs
 
     rows = {r["name"]: r for r in rows_list}
     n_len = meta["scale"]["n_len"]
@@ -203,7 +203,7 @@ def write_report(rows_list: list[dict], meta: dict, out: Path, jobs: dict) -> Pa
         except Exception as err:  # noqa: BLE001 - a missing figure must not lose the numbers
             pictures[name] = f"(not drawn: {err})"
 
-    picture("accuracy_by_length.png", lambda p: figs.accuracy_by_length(rows, TASKS, p))
+    picture("accuracy_by_length.png", lambda p: figs.accuracy_by_length(rows, PAPER_TASKS, p))
     curves = [rows[n] for n in ("polynomial-cot-2L", "transfer-parity-seed0", "parity-cot-2L") if n in rows]
     picture("emergence.png", lambda p: figs.emergence(curves, p, FORMED))
     picture("transfer.png", lambda p: figs.transfer([r for r in rows_list if r.get("kind") in ("transfer", "scratch")
@@ -214,8 +214,8 @@ def write_report(rows_list: list[dict], meta: dict, out: Path, jobs: dict) -> Pa
         picture("length_generalisation.png", lambda p: figs.length_generalisation(length_row, p))
     if rows.get("polynomial-cot-2L", {}).get("summary"):
         def maps(p):
-            from .modeling import load_checkpoint
-            from .plots.training import plot_attention_maps
+            from ..modeling import load_checkpoint
+            from ..plots import plot_attention_maps
 
             model, tok = load_checkpoint(out / "runs" / "polynomial-cot-2L")
             plot_attention_maps(model, tok, "polynomial", min(8, n_len), p)
@@ -252,7 +252,6 @@ def summary(found: list[dict], rows: dict, n_len: int, pictures: dict, meta: dic
 
 
 def render(rows: dict, rows_list: list[dict], meta: dict, found: list[dict], pictures: dict, jobs: dict, out: Path) -> str:
-    from .reproduce import FORMED, SOLVED
 
     n_len, scale = meta["scale"]["n_len"], meta["scale"]
     v = meta["versions"]
@@ -329,7 +328,7 @@ def update_readme(readme: Path, out: Path, prefix: str) -> None:
 
     text = readme.read_text()
     if RESULTS_START not in text or RESULTS_END not in text:
-        from .errors import IterHeadsError
+        from ..errors import IterHeadsError
 
         raise IterHeadsError(f"{readme} has no {RESULTS_START} ... {RESULTS_END} block to fill")
     res = json.loads((out / "results.json").read_text())

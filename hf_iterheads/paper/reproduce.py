@@ -34,13 +34,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import IterHeadsError
-from .outputs import write_json_atomic
+from ..errors import IterHeadsError
+from ..evaluation import FORMED, SOLVED, first_step
+from ..outputs import write_json_atomic
+from ..tasks import PAPER_TASKS
+from .report import update_readme, write_report
 
-TASKS = ("binary_copy", "parity", "polynomial")
 VARIANTS = (("cot", 2), ("nocot", 2), ("cot", 1))  # the paper's ablations: CoT vs none, 2 layers vs 1
-FORMED = 0.9  # attn1 peakiness at which we call the iteration head formed (the issue's headline threshold)
-SOLVED = 0.99  # test accuracy (mean over L = 4..n_len) that counts as "learned"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +112,7 @@ def plan(scale: Scale) -> list[Job]:
             args += ["--n-layer", str(meta["layers"])]
         jobs.append(Job(name, task, args, steps, meta, tuple(deps), tuple(detect or (task,))))
 
-    for task in TASKS:
+    for task in PAPER_TASKS:
         for cot, layers in VARIANTS:
             name = f"{task}-{cot}-{layers}L"
             main = cot == "cot" and layers == 2
@@ -239,17 +239,9 @@ def _gpu_count() -> int:
 # --- reading the runs back ----------------------------------------------------------------------------------
 
 
-def first_step(evals: list[dict], key: str, threshold: float) -> int | None:
-    """First evaluated step at which ``key`` reached ``threshold`` (None: never within the run)."""
-    for r in evals:
-        if r.get(key) is not None and r[key] >= threshold:
-            return int(r["step"])
-    return None
-
-
 def collect(job: Job, out: Path) -> dict[str, Any]:
     """Everything the report says about one run, read from the files the run wrote."""
-    from .training import read_metrics
+    from ..training import read_metrics
 
     run = out / "runs" / job.name
     row: dict[str, Any] = {"name": job.name, **job.meta, "budget_steps": job.steps, "path": f"runs/{job.name}"}
@@ -315,7 +307,6 @@ def prepare(out: Path, scale: Scale, overwrite: bool) -> None:
 
 
 def run_reproduce(args: argparse.Namespace) -> int:
-    from .report import write_report
 
     scale = SCALES[args.scale]
     cpus = os.cpu_count() or 1
@@ -347,7 +338,6 @@ def run_reproduce(args: argparse.Namespace) -> int:
             "finished": finished or time.strftime("%Y-%m-%d %H:%M:%S")}
     report = write_report(rows, meta, out, {job.name: job for job in jobs})
     if args.update_readme:
-        from .report import update_readme
 
         readme = Path(args.update_readme)
         update_readme(readme, out, os.path.relpath(out, readme.resolve().parent).replace(os.sep, "/") + "/")

@@ -29,10 +29,11 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .errors import IterHeadsError
-from .tasks import IterativeTask, get_task
-from .tasks import parse_lengths as tasks_parse_lengths
-from .tokenizer import Layout, is_native_tokenizer
+from ..circuit import circuit_pairs, native_positions
+from ..errors import IterHeadsError
+from ..tasks import IterativeTask, get_task
+from ..tasks import parse_lengths as tasks_parse_lengths
+from ..tokenizer import Layout, is_native_tokenizer
 
 DEFAULT_TEMPLATE = "{inputs} -> {states}"
 _PLACEHOLDER = re.compile(r"\{(inputs|states)(?::([^{}]*))?\}")
@@ -91,22 +92,13 @@ class Probes:
         return {"input_ids": self.input_ids[idx, :width], "attention_mask": self.attention_mask[idx, :width]}
 
     def pairs(self, idx: np.ndarray) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """(queries, keys) for the scores: iteration (pred -> x_t), eoi (s_t -> EoI), prev/next controls.
+        """(queries, keys) of the circuit (``circuit.circuit_pairs``) for the probes ``idx``.
 
         ``iteration`` and its controls use only the informative steps (see ``IterativeTask.informative``);
         ``iteration_all`` keeps every step.
         """
-        x, state = self.x_pos[idx], self.state_pos[idx]
-        pred_all = self.pred_pos[idx]
-        pred = torch.where(torch.from_numpy(self.informative[idx]), pred_all, -1)
-        none = torch.full_like(x[:, :1], -1)
-        prev = torch.cat([none, x[:, :-1]], 1)
-        nxt = torch.cat([x[:, 1:], none], 1)
-        nxt = torch.where(pred >= 0, nxt, -1)
-        eoi = torch.where(state >= 0, self.eoi_pos[idx, None], -1)
-        return {
-            "iteration": (pred, x), "iteration_all": (pred_all, x), "eoi": (state, eoi), "prev": (pred, prev), "next": (pred, nxt),
-        }
+        return circuit_pairs(self.x_pos[idx], self.state_pos[idx], self.pred_pos[idx], self.eoi_pos[idx],
+                             torch.from_numpy(self.informative[idx]))
 
 
 def _pad(rows: list[np.ndarray], width: int, fill: int = -1) -> np.ndarray:
@@ -140,8 +132,9 @@ def native_probes(tokenizer, task: str | IterativeTask, lengths, n: int = 64, se
         L = len(xs)
         row = layout.ids(xs[None], ss[None])[0]
         ids.append(row)
-        xp.append(np.arange(1, L + 1))
-        sp.append(np.arange(L + 2, 2 * L + 2))
+        x_pos, state_pos, _, _ = native_positions(L)
+        xp.append(x_pos.numpy())
+        sp.append(state_pos.numpy())
         tg.append(row[L + 2 : 2 * L + 2])
     return _assemble(task, "native", chains, ids, xp, sp, tg, layout.pad_id)
 

@@ -1,0 +1,1 @@
+"""Head detection in any causal LM: probes, attention capture, scores, ablation (nothing here trains)."""

@@ -1,0 +1,1 @@
+"""The paper's experiments: reproduce its findings, report them, release the checkpoints."""
