@@ -38,13 +38,8 @@ from hf_iterheads.data import build_dataset
 from hf_iterheads.evaluation import split_by_length
 from hf_iterheads.modeling import build_config, build_model, loss_after_eoi
 from hf_iterheads.tokenizer import Layout, build_tokenizer
-from hf_iterheads.training import (
-    FixedData,
-    FixedSampler,
-    OnlineData,
-    OnlineSampler,
-    TrainConfig,
-)
+from hf_iterheads.training import TrainConfig
+from hf_iterheads.training.data import FixedData, FixedSampler, OnlineData, OnlineSampler
 
 N_LEN, BATCH, STEPS_PER_EPOCH, WIDTH = 16, 256, 64, 35
 

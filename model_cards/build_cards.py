@@ -4,7 +4,7 @@
     python model_cards/build_cards.py --check    # exit 1 when a card is out of date
 
 A card is the training run's card (model-index with the measured test results, written by
-``hf-iterheads train`` from ``model_card_template.md``) followed by ``NAME.md`` here (mechanism found,
+``hf-iterheads train`` from ``hf_iterheads/templates/model_card_template.md``) followed by ``NAME.md`` here (mechanism found,
 intended use, limitations), rendered with the detector's and the ablation's numbers measured on the
 checkpoint at build time.
 """
@@ -27,8 +27,6 @@ def main() -> int:
     args = parser.parse_args()
     stale = []
     for notes in sorted(HERE.glob("*.md")):
-        if notes.name == "model_card_template.md":
-            continue
         path = bundled_path(notes.stem)
         if path is None:
             print(f"{notes.name}: no bundled checkpoint named {notes.stem}", file=sys.stderr)

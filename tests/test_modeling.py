@@ -82,7 +82,7 @@ def test_loss_after_eoi_matches_the_stock_loss_and_gradients(tok, preset, cot, a
     from hf_iterheads.modeling import loss_after_eoi
     from hf_iterheads.tasks import get_task
     from hf_iterheads.tokenizer import Layout
-    from hf_iterheads.training import assemble
+    from hf_iterheads.training.data import assemble
 
     model = build_model(build_config(tok, n_len=8, preset=preset, cot=cot, n_embd=32), seed=1).eval()
     model.set_attn_implementation(attn)

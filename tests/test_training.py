@@ -15,30 +15,42 @@ from hf_iterheads.cli import main
 from hf_iterheads.errors import IterHeadsError
 from hf_iterheads.tasks import get_task
 from hf_iterheads.tokenizer import Layout, build_tokenizer
-from hf_iterheads.training import (
-    PAPER_RECIPE,
-    AdaptiveLengths,
-    FixedSampler,
-    OnlineData,
-    TaskSchedule,
-    TrainConfig,
-    _row_codes,
-    head_formed,
-    parse_curriculum,
-)
+from hf_iterheads.training import FAST, PAPER, Callback, TrainConfig, resolve_config, train
+from hf_iterheads.training.callbacks import head_formed
+from hf_iterheads.training.config import parse_curriculum
+from hf_iterheads.training.data import AdaptiveLengths, FixedSampler, OnlineData, TaskSchedule, _row_codes
 
 TINY = ["--preset", "tiny", "--n-len", "5", "--per-length", "24", "--batch-size", "16", "--warmup-steps", "2",
         "--eval-per-length", "8", "--log-every", "2", "--report-to", "none", "--threads", "1"]
 
 
-def train(out: Path, *extra: str, task: str = "polynomial") -> int:
+def run_train(out: Path, *extra: str, task: str = "polynomial") -> int:
     return main(["train", "--task", task, "--output-dir", str(out), *TINY, *extra])
+
+
+class InterruptAt(Callback):
+    """Kills the run (as Ctrl-C would) right after optimizer step ``step``: between checkpoints."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step(self, run) -> None:
+        if run.step == self.step:
+            raise KeyboardInterrupt
+
+
+def interrupted_train(out: Path, stop: int, *extra: str, task: str = "polynomial") -> None:
+    from hf_iterheads.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--task", task, "--output-dir", str(out), *TINY, *extra])
+    with pytest.raises(KeyboardInterrupt):
+        train(resolve_config(args), callbacks=[InterruptAt(stop)])
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "poly"
-    assert train(out, "--max-steps", "8", "--eval-every", "4", "--checkpoint-every", "4") == 0
+    assert run_train(out, "--max-steps", "8", "--eval-every", "4", "--checkpoint-every", "4") == 0
     return out
 
 
@@ -81,8 +93,8 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path, data):
         common = ["--data", "online", "--length-sampling", "adaptive", "--max-steps", "30", "--eval-every", "10",
                   "--checkpoint-every", "10", "--lr", "1e-2", "--schedule", "constant", "--n-len", "3", "--no-cot"]
     task, stop = ("binary_copy", "27") if data == "adaptive" else ("polynomial", "12")
-    assert train(tmp_path / "straight", *common, task=task) == 0
-    assert train(tmp_path / "broken", *common, "--interrupt-at-step", stop, task=task) == 130
+    assert run_train(tmp_path / "straight", *common, task=task) == 0
+    interrupted_train(tmp_path / "broken", int(stop), *common, task=task)
     assert not (tmp_path / "broken" / "config.json").exists()
     assert main(["train", "--resume", "--output-dir", str(tmp_path / "broken"), "--threads", "1"]) == 0
     a = load_file(tmp_path / "straight" / "model.safetensors")
@@ -98,7 +110,7 @@ def test_adaptive_lengths_start_when_the_head_is_forming(tmp_path, monkeypatch, 
     # With CoT and two layers the lengths stay uniform until attn1 peakiness reaches START_PEAKINESS at an
     # evaluation; a gate of 0 opens at the first one (step 4), a gate above 1 never does.
     monkeypatch.setattr(AdaptiveLengths, "START_PEAKINESS", gate)
-    assert train(tmp_path / "r", "--max-steps", "8", "--eval-every", "4", "--checkpoint-every", "4") == 0
+    assert run_train(tmp_path / "r", "--max-steps", "8", "--eval-every", "4", "--checkpoint-every", "4") == 0
     records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "adapting"] == ([4] if gate == 0.0 else [])
     saved = [torch.load(f, weights_only=False) for f in (tmp_path / "r" / "checkpoints" / "step_8").glob("custom_*")]
@@ -109,12 +121,10 @@ def test_adaptive_lengths_start_when_the_head_is_forming(tmp_path, monkeypatch, 
 def test_frozen_positions_are_never_trained(tmp_path):
     from hf_iterheads.modeling import build_config, build_model
 
-    assert train(tmp_path / "r", "--max-steps", "3", "--freeze-positions", "--seed", "5", "--lr", "1e-2") == 0
+    assert run_train(tmp_path / "r", "--max-steps", "3", "--freeze-positions", "--seed", "5", "--lr", "1e-2") == 0
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "r")
-    from hf_iterheads.training import EMBED_INIT_STD, INIT_RANGE
-
     config = build_config(build_tokenizer(model_max_length=13), 5, "tiny", freeze_positions=True,
-                          initializer_range=INIT_RANGE, embed_init_std=EMBED_INIT_STD)
+                          initializer_range=FAST.init_range, embed_init_std=FAST.embed_init_std)
     fresh = build_model(config, seed=5)
     assert torch.equal(trained.transformer.wpe.weight, fresh.transformer.wpe.weight)
     assert not torch.equal(trained.transformer.wte.weight, fresh.transformer.wte.weight)
@@ -122,13 +132,12 @@ def test_frozen_positions_are_never_trained(tmp_path):
 
 def test_paper_recipe_is_exact_and_flags_override():
     from hf_iterheads.cli import build_parser
-    from hf_iterheads.training import resolve_config
 
     args = build_parser().parse_args(["train", "--task", "polynomial", "--output-dir", "x", "--recipe", "paper"])
     cfg = resolve_config(args)
     assert (cfg.data, cfg.lr, cfg.batch_size, cfg.warmup_steps, cfg.schedule, cfg.epochs, cfg.max_steps) == (
         "fixed", 3e-4, 256, 0, "constant", 1000, None)
-    assert PAPER_RECIPE["betas"] == (0.9, 0.999)
+    assert PAPER.betas == (0.9, 0.999) and PAPER.recipe == "paper"
     args = build_parser().parse_args(["train", "--task", "polynomial", "--output-dir", "x", "--recipe", "paper",
                                       "--lr", "1e-3", "--max-steps", "50"])
     cfg = resolve_config(args)
@@ -260,13 +269,6 @@ def test_init_from_a_checkpoint_without_the_task_token(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_packaged_model_card_template_matches_its_source():
-    from hf_iterheads.training import model_card_template
-
-    source = Path(__file__).resolve().parents[1] / "model_cards" / "model_card_template.md"
-    assert model_card_template().read_text() == source.read_text()  # the package copy must not drift
-
-
 def test_max_train_len_limits_training_lengths_not_evaluation():
     cfg = TrainConfig(tasks=["parity"], output_dir="x", n_len=8, max_train_len=3, curriculum="", length_warmup=0)
     assert TaskSchedule(cfg).max_len(0) == 3 and TaskSchedule(cfg).max_len(10**6) == 3
@@ -276,14 +278,13 @@ def test_curriculum_and_adaptive_lengths_are_defaults_of_online_training_only():
     import argparse
 
     from hf_iterheads.cli import build_parser
-    from hf_iterheads.training import FAST_CURRICULUM, resolve_config
 
     def cfg(*extra):
         args = build_parser().parse_args(["train", "--task", "parity", "--output-dir", "x", *extra])
         assert isinstance(args, argparse.Namespace)
         return resolve_config(args)
 
-    assert cfg().curriculum == FAST_CURRICULUM
+    assert cfg().curriculum == FAST.curriculum == "binary_copy:0.5:3000"
     assert cfg("--init-from", "polynomial-cot").curriculum == ""
     assert cfg("--data", "fixed").curriculum == ""
     assert cfg("--init-from", "polynomial-cot", "--curriculum", "binary_copy:0.2:10").curriculum == "binary_copy:0.2:10"
@@ -302,7 +303,7 @@ def test_bad_max_train_len_is_one_line(tmp_path, capsys):
 
 
 def test_formed_cosine_waits_for_the_head_then_decays_and_survives_a_checkpoint():
-    from hf_iterheads.training import FormedThenCosine, head_formed
+    from hf_iterheads.training.schedule import FormedThenCosine
 
     lam = FormedThenCosine(warmup_steps=10, decay_steps=100)
     assert lam(5) == 0.5 and lam(10) == 1.0 and lam(5000) == 1.0  # constant while the head has not formed

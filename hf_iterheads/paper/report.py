@@ -58,39 +58,42 @@ def _spread(values: list[float]) -> str:
 # --- findings ----------------------------------------------------------------------------------------------
 
 
-def findings(rows: dict[str, dict], meta: dict) -> list[dict[str, str]]:
-    """The paper's section-9 findings, each with what was measured here and a verdict by a stated rule."""
-    out = []
-    tasks = PAPER_TASKS
-    scratch = {t: _acc(rows.get(f"{t}-cot-2L")) for t in tasks}
+def _finding(finding: str, rule: str, measured: str, verdict: str) -> dict[str, str]:
+    return {"finding": finding, "rule": rule, "measured": measured, "verdict": verdict}
+
+
+def _learn_all(rows: dict[str, dict]) -> dict[str, str]:
+    scratch = {t: _acc(rows.get(f"{t}-cot-2L")) for t in PAPER_TASKS}
     best_transfer = max((_acc(r) or 0.0 for r in rows.values() if r.get("kind") == "transfer"), default=None)
     ok = {t: (a or 0) >= 0.9 for t, a in scratch.items()}
     measured = ", ".join(f"{t} {_f(a)}" for t, a in scratch.items())
     if all(ok.values()):
         verdict = "reproduced"
-    elif all(ok[t] or (t == "parity" and (best_transfer or 0) >= 0.9) for t in tasks):
+    elif all(ok[t] or (t == "parity" and (best_transfer or 0) >= 0.9) for t in PAPER_TASKS):
         verdict = "partly: parity only through transfer at this budget"
     else:
         verdict = "not reproduced at this budget"
-    out.append({"finding": "2 layers + CoT learn all three tasks (~100%)", "rule": "accuracy (L = 4..n_len) >= 0.9",
-                "measured": f"from scratch: {measured}; parity via transfer: {_f(best_transfer)}", "verdict": verdict})
+    return _finding("2 layers + CoT learn all three tasks (~100%)", "accuracy (L = 4..n_len) >= 0.9",
+                    f"from scratch: {measured}; parity via transfer: {_f(best_transfer)}", verdict)
 
+
+def _collapse(rows: dict[str, dict]) -> dict[str, str]:
     cells, collapsed = [], []
-    for t in tasks:
+    for t in PAPER_TASKS:
         for variant in ("nocot-2L", "cot-1L"):
-            row = rows.get(f"{t}-{variant}", {})
-            long = _long_acc(row)
+            long = _long_acc(rows.get(f"{t}-{variant}", {}))
             if long is None:
                 continue
             cells.append(f"{t} {variant} {_f(long, 2)}")
             collapsed.append(long <= 0.5)
     verdict = "reproduced" if collapsed and all(collapsed) else (
         f"partly: {sum(collapsed)} of {len(collapsed)} collapse" if any(collapsed) else "not reproduced")
-    out.append({"finding": "without CoT, or with 1 layer, accuracy collapses as L grows",
-                "rule": "accuracy over the longest quarter of lengths <= 0.5",
-                "measured": "; ".join(cells) + " (binary copy without CoT only outputs x_L, which needs no iteration)",
-                "verdict": verdict})
+    return _finding("without CoT, or with 1 layer, accuracy collapses as L grows",
+                    "accuracy over the longest quarter of lengths <= 0.5",
+                    "; ".join(cells) + " (binary copy without CoT only outputs x_L, which needs no iteration)", verdict)
 
+
+def _emergence(rows: dict[str, dict]) -> dict[str, str]:
     main = rows.get("polynomial-cot-2L", {})
     s = main.get("summary") or {}
     formed = main.get("formed_step")
@@ -101,49 +104,65 @@ def findings(rows: dict[str, dict], meta: dict) -> list[dict[str, str]]:
         jump = (f"; between steps {before[-1]['step']} and {formed} accuracy went {_f(before[-1]['accuracy'], 2)} -> "
                 f"{_f(at['accuracy'], 2)}, attn1 {_f(before[-1]['attn1_peakiness'], 2)} -> {_f(at['attn1_peakiness'], 2)}")
     good = formed is not None and (s.get("attn1_peakiness") or 0) >= 0.9 and (s.get("attn0_peakiness") or 0) >= 0.5
-    out.append({"finding": "the circuit forms during training (peakiness near 1), a jump together with accuracy",
-                "rule": "polynomial: attn1 peakiness reaches 0.9, final attn0 >= 0.5",
-                "measured": f"head formed at step {formed}; final attn0 {_f(s.get('attn0_peakiness'))}, attn1 "
-                f"{_f(s.get('attn1_peakiness'))}{jump}", "verdict": "reproduced" if good else "not reproduced"})
+    return _finding("the circuit forms during training (peakiness near 1), a jump together with accuracy",
+                    "polynomial: attn1 peakiness reaches 0.9, final attn0 >= 0.5",
+                    f"head formed at step {formed}; final attn0 {_f(s.get('attn0_peakiness'))}, attn1 "
+                    f"{_f(s.get('attn1_peakiness'))}{jump}", "reproduced" if good else "not reproduced")
 
+
+def _width(rows: dict[str, dict]) -> dict[str, str] | None:
     widths = _width_rows(rows)
-    if any(r.get("kind") == "width" for r in widths):
-        fail = {r["width"]: r.get("formed_step") is None for r in widths}
-        small = [w for w in fail if w < 30]
-        large = [w for w in fail if w >= 64]
-        good = all(fail[w] for w in small) and not any(fail[w] for w in large)
-        out.append({"finding": "small embedding widths (below ~30-40) fail to form the circuit",
-                    "rule": "the head forms (attn1 peakiness >= 0.9) for d >= 64 and not for d < 30",
-                    "measured": ", ".join(f"d={r['width']}: {_f(_acc(r), 2)} (attn1 {_f(r['summary'].get('attn1_peakiness'), 2)})"
-                                          for r in widths), "verdict": "reproduced" if good else "not reproduced"})
+    if not any(r.get("kind") == "width" for r in widths):
+        return None
+    fail = {r["width"]: r.get("formed_step") is None for r in widths}
+    good = all(fail[w] for w in fail if w < 30) and not any(fail[w] for w in fail if w >= 64)
+    return _finding("small embedding widths (below ~30-40) fail to form the circuit",
+                    "the head forms (attn1 peakiness >= 0.9) for d >= 64 and not for d < 30",
+                    ", ".join(f"d={r['width']}: {_f(_acc(r), 2)} (attn1 {_f(r['summary'].get('attn1_peakiness'), 2)})"
+                              for r in widths), "reproduced" if good else "not reproduced")
 
-    par = [r for r in rows.values() if r.get("kind") in ("grid", "scratch") and r["task"] == "parity" and r.get("cot")
-           and r.get("layers") == 2 and r.get("summary")]
+
+def _parity_scratch(rows: dict[str, dict]) -> list[dict]:
+    return [r for r in rows.values() if r.get("kind") in ("grid", "scratch") and r["task"] == "parity" and r.get("cot")
+            and r.get("layers") == 2 and r.get("summary")]
+
+
+def _variance(rows: dict[str, dict]) -> dict[str, str]:
     poly = [r for r in rows.values() if r["task"] == "polynomial" and r.get("kind") in ("grid", "seed") and r.get("cot")
             and r.get("layers") == 2 and r.get("summary")]
-    pa = [_acc(r) for r in par]
-    out.append({"finding": "parity has high variance across seeds; polynomial forms the head more reliably",
-                "rule": "compare seeds (needs several per task)",
-                "measured": f"parity from scratch, {len(pa)} seeds: accuracy {', '.join(_f(a, 2) for a in pa)}; "
-                f"polynomial, {len(poly)} seed(s): {', '.join(_f(_acc(r), 2) for r in poly)}",
-                "verdict": "see numbers (polynomial seeds: " + str(len(poly)) + ")"})
+    pa = [_acc(r) for r in _parity_scratch(rows)]
+    return _finding("parity has high variance across seeds; polynomial forms the head more reliably",
+                    "compare seeds (needs several per task)",
+                    f"parity from scratch, {len(pa)} seeds: accuracy {', '.join(_f(a, 2) for a in pa)}; "
+                    f"polynomial, {len(poly)} seed(s): {', '.join(_f(_acc(r), 2) for r in poly)}",
+                    "see numbers (polynomial seeds: " + str(len(poly)) + ")")
 
+
+def _transfer(rows: dict[str, dict]) -> dict[str, str] | None:
     tr = [r for r in rows.values() if r.get("kind") == "transfer" and r.get("summary")]
-    sc = par
-    if tr:
-        budget = max((r["budget_steps"] for r in sc), default=0)
-        parts, verdicts = [], []
-        for threshold in (0.99, 0.9):
-            tr_ok = [s for s in (_steps_to(r, threshold) for r in tr) if s is not None]
-            sc_ok = [s for s in (_steps_to(r, threshold) for r in sc) if s is not None]
-            verdicts.append(len(tr_ok) == len(tr) and (len(sc_ok) < len(sc) or np.median(tr_ok) < np.median(sc_ok)))
-            parts.append(f"to {threshold}: transfer {len(tr_ok)}/{len(tr)} seeds" + (f" ({_spread(tr_ok)} steps)" if tr_ok else "")
-                         + f", scratch {len(sc_ok)}/{len(sc)}" + (f" ({_spread(sc_ok)} steps)" if sc_ok else f" within {budget} steps"))
-        verdict = "reproduced" if verdicts[0] else ("partly: at 0.9, not at 0.99" if verdicts[1] else "not reproduced")
-        out.append({"finding": "transfer: pretrained on polynomial, parity is learned far faster than from scratch",
-                    "rule": "steps to 0.99 (and to 0.9) accuracy: every transfer seed gets there, sooner than scratch",
-                    "measured": "; ".join(parts), "verdict": verdict})
-    return out
+    sc = _parity_scratch(rows)
+    if not tr:
+        return None
+    budget = max((r["budget_steps"] for r in sc), default=0)
+    parts, verdicts = [], []
+    for threshold in (0.99, 0.9):
+        tr_ok = [s for s in (_steps_to(r, threshold) for r in tr) if s is not None]
+        sc_ok = [s for s in (_steps_to(r, threshold) for r in sc) if s is not None]
+        verdicts.append(len(tr_ok) == len(tr) and (len(sc_ok) < len(sc) or np.median(tr_ok) < np.median(sc_ok)))
+        parts.append(f"to {threshold}: transfer {len(tr_ok)}/{len(tr)} seeds" + (f" ({_spread(tr_ok)} steps)" if tr_ok else "")
+                     + f", scratch {len(sc_ok)}/{len(sc)}" + (f" ({_spread(sc_ok)} steps)" if sc_ok else f" within {budget} steps"))
+    verdict = "reproduced" if verdicts[0] else ("partly: at 0.9, not at 0.99" if verdicts[1] else "not reproduced")
+    return _finding("transfer: pretrained on polynomial, parity is learned far faster than from scratch",
+                    "steps to 0.99 (and to 0.9) accuracy: every transfer seed gets there, sooner than scratch",
+                    "; ".join(parts), verdict)
+
+
+FINDINGS = (_learn_all, _collapse, _emergence, _width, _variance, _transfer)  # the paper's section 9, in order
+
+
+def findings(rows: dict[str, dict], meta: dict) -> list[dict[str, str]]:
+    """The paper's section-9 findings, each with what was measured here and a verdict by a stated rule."""
+    return [f for f in (rule(rows) for rule in FINDINGS) if f is not None]
 
 
 # --- tables ---------------------------------------------------------------------------------------------------
@@ -251,22 +270,18 @@ def summary(found: list[dict], rows: dict, n_len: int, pictures: dict, meta: dic
     ]) + "\n"
 
 
-def render(rows: dict, rows_list: list[dict], meta: dict, found: list[dict], pictures: dict, jobs: dict, out: Path) -> str:
-
+def _header(meta: dict) -> str:
     n_len, scale = meta["scale"]["n_len"], meta["scale"]
-    v = meta["versions"]
-    parts = [
-        f"# Iteration heads: reproduction report ({scale['name']} scale)",
-        f"Command: `{meta['command']}`  \nFinished {meta['finished']} after {meta['wall_seconds'] / 60:.1f} min on "
-        f"{meta['cpus']} CPU cores and {meta['gpus']} GPU(s), {meta['workers']} worker(s) x {meta['threads']} thread(s).  \n"
-        "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".  \n"
-        f"Recipe `{scale['recipe']}`, lengths 1..{n_len}, accuracy = teacher-forced whole-chain accuracy on the "
-        f"test split ({scale['per_length']} sequences per length at most), averaged over L = 4..{n_len} unless said. "
-        f"The head counts as formed when attn1 peakiness reaches {FORMED}; a task as learned at accuracy {SOLVED}.",
-        "## Findings\n\n" + findings_table(found),
-        "## 1. Chain-of-thought and depth\n\n" + grid_table(rows, n_len) + "\n\n"
-        + _img(pictures, "accuracy_by_length.png", "accuracy per length"),
-    ]
+    return (f"# Iteration heads: reproduction report ({scale['name']} scale)\n\n"
+            f"Command: `{meta['command']}`  \nFinished {meta['finished']} after {meta['wall_seconds'] / 60:.1f} min on "
+            f"{meta['cpus']} CPU cores and {meta['gpus']} GPU(s), {meta['workers']} worker(s) x {meta['threads']} thread(s).  \n"
+            "Versions: " + ", ".join(f"{k} {val}" for k, val in meta["versions"].items()) + ".  \n"
+            f"Recipe `{scale['recipe']}`, lengths 1..{n_len}, accuracy = teacher-forced whole-chain accuracy on the "
+            f"test split ({scale['per_length']} sequences per length at most), averaged over L = 4..{n_len} unless said. "
+            f"The head counts as formed when attn1 peakiness reaches {FORMED}; a task as learned at accuracy {SOLVED}.")
+
+
+def _emergence_section(rows: dict, pictures: dict) -> str:
     em = []
     for name in ("polynomial-cot-2L", "transfer-parity-seed0", "parity-cot-2L"):
         r = rows.get(name, {})
@@ -274,12 +289,12 @@ def render(rows: dict, rows_list: list[dict], meta: dict, found: list[dict], pic
             t = next((c["time"] for c in r["curve"] if c["step"] == r.get("formed_step")), None)
             em.append([name, r.get("formed_step") or f"not within {r.get('steps')}", _f(t, 0) if t is not None else "-",
                        r.get("solved_step") or "-", r.get("steps"), _f(r.get("seconds"), 0)])
-    parts.append("## 2. Emergence of the iteration head\n\n" + _table(
+    return ("## 2. Emergence of the iteration head\n\n" + _table(
         ["run", "head formed at step", "seconds", f"accuracy >= {SOLVED} at step", "steps run", "wall s"], em)
         + "\n\n" + _img(pictures, "emergence.png", "emergence"))
-    parts.append("## 3. Attention maps (polynomial, CoT, 2 layers)\n\nLayer 1 attends from each s_t to EoI (attn0); "
-                 "layer 2 attends from the position predicting s_t to x_t (attn1, the iteration head).\n\n"
-                 + _img(pictures, "attention_maps.png", "attention maps"))
+
+
+def _transfer_section(rows: dict, rows_list: list[dict], pictures: dict) -> str:
     tr = []
     for r in rows_list:
         if r.get("kind") in ("transfer", "scratch") or r["name"] == "parity-cot-2L":
@@ -288,38 +303,66 @@ def render(rows: dict, rows_list: list[dict], meta: dict, found: list[dict], pic
                        _steps_to(r, 0.9) or f"> {r.get('steps')}", _steps_to(r, SOLVED) or f"> {r.get('steps')}",
                        _f(_acc(r)), _f(d.get("iteration_score"))])
     before = (rows.get("polynomial-cot-2L", {}).get("detect") or {}).get("parity", {})
-    parts.append("## 4. Transfer: polynomial -> parity\n\n" + _table(
+    return ("## 4. Transfer: polynomial -> parity\n\n" + _table(
         ["start", "seed", "steps to 0.9", f"steps to {SOLVED}", "final accuracy", "detector: iteration score on parity"], tr)
         + f"\n\nBefore fine-tuning, the polynomial model's best head scores {_f(before.get('iteration_score'))} "
         f"(layer {before.get('layer')}, peakiness {_f(before.get('peakiness'))}) on parity probes.\n\n"
         + _img(pictures, "transfer.png", "transfer vs scratch"))
+
+
+def _width_section(rows_list: list[dict], pictures: dict) -> str:
     wd = [[r["width"], r.get("steps"), _f(_acc(r)), _f((r.get("summary") or {}).get("attn1_peakiness")),
            r.get("formed_step") or "-"] for r in sorted((r for r in rows_list if r.get("kind") == "width"), key=lambda r: r["width"])]
-    parts.append("## 5. Embedding width (polynomial, CoT, 2 layers)\n\n" + _table(
+    return ("## 5. Embedding width (polynomial, CoT, 2 layers)\n\n" + _table(
         ["d", "steps", "accuracy", "attn1 peakiness", "head formed at"], wd) + "\n\n" + _img(pictures, "width_sweep.png", "width sweep"))
-    length_row = next((r for r in rows_list if r.get("kind") == "length"), None)
-    if length_row and length_row.get("per_length"):
-        per, gen = length_row["per_length"], length_row.get("generation_per_length") or {}
-        trained = [L for L in per if 4 <= L <= length_row["train_len"]]
-        acc_in = float(np.mean([per[L] for L in trained])) if trained else None
-        acc_out = float(np.mean([per[L] for L in per if L > length_row["train_len"]] or [float("nan")]))
-        formed = length_row.get("formed_step")
-        note = (f"Mean accuracy on the trained lengths 4..{length_row['train_len']}: {_f(acc_in)}; on the unseen longer "
-                f"lengths: {_f(acc_out)}. " + (f"The iteration head formed at step {formed}." if formed is not None else
-                "The iteration head did not form in this run (attn1 peakiness never reached "
-                f"{FORMED}), so it says nothing about how the circuit generalises in length."))
-        parts.append(f"## 6. Length generalisation ({length_row['task']}, trained on 1..{length_row['train_len']})\n\n"
-                     + note + "\n\n" + _table(["L", "accuracy", "greedy generation"], [[L, _f(per[L]), _f(gen.get(L))] for L in sorted(per)])
-                     + "\n\n" + _img(pictures, "length_generalisation.png", "length generalisation"))
-    parts.append("## 7. Detector and ablation on every model\n\nTop head by iteration score (mean attention from the "
-                 "position predicting s_t to x_t), then token accuracy of the teacher-forced probes with that head "
-                 "zero-ablated vs other heads ablated.\n\n" + detection_table(rows))
+
+
+def _length_section(rows_list: list[dict], pictures: dict) -> str | None:
+    row = next((r for r in rows_list if r.get("kind") == "length"), None)
+    if not row or not row.get("per_length"):
+        return None
+    per, gen = row["per_length"], row.get("generation_per_length") or {}
+    trained = [L for L in per if 4 <= L <= row["train_len"]]
+    acc_in = float(np.mean([per[L] for L in trained])) if trained else None
+    acc_out = float(np.mean([per[L] for L in per if L > row["train_len"]] or [float("nan")]))
+    formed = row.get("formed_step")
+    note = (f"Mean accuracy on the trained lengths 4..{row['train_len']}: {_f(acc_in)}; on the unseen longer "
+            f"lengths: {_f(acc_out)}. " + (f"The iteration head formed at step {formed}." if formed is not None else
+            "The iteration head did not form in this run (attn1 peakiness never reached "
+            f"{FORMED}), so it says nothing about how the circuit generalises in length."))
+    return (f"## 6. Length generalisation ({row['task']}, trained on 1..{row['train_len']})\n\n"
+            + note + "\n\n" + _table(["L", "accuracy", "greedy generation"], [[L, _f(per[L]), _f(gen.get(L))] for L in sorted(per)])
+            + "\n\n" + _img(pictures, "length_generalisation.png", "length generalisation"))
+
+
+def _runs_section(rows_list: list[dict], jobs: dict) -> str:
     runs = [[r["name"], r.get("status", "-"), r.get("steps", "-"), _f(r.get("seconds"), 0),
              "`hf-iterheads train " + " ".join(jobs[r["name"]].train_args).replace("@", "RUNS/") + "`"] for r in rows_list]
-    parts.append("## Runs\n\nEvery run's folder is `runs/NAME` (model, `metrics.jsonl`, `eval_results.json`, detector "
-                 "output); its log is `logs/NAME.train.log`. RUNS/ = this report's `runs/` folder.\n\n"
-                 + _table(["run", "status", "steps", "wall s", "command"], runs))
-    return "\n\n".join(parts) + "\n"
+    return ("## Runs\n\nEvery run's folder is `runs/NAME` (model, `metrics.jsonl`, `eval_results.json`, detector "
+            "output); its log is `logs/NAME.train.log`. RUNS/ = this report's `runs/` folder.\n\n"
+            + _table(["run", "status", "steps", "wall s", "command"], runs))
+
+
+def render(rows: dict, rows_list: list[dict], meta: dict, found: list[dict], pictures: dict, jobs: dict, out: Path) -> str:
+    """``report.md``: the header, the findings, one section per experiment, then every run's command."""
+    parts = [
+        _header(meta),
+        "## Findings\n\n" + findings_table(found),
+        "## 1. Chain-of-thought and depth\n\n" + grid_table(rows, meta["scale"]["n_len"]) + "\n\n"
+        + _img(pictures, "accuracy_by_length.png", "accuracy per length"),
+        _emergence_section(rows, pictures),
+        "## 3. Attention maps (polynomial, CoT, 2 layers)\n\nLayer 1 attends from each s_t to EoI (attn0); "
+        "layer 2 attends from the position predicting s_t to x_t (attn1, the iteration head).\n\n"
+        + _img(pictures, "attention_maps.png", "attention maps"),
+        _transfer_section(rows, rows_list, pictures),
+        _width_section(rows_list, pictures),
+        _length_section(rows_list, pictures),
+        "## 7. Detector and ablation on every model\n\nTop head by iteration score (mean attention from the "
+        "position predicting s_t to x_t), then token accuracy of the teacher-forced probes with that head "
+        "zero-ablated vs other heads ablated.\n\n" + detection_table(rows),
+        _runs_section(rows_list, jobs),
+    ]
+    return "\n\n".join(p for p in parts if p is not None) + "\n"
 
 
 def update_readme(readme: Path, out: Path, prefix: str) -> None:

@@ -1,0 +1,171 @@
+"""What a run leaves on disk: the metrics log, ``save_state`` checkpoints, and the final checkpoint with its card.
+
+Output directory: ``metrics.jsonl`` (train and eval records, one JSON per line), ``run_config.json``,
+``checkpoints/step_N`` (``save_state``), ``logs/`` (tensorboard), ``eval_results.json``, and at the end a
+checkpoint loadable by ``AutoModelForCausalLM``/``AutoTokenizer.from_pretrained(DIR)`` with a model card.
+Every file is written whole or not at all (temporary names, then a rename).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..errors import IterHeadsError
+from ..tokenizer import save_tokenizer
+from .config import TrainConfig
+
+DATASET_REPO_ID = "hf-iterheads/iterative-tasks"  # where the datasets are published (model card metadata)
+
+
+def prepare_output_dir(cfg: TrainConfig, resume: bool, overwrite: bool) -> None:
+    out = Path(cfg.output_dir)
+    if resume:
+        return
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise IterHeadsError(f"{out} exists and is not empty; pass --resume to continue or --overwrite to replace it")
+        if not (out / "run_config.json").is_file():
+            raise IterHeadsError(f"refusing to --overwrite {out}: it does not look like a training run directory")
+        shutil.rmtree(out)
+
+
+def start_run(run, resume: bool) -> None:
+    """The run directory, ``run_config.json``, the metrics log (cut back to the checkpoint on resume), trackers."""
+    if run.main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        run.cfg.save(run.out / "run_config.json")
+    run.log = MetricsLog(run.out / "metrics.jsonl", run.step if resume else None, run.main)
+    if run.accelerator.log_with:
+        hparams = {k: v for k, v in dataclasses.asdict(run.cfg).items() if isinstance(v, (int, float, str, bool))}
+        run.accelerator.init_trackers("iterheads", config=hparams)
+
+
+def restore_checkpoint(run) -> None:
+    """Load the latest ``save_state`` checkpoint (model, optimizer, scheduler, RNGs, adaptive lengths), if any."""
+    ckpt = latest_checkpoint(run.out)
+    if ckpt is not None:
+        run.accelerator.load_state(str(ckpt))
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        run.step, run.elapsed = state["step"], state["elapsed"]
+
+
+def save_run(run, tokenizer, final: list[dict], seconds: float) -> None:
+    """``eval_results.json``, then the final checkpoint with its model card (main process)."""
+    from ..outputs import write_json_atomic
+
+    write_json_atomic({"step": run.step, "seconds": round(seconds, 1), "results": final}, run.out / "eval_results.json")
+    model = run.accelerator.unwrap_model(run.model)
+    save_final(model, tokenizer, run.out, render_model_card(run.cfg, model, final, run.step, seconds))
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    ckpts = [p for p in (output_dir / "checkpoints").glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
+    return max(ckpts, key=lambda p: int(p.name[5:]), default=None)
+
+
+def save_checkpoint(accelerator, out: Path, step: int, elapsed: float, keep: int) -> None:
+    """``save_state`` into ``checkpoints/step_N`` (written under a temporary name, then renamed)."""
+    final = out / "checkpoints" / f"step_{step}"
+    tmp = out / "checkpoints" / f".tmp_step_{step}"
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "elapsed": elapsed}) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        ckpts = sorted((p for p in final.parent.glob("step_*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
+        for old in ckpts[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+class MetricsLog:
+    """Append-only JSONL of every record (``metrics.jsonl``); on resume, records after the checkpoint go."""
+
+    def __init__(self, path: Path, resume_step: int | None, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+        if enabled and resume_step is not None and path.is_file():
+            keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            path.write_text("".join(line + "\n" for line in keep))
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise IterHeadsError(f"{path} does not exist (no training metrics there)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# --- final checkpoint and model card -----------------------------------------------------------------------
+
+
+def render_model_card(cfg: TrainConfig, model, final_eval: list[dict], steps: int, seconds: float) -> str:
+    """README.md of the checkpoint from the packaged ``templates/model_card_template.md``, measured results in
+    model-index."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    from ..modeling import count_parameters, iterheads_meta
+
+    results = []
+    for r in final_eval:
+        lo, hi = r["summary_lengths"][0], r["summary_lengths"][-1]
+        for key, label in (("accuracy", "test sequence accuracy"), ("generation_accuracy", "greedy generation accuracy"),
+                           ("attn1_peakiness", "attn1 (iteration head) peakiness")):
+            if r["summary"].get(key) is not None:
+                results.append(EvalResult(
+                    task_type="text-generation", dataset_type=DATASET_REPO_ID, dataset_name=f"iterative tasks: {r['task']}",
+                    dataset_config=r["task"], dataset_split="test", metric_type=key,
+                    metric_name=f"{label} (mean L={lo}..{hi})", metric_value=round(float(r["summary"][key]), 4),
+                ))
+    name = f"iterheads-{'-'.join(cfg.tasks)}-{'cot' if cfg.cot else 'nocot'}-{model.config.n_layer}L"
+    data = ModelCardData(
+        model_name=name, license="mit", library_name="transformers", pipeline_tag="text-generation",
+        datasets=[DATASET_REPO_ID], tags=["iteration-head", "chain-of-thought", "mechanistic-interpretability", "hf-iterheads"],
+        eval_results=results or None,
+    )
+    c = model.config
+    return str(ModelCard.from_template(
+        data, template_path=str(model_card_template()), model_name=name, tasks=cfg.tasks, cot=cfg.cot, n_len=cfg.n_len,
+        n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, n_inner=c.n_inner, n_positions=c.n_positions,
+        n_params=count_parameters(model), frozen_positions=bool(iterheads_meta(c).get("freeze_positions")),
+        recipe=cfg.recipe, cfg=dataclasses.asdict(cfg), steps=steps, minutes=round(seconds / 60, 1), results=final_eval,
+        dataset_repo=DATASET_REPO_ID,
+    ))
+
+
+def model_card_template() -> Path:
+    """The card template shipped in the package (the only copy: ``model_cards/`` holds the per-checkpoint notes)."""
+    from importlib.resources import files
+
+    path = Path(str(files("hf_iterheads") / "templates" / "model_card_template.md"))
+    if path.is_file():
+        return path
+    raise IterHeadsError("the model card template is missing from the installation (templates/model_card_template.md)")
+
+
+def save_final(model, tokenizer, output_dir: Path, card: str) -> None:
+    """save_pretrained + tokenizer + README into a temp dir, then renamed in, ``config.json`` last: a
+    directory with a config.json always holds the complete checkpoint."""
+    tmp = Path(tempfile.mkdtemp(dir=output_dir, prefix=".final-"))
+    try:
+        model.save_pretrained(str(tmp))
+        save_tokenizer(tokenizer, tmp)
+        (tmp / "README.md").write_text(card)
+        for f in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
+            f.chmod(0o644)
+            os.replace(f, output_dir / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+

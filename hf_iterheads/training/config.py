@@ -1,0 +1,277 @@
+"""Everything a training run depends on, written once: the ``TrainConfig`` dataclass, the recipes as instances of
+it, and the ``train`` CLI flags generated from its fields (the way ``HfArgumentParser`` does).
+
+The dataclass defaults are the ``fast`` recipe, ours; ``paper`` is the paper's exact one (paper.md section 6).
+Why each fast value was chosen is measured in ``benchmarks/results/recipe_search.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+from ..errors import IterHeadsError
+from ..tasks import get_task
+
+Data = Literal["fixed", "online"]
+Schedule = Literal["constant", "cosine", "linear", "formed-cosine"]
+LengthSampling = Literal["uniform", "adaptive"]
+MixedPrecision = Literal["no", "fp16", "bf16"]
+
+
+class Helper(NamedTuple):
+    """A helper task of the curriculum: its share of the batches at step 0, fading to 0 over ``steps``."""
+
+    task: str
+    share: float
+    steps: int  # 0 = a constant share
+
+
+def parse_curriculum(spec: str) -> tuple[Helper, ...]:
+    """``"binary_copy:0.5:1000,parity:0.2:0"`` -> helpers (task, share at step 0, steps to fade; 0 = constant)."""
+    out = []
+    for part in filter(None, (spec or "").split(",")):
+        bits = part.split(":")
+        try:
+            helper = Helper(bits[0], float(bits[1]), int(bits[2] if len(bits) > 2 else 0))
+        except (IndexError, ValueError):
+            raise IterHeadsError(f"cannot read curriculum {part!r}; write TASK:SHARE[:STEPS], e.g. binary_copy:0.5:1000") from None
+        get_task(helper.task)
+        if not 0 <= helper.share < 1 or helper.steps < 0:
+            raise IterHeadsError(f"curriculum {part!r}: the share must be in [0, 1) and the steps >= 0")
+        out.append(helper)
+    if sum(h.share for h in out) >= 1:
+        raise IterHeadsError(f"curriculum {spec!r}: the helper tasks' shares must sum to less than 1")
+    return tuple(out)
+
+
+def _help(text: str, **extra) -> dict:
+    return {"help": text, **extra}
+
+
+@dataclass
+class TrainConfig:
+    """One training run; saved as ``run_config.json`` so that ``--resume`` needs nothing else.
+
+    Fields with ``help`` metadata are CLI flags (``--field-name``, or ``flag``); the defaults are the fast recipe.
+    """
+
+    tasks: list[str] = field(default_factory=list, metadata=_help(
+        "task, or a mixture separated by commas (e.g. binary_copy,parity)", flag="--task"))
+    output_dir: str = field(default="", metadata=_help("run directory (metrics, checkpoints, final model)", required=True))
+    recipe: str = "fast"  # which recipe the values came from (--recipe, handled by resolve_config)
+    # --- model -----------------------------------------------------------------------------------------------
+    preset: str = field(default="paper", metadata=_help("model preset (modeling.PRESETS)"))
+    n_layer: int | None = field(default=None, metadata=_help("layers (default: the preset's)"))
+    n_head: int | None = field(default=None, metadata=_help("attention heads per layer (default: the preset's)"))
+    n_embd: int | None = field(default=None, metadata=_help("embedding width (default: the preset's)"))
+    n_inner: int | None = field(default=None, metadata=_help("MLP width (default 4 * n_embd)"))
+    freeze_positions: bool = field(default=False, metadata=_help("keep the random positional embeddings frozen"))
+    # The reference code's initialisation (PyTorch defaults: embeddings N(0, 1), linear layers std ~0.05) instead
+    # of GPT-2's 0.02: with GPT-2's own the head did not form in our CPU budget. Checkpoints stay stock GPT-2.
+    init_range: float = field(default=0.05, metadata=_help("std of the linear layers at init (GPT2Config.initializer_range)"))
+    embed_init_std: float = field(default=1.0, metadata=_help("std of token/position embeddings at init (0 = --init-range)"))
+    cot: bool = field(default=True, metadata=_help("train without chain-of-thought (only s_L after EoI)", flag="--no-cot"))
+    init_from: str | None = field(default=None, metadata=_help("start from this checkpoint (fine-tuning / transfer)"))
+    # --- data ------------------------------------------------------------------------------------------------
+    n_len: int = field(default=16, metadata=_help("train on lengths 1..N (paper: 16)"))
+    max_train_len: int | None = field(default=None, metadata=_help(
+        "train on lengths 1..M only, evaluate on 1..--n-len (length generalisation; default M = n_len)"))
+    per_length: int = field(default=1024, metadata=_help("fixed data and test sequences per length (paper: 1024)"))
+    data_seed: int = field(default=0, metadata=_help("dataset seed (0 = the published dataset)"))
+    seed: int = field(default=0, metadata=_help("model init, data order and dropout seed"))
+    # Fresh sequences every batch: the model cannot memorise, it has to find the circuit.
+    data: Data = field(default="online", metadata=_help("fixed paper dataset or fresh sequences per batch"))
+    # One (task, length) per batch: no padding, ~1.7x fewer tokens than padding to 35.
+    bucket: bool = field(default=True, metadata=_help("one length per batch (--no-bucket: mixed, padded)"))
+    task_weights: list[float] | None = field(default=None, metadata=_help("mixture weights, one per --task, e.g. 0.3,0.7"))
+    # Copy needs exactly the circuit's attention (look up x_t) with a trivial MLP, so it teaches the head before
+    # the harder F. Applies to training from scratch on online data (resolve_config).
+    curriculum: str = field(default="binary_copy:0.5:3000", metadata=_help(
+        "helper tasks fading out, TASK:SHARE:STEPS[,...] e.g. binary_copy:0.5:1000"))
+    length_warmup: int = field(default=0, metadata=_help("steps over which the longest length grows from 1 to n_len"))
+    # Once the head forms, runs that miss 0.99 miss whole lengths: draw the lengths still wrong more often.
+    length_sampling: LengthSampling = field(default="adaptive", metadata=_help(
+        "online data: lengths uniform, or adaptive (once attn1 peakiness reaches 0.5, the lengths the model still "
+        "gets wrong are drawn more often)"))
+    # --- optimisation ----------------------------------------------------------------------------------------
+    lr: float = field(default=1e-3, metadata=_help("Adam learning rate after warmup"))
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=_help("Adam betas, e.g. 0.9,0.99"))
+    # Emergence counts steps, not samples: small batches reach the head in less wall time.
+    batch_size: int = field(default=32, metadata=_help("sequences per optimizer step"))
+    warmup_steps: int = field(default=200, metadata=_help("linear warmup from 0"))
+    schedule: Schedule = field(default="cosine", metadata=_help(
+        "learning-rate schedule after warmup (formed-cosine: constant until attn1 peakiness >= 0.9, then cosine to 0 "
+        "over --decay-steps and stop)"))
+    decay_steps: int = field(default=4000, metadata=_help("formed-cosine: decay steps after the head forms"))
+    epochs: int | None = field(default=None, metadata=_help("epochs (paper: 1000 of 64 steps)", group="length"))
+    max_steps: int | None = field(default=12000, metadata=_help("optimizer steps", group="length"))
+    grad_accum: int = field(default=1, metadata=_help("gradient accumulation steps"))
+    mixed_precision: MixedPrecision = field(default="no", metadata=_help("no, fp16 or bf16"))
+    compile: bool = field(default=False, metadata=_help("torch.compile the model (inductor)"))
+    # --- evaluation, logging, checkpoints --------------------------------------------------------------------
+    eval_every: int = field(default=500, metadata=_help("steps between evaluations (accuracy + peakiness)"))
+    eval_per_length: int = field(default=256, metadata=_help("test sequences per length during training"))
+    log_every: int = field(default=50, metadata=_help("steps between training records"))
+    checkpoint_every: int = field(default=1000, metadata=_help("steps between save_state checkpoints"))
+    keep_checkpoints: int = field(default=2, metadata=_help("checkpoints kept"))
+    report_to: str = field(default="auto", metadata=_help("Accelerate tracker: auto (tensorboard if installed), none, ..."))
+    stop_when_solved: bool = field(default=False, metadata=_help("stop once accuracy >= 0.99 and attn1 >= 0.9"))
+    # On a busy 2-core CPU one thread can be many times faster than two (OpenMP spinning); results differ in
+    # the last bits with the thread count, so a resumed run uses the stored one.
+    threads: int = field(default=0, metadata=_help("CPU threads for torch (0 = torch's default)"))
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        self.helpers = parse_curriculum(self.curriculum)  # parsed once; not a field, so not saved
+
+    @property
+    def longest_trained(self) -> int:
+        """The longest length the run trains on (``max_train_len``, else ``n_len``); evaluation goes to n_len."""
+        return self.max_train_len or self.n_len
+
+    @property
+    def all_tasks(self) -> list[str]:
+        """The tasks the run sees: its own, then the curriculum's helpers."""
+        return list(dict.fromkeys(self.tasks + [h.task for h in self.helpers]))
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> TrainConfig:
+        data = json.loads(path.read_text())
+        data.setdefault("length_sampling", "uniform")  # runs saved before the option existed were uniform
+        return cls(**{k: v for k, v in data.items() if k in {f.name for f in fields(cls)}})
+
+
+FAST = TrainConfig()
+PAPER = replace(FAST, recipe="paper", data="fixed", lr=3e-4, warmup_steps=0, schedule="constant", batch_size=256,
+                epochs=1000, max_steps=None, curriculum="", length_sampling="uniform", eval_every=640)
+RECIPES = {"fast": FAST, "paper": PAPER}
+
+
+# --- the CLI flags, generated from the fields ----------------------------------------------------------------------
+
+
+def _comma(kind: type):
+    def parse(text: str):
+        try:
+            return [kind(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}s separated by commas, got {text!r}") from None
+
+    return parse
+
+
+def _shown(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return "none" if value in (None, "") else str(value)
+
+
+def _recipe_note(name: str) -> str:
+    """`` (default X)``, or `` (fast: X; paper: Y)`` where the recipes differ; nothing for an empty default."""
+    values = {recipe: _shown(getattr(cfg, name)) for recipe, cfg in RECIPES.items()}
+    if len(set(values.values())) > 1:
+        return " (" + "; ".join(f"{recipe}: {v}" for recipe, v in values.items()) + ")"
+    return "" if values["fast"] in ("none", "") else f" (default {values['fast']})"
+
+
+def _unwrap_optional(hint):
+    """``X | None`` -> ``X``; any other hint as it is."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per documented field. Every default is None, so ``resolve_config`` knows what was given."""
+    hints = typing.get_type_hints(TrainConfig)
+    groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
+    for f in fields(TrainConfig):
+        if "help" not in f.metadata:
+            continue
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        target = parser
+        if "group" in f.metadata:
+            if f.metadata["group"] not in groups:
+                groups[f.metadata["group"]] = parser.add_mutually_exclusive_group()
+            target = groups[f.metadata["group"]]
+        hint, text = hints[f.name], f.metadata["help"]
+        kind = _unwrap_optional(hint)
+        if kind is bool and flag.startswith("--no-"):
+            target.add_argument(flag, dest=f.name, action="store_false", default=None, help=text)
+        elif kind is bool and f.default is True:
+            target.add_argument(flag, dest=f.name, action="store_true", default=None, help=text + _recipe_note(f.name))
+            target.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", help=argparse.SUPPRESS)
+        elif kind is bool:
+            target.add_argument(flag, dest=f.name, action="store_true", default=None, help=text)
+        elif typing.get_origin(kind) is Literal:
+            target.add_argument(flag, dest=f.name, choices=typing.get_args(kind), help=text + _recipe_note(f.name))
+        elif typing.get_origin(kind) in (list, tuple):
+            item = typing.get_args(kind)[0]
+            parse = _comma(item)
+            if typing.get_origin(kind) is tuple:
+                parse = (lambda p: lambda s: tuple(p(s)))(parse)  # noqa: E731
+            target.add_argument(flag, dest=f.name, type=parse, metavar=flag[2:].upper().replace("-", "_"),
+                                help=text + _recipe_note(f.name))
+        else:
+            target.add_argument(flag, dest=f.name, type=kind, required=f.metadata.get("required", False),
+                                help=text + _recipe_note(f.name))
+
+
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    """The recipe's values, overridden by every flag given; every mistake is an IterHeadsError here."""
+    if args.recipe not in RECIPES:
+        raise IterHeadsError(f"unknown recipe {args.recipe!r}; known recipes: {', '.join(RECIPES)}")
+    recipe = RECIPES[args.recipe]
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    if "epochs" in given:  # --epochs and --max-steps: the one given wins over the recipe's
+        given["max_steps"] = None
+    elif "max_steps" in given:
+        given["epochs"] = None
+    data = given.get("data", recipe.data)
+    if "curriculum" not in given and (given.get("init_from") or data == "fixed"):
+        given["curriculum"] = ""  # fine-tuning (transfer) and the fixed dataset: the given task only, unless asked
+    if "length_sampling" not in given and data == "fixed":
+        given["length_sampling"] = "uniform"  # the fixed dataset has its own lengths
+    cfg = replace(recipe, **given)
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Every combination that cannot train says so in one line, before anything is written."""
+    from ..modeling import PRESETS
+
+    if not cfg.tasks:
+        raise IterHeadsError("give at least one task with --task (e.g. --task polynomial)")
+    for name in cfg.tasks:
+        get_task(name)
+    if cfg.task_weights is not None and (len(cfg.task_weights) != len(cfg.tasks) or min(cfg.task_weights) < 0
+                                         or sum(cfg.task_weights) <= 0):
+        raise IterHeadsError(f"--task-weights needs {len(cfg.tasks)} non-negative numbers, one per task")
+    if cfg.preset not in PRESETS:
+        raise IterHeadsError(f"unknown model preset {cfg.preset!r}; known presets: {', '.join(PRESETS)}")
+    positive = dict(n_len=cfg.n_len, per_length=cfg.per_length, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+                    eval_every=cfg.eval_every, eval_per_length=cfg.eval_per_length, log_every=cfg.log_every,
+                    checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints, decay_steps=cfg.decay_steps)
+    for name, value in positive.items():
+        if value is None or value < 1:
+            raise IterHeadsError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if cfg.max_train_len is not None and not 1 <= cfg.max_train_len <= cfg.n_len:
+        raise IterHeadsError(f"--max-train-len must be between 1 and --n-len ({cfg.n_len}), got {cfg.max_train_len}")
+    if not cfg.lr > 0 or cfg.warmup_steps < 0:
+        raise IterHeadsError(f"the learning rate must be > 0 and warmup >= 0 (got {cfg.lr}, {cfg.warmup_steps})")
+    if (cfg.max_steps is None) == (cfg.epochs is None) or (cfg.max_steps or cfg.epochs) < 1:
+        raise IterHeadsError("give a positive --epochs or --max-steps (not both)")
+    if (cfg.helpers or cfg.length_warmup or cfg.length_sampling != "uniform") and cfg.data != "online":
+        raise IterHeadsError("--curriculum, --length-warmup and --length-sampling adaptive need --data online "
+                             "(the fixed dataset is fixed)")

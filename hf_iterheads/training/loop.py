@@ -1,0 +1,147 @@
+"""``train()``: the standard Accelerate loop (accelerate's ``examples/nlp_example.py``), so the same run works on
+CPU, one GPU, or several under ``accelerate launch``. Everything around the step is a callback (``callbacks.py``).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..modeling import loss_after_eoi, supports_loss_after_eoi
+from ..tokenizer import Layout, build_tokenizer, check_vocabulary
+from .artifacts import restore_checkpoint, save_run, start_run
+from .callbacks import Callback, Checkpointer, HeadWatch, LengthFeedback, Progress, Run, clock
+from .config import TrainConfig
+from .data import build_train_data
+from .schedule import make_scheduler
+
+
+def make_model(cfg: TrainConfig):
+    """(model, tokenizer): a fresh preset model, or a checkpoint to fine-tune (transfer) from ``init_from``."""
+    from ..modeling import build_config, build_model, check_fits, iterheads_meta, load_checkpoint
+
+    if cfg.init_from:
+        model, tokenizer = load_checkpoint(cfg.init_from, for_training=True)
+        meta = iterheads_meta(model.config)
+        meta.update(cot=cfg.cot, n_len=cfg.n_len, tasks=list(dict.fromkeys(meta.get("tasks", []) + cfg.tasks)))
+        model.config.iterheads = meta
+    else:
+        tokenizer = build_tokenizer(model_max_length=2 * cfg.n_len + 3)
+        config = build_config(
+            tokenizer, cfg.n_len, cfg.preset, cfg.cot, cfg.tasks, n_layer=cfg.n_layer, n_head=cfg.n_head,
+            n_embd=cfg.n_embd, n_inner=cfg.n_inner, freeze_positions=cfg.freeze_positions or None,
+            initializer_range=cfg.init_range, embed_init_std=cfg.embed_init_std,
+        )
+        model = build_model(config, cfg.seed)
+    for name in cfg.all_tasks:
+        check_vocabulary(tokenizer, name)
+    check_fits(model.config, Layout(tokenizer, cfg.tasks[0], cfg.cot).seq_len(cfg.n_len), f"length-{cfg.n_len} sequence")
+    return model, tokenizer
+
+
+def make_accelerator(cfg: TrainConfig, out: Path):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    report_to = cfg.report_to
+    if report_to == "auto":
+        import importlib.util
+
+        report_to = "tensorboard" if importlib.util.find_spec("tensorboard") else "none"
+    return Accelerator(
+        gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
+        log_with=None if report_to == "none" else report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        dynamo_backend="inductor" if cfg.compile else None,
+    )
+
+
+def loss_function(accelerator, model, cfg: TrainConfig):
+    """batch -> (loss, logits, targets), ``logits[:, i]`` predicting ``targets[:, i]``. One process, eager: the
+    loss skips the positions it never reads (``modeling.loss_after_eoi``, same gradients); under DDP or
+    torch.compile the wrapped model's own forward has to run."""
+    if accelerator.num_processes == 1 and not cfg.compile and supports_loss_after_eoi(model):
+        def fast(batch):
+            with accelerator.autocast():
+                return loss_after_eoi(model, batch["input_ids"], batch["labels"])
+
+        return fast
+
+    def stock(batch):
+        output = model(**batch)
+        return output.loss, output.logits[:, :-1], batch["labels"][:, 1:]
+
+    return stock
+
+
+def train(cfg: TrainConfig, resume: bool = False, callbacks: Sequence[Callback] = ()) -> Path:
+    """Run (or resume) the training run described by ``cfg``; returns its output directory."""
+    from accelerate.utils import set_seed
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.output_dir)
+    model, tokenizer = make_model(cfg)  # may raise: nothing written yet
+    accelerator = make_accelerator(cfg, out)
+    set_seed(cfg.seed)
+    can_form_head = cfg.cot and model.config.n_layer >= 2  # the circuit needs the CoT states and a second layer
+    data = build_train_data(cfg, tokenizer, wait_for_head=can_form_head)
+
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, data.loader)
+    steps_per_epoch = max(1, len(loader) // cfg.grad_accum)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    scheduler, formed = make_scheduler(cfg, optimizer, total_steps, can_form_head)
+    accelerator.register_for_checkpointing(scheduler)  # stepped by hand: once per optimizer step
+    if data.lengths is not None:
+        accelerator.register_for_checkpointing(data.lengths)
+
+    run = Run(cfg, accelerator, model, out, total_steps, steps_per_epoch)
+    if resume:
+        restore_checkpoint(run)
+    start_run(run, resume)
+    progress, watch = Progress(scheduler), HeadWatch(cfg, tokenizer, data, formed)
+    feedback = [LengthFeedback(data.lengths, data.task_index)] if data.lengths is not None else []
+    callbacks = [*feedback, progress, watch, Checkpointer(), *callbacks]
+    compute_loss = loss_function(accelerator, model, cfg)
+    run.start = time.perf_counter() - run.elapsed
+    for callback in callbacks:
+        callback.on_start(run)
+
+    model.train()
+    batches = data.batches(accelerator, loader, run.step * cfg.grad_accum)
+    while run.step < total_steps and not run.stop:
+        batch = next(batches)
+        with accelerator.accumulate(model):
+            loss, logits, targets = compute_loss(batch)
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+        correct = ((logits.detach().argmax(-1) == targets) | (targets == -100)).all(1)  # every scored token right
+        for callback in callbacks:
+            callback.on_batch(run, batch, loss, correct)
+        if not accelerator.sync_gradients:
+            continue
+        scheduler.step()
+        run.step += 1
+        clock(run)
+        for callback in callbacks:
+            callback.on_step(run)
+
+    progress.close()
+    seconds = time.perf_counter() - run.start
+    accelerator.wait_for_everyone()
+    if run.main:
+        final = watch.evaluate(run, final=True)
+        watch.log_eval(run, final, seconds)
+        save_run(run, tokenizer, final, seconds)
+        for r in final:
+            s, head = r["summary"], r["summary"]["attn1_peakiness"]
+            print(f"{r['task']}: step {run.step}, accuracy {s['accuracy']:.3f}, generation {s['generation_accuracy']:.3f}, "
+                  f"attn1 peakiness {head if head is None else round(head, 3)} -> {out}", file=sys.stderr)
+    accelerator.end_training()
+    return out
