@@ -23,6 +23,21 @@ def check_output_dir(path: str | Path, overwrite: bool = False) -> Path:
     return path
 
 
+def check_writable(path: str | Path) -> None:
+    """Refuse, before any work, a path that cannot be created or written (``/proc/x``, a path under a file, a
+    read-only place): a temporary entry is made and removed in its nearest existing folder, nothing stays."""
+    path = Path(path).absolute()
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise IterHeadsError(f"cannot write {path}: {parent} is a file, not a directory")
+    try:
+        shutil.rmtree(tempfile.mkdtemp(prefix=".hf-iterheads-probe-", dir=parent))
+    except OSError as err:
+        raise IterHeadsError(f"cannot write {path}: nothing can be created in {parent} ({err.strerror or err})") from None
+
+
 @contextlib.contextmanager
 def atomic_output_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces ``path``, on any error it vanishes."""

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import IterHeadsError
+from ..outputs import check_writable
 from ..tokenizer import save_tokenizer
 from .config import TrainConfig
 
@@ -23,10 +24,14 @@ DATASET_REPO_ID = "hf-iterheads/iterative-tasks"  # where the datasets are publi
 
 
 def prepare_output_dir(cfg: TrainConfig, resume: bool, overwrite: bool) -> None:
+    """Refuse, before any work, a run directory that cannot be written or holds something else."""
     out = Path(cfg.output_dir)
     if resume:
         return
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise IterHeadsError(f"--output-dir {out} is a file, not a directory")
+    check_writable(out)
+    if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise IterHeadsError(f"{out} exists and is not empty; pass --resume to continue or --overwrite to replace it")
         if not (out / "run_config.json").is_file():
@@ -38,8 +43,11 @@ def start_run(run, resume: bool) -> None:
     """The run directory, ``run_config.json``, the metrics log (cut back to the checkpoint on resume), trackers."""
     if run.main:
         run.out.mkdir(parents=True, exist_ok=True)
+        for stale in [*run.out.glob(".final-*"), *run.out.glob("checkpoints/.tmp_step_*")]:
+            shutil.rmtree(stale, ignore_errors=True)  # left by a run killed while saving
         run.cfg.save(run.out / "run_config.json")
-    run.log = MetricsLog(run.out / "metrics.jsonl", run.step if resume else None, run.main)
+    # A resumed run keeps the records up to its checkpoint; with no checkpoint yet it starts over.
+    run.log = MetricsLog(run.out / "metrics.jsonl", (run.step if run.step > 0 else -1) if resume else None, run.main)
     if run.accelerator.log_with:
         hparams = {k: v for k, v in dataclasses.asdict(run.cfg).items() if isinstance(v, (int, float, str, bool))}
         run.accelerator.init_trackers("iterheads", config=hparams)
@@ -86,25 +94,57 @@ def save_checkpoint(accelerator, out: Path, step: int, elapsed: float, keep: int
 
 
 class MetricsLog:
-    """Append-only JSONL of every record (``metrics.jsonl``); on resume, records after the checkpoint go."""
+    """Append-only JSONL of every record (``metrics.jsonl``), one per (kind, step, task).
+
+    On resume, records after the checkpoint go (and a line torn by a kill); the final evaluation replaces the
+    periodic one of the same step.
+    """
 
     def __init__(self, path: Path, resume_step: int | None, enabled: bool) -> None:
         self.path, self.enabled = path, enabled
         if enabled and resume_step is not None and path.is_file():
-            keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-            path.write_text("".join(line + "\n" for line in keep))
+            self._rewrite([r for r in _parse_lines(path, strict=False) if r["step"] <= resume_step])
+
+    def _rewrite(self, records: list[dict]) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        os.replace(tmp, self.path)
 
     def write(self, record: dict) -> None:
         if self.enabled:
             with self.path.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
 
+    def drop(self, kind: str, step: int) -> None:
+        """Remove the records of ``kind`` at ``step`` (before writing the ones that supersede them)."""
+        if self.enabled and self.path.is_file():
+            self._rewrite([r for r in _parse_lines(self.path) if (r.get("kind"), r.get("step")) != (kind, step)])
+
+
+def _parse_lines(path: Path, strict: bool = True) -> list[dict]:
+    records = []
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or "step" not in record:
+                raise ValueError("not a metrics record")
+        except ValueError as err:
+            if not strict and number == len(lines):
+                break  # the last line, torn by a kill mid-write: the resumed run writes it again
+            raise IterHeadsError(f"{path}, line {number}: not a metrics record ({err})") from None
+        records.append(record)
+    return records
+
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """Every record of a run's ``metrics.jsonl``; a damaged line is one clear error naming the file and line."""
     path = Path(path)
     if not path.is_file():
         raise IterHeadsError(f"{path} does not exist (no training metrics there)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _parse_lines(path)
 
 
 # --- final checkpoint and model card -----------------------------------------------------------------------

@@ -227,12 +227,23 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                                 help=text + _recipe_note(f.name))
 
 
+def given_flags(args: argparse.Namespace) -> dict:
+    """The fields whose flags were given on the command line (every flag defaults to None)."""
+    return {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+
+
+def flag_name(field_name: str) -> str:
+    f = next(f for f in fields(TrainConfig) if f.name == field_name)
+    return f.metadata.get("flag", "--" + field_name.replace("_", "-"))
+
+
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
     """The recipe's values, overridden by every flag given; every mistake is an IterHeadsError here."""
-    if args.recipe not in RECIPES:
-        raise IterHeadsError(f"unknown recipe {args.recipe!r}; known recipes: {', '.join(RECIPES)}")
-    recipe = RECIPES[args.recipe]
-    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    name = args.recipe or "fast"
+    if name not in RECIPES:
+        raise IterHeadsError(f"unknown recipe {name!r}; known recipes: {', '.join(RECIPES)}")
+    recipe = RECIPES[name]
+    given = given_flags(args)
     if "epochs" in given:  # --epochs and --max-steps: the one given wins over the recipe's
         given["max_steps"] = None
     elif "max_steps" in given:
@@ -268,10 +279,17 @@ def check_config(cfg: TrainConfig) -> None:
             raise IterHeadsError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if cfg.max_train_len is not None and not 1 <= cfg.max_train_len <= cfg.n_len:
         raise IterHeadsError(f"--max-train-len must be between 1 and --n-len ({cfg.n_len}), got {cfg.max_train_len}")
-    if not cfg.lr > 0 or cfg.warmup_steps < 0:
-        raise IterHeadsError(f"the learning rate must be > 0 and warmup >= 0 (got {cfg.lr}, {cfg.warmup_steps})")
+    if not cfg.lr > 0:
+        raise IterHeadsError(f"--lr must be > 0, got {cfg.lr}")
+    if not all(0 <= b < 1 for b in cfg.betas) or len(cfg.betas) != 2:
+        raise IterHeadsError(f"--betas needs two numbers in [0, 1), e.g. 0.9,0.999; got {','.join(map(str, cfg.betas))}")
     if (cfg.max_steps is None) == (cfg.epochs is None) or (cfg.max_steps or cfg.epochs) < 1:
         raise IterHeadsError("give a positive --epochs or --max-steps (not both)")
+    for name in ("seed", "data_seed", "warmup_steps", "length_warmup", "threads"):
+        if getattr(cfg, name) < 0:
+            raise IterHeadsError(f"{flag_name(name)} must be 0 or more, got {getattr(cfg, name)}")
+    if len(set(cfg.tasks)) != len(cfg.tasks):
+        raise IterHeadsError(f"--task names a task twice: {','.join(cfg.tasks)}")
     if (cfg.helpers or cfg.length_warmup or cfg.length_sampling != "uniform") and cfg.data != "online":
         raise IterHeadsError("--curriculum, --length-warmup and --length-sampling adaptive need --data online "
                              "(the fixed dataset is fixed)")

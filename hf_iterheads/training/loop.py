@@ -137,6 +137,7 @@ def train(cfg: TrainConfig, resume: bool = False, callbacks: Sequence[Callback] 
     accelerator.wait_for_everyone()
     if run.main:
         final = watch.evaluate(run, final=True)
+        run.log.drop("eval", run.step)  # the final evaluation supersedes the periodic one of this step
         watch.log_eval(run, final, seconds)
         save_run(run, tokenizer, final, seconds)
         for r in final:
