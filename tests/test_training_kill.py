@@ -84,7 +84,8 @@ def _assert_same_run(run: Path, straight: Path) -> None:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     keys = [(r["kind"], r["step"], r.get("task")) for r in records]
     assert len(keys) == len(set(keys)), keys  # one record per (kind, step, task)
-    reference = [(r["kind"], r["step"], r.get("task")) for r in map(json.loads, (straight / "metrics.jsonl").read_text().splitlines())]
+    lines = (straight / "metrics.jsonl").read_text().splitlines()
+    reference = [(r["kind"], r["step"], r.get("task")) for r in map(json.loads, lines)]
     assert keys == reference
     final = json.loads((run / "eval_results.json").read_text())
     assert final["results"] == json.loads((straight / "eval_results.json").read_text())["results"]

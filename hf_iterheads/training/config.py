@@ -41,7 +41,8 @@ def parse_curriculum(spec: str) -> tuple[Helper, ...]:
         try:
             helper = Helper(bits[0], float(bits[1]), int(bits[2] if len(bits) > 2 else 0))
         except (IndexError, ValueError):
-            raise IterHeadsError(f"cannot read curriculum {part!r}; write TASK:SHARE[:STEPS], e.g. binary_copy:0.5:1000") from None
+            raise IterHeadsError(
+                f"cannot read curriculum {part!r}; write TASK:SHARE[:STEPS], e.g. binary_copy:0.5:1000") from None
         get_task(helper.task)
         if not 0 <= helper.share < 1 or helper.steps < 0:
             raise IterHeadsError(f"curriculum {part!r}: the share must be in [0, 1) and the steps >= 0")

@@ -10,8 +10,8 @@ resumed run sees exactly the batches the uninterrupted one would have seen:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ def assemble(groups: list[tuple[Layout, np.ndarray, np.ndarray]], pad_id: int) -
     mask = np.zeros((n, width), dtype=np.int64)
     labels = np.full((n, width), -100, dtype=np.int64)
     row = 0
-    for (layout, inputs, _), a in zip(groups, ids):
+    for (_, inputs, _), a in zip(groups, ids):
         r, w = slice(row, row + len(a)), a.shape[1]
         out_ids[r, :w], mask[r, :w] = a, 1
         start = Layout.eoi_index(inputs.shape[1]) + 1
