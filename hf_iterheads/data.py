@@ -11,11 +11,9 @@ Randomness is seeded per (seed, task name, length), so adding a task or a length
 from __future__ import annotations
 
 import zlib
-from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
-import torch
 from datasets import Dataset, DatasetDict, Features, List, Value
 
 from .errors import IterHeadsError
@@ -111,40 +109,6 @@ def _to_dataset(task: IterativeTask, layout: Layout, chunks: list[tuple[np.ndarr
         }
     )
     return Dataset(table.cast(FEATURES.arrow_schema))
-
-def sample_batch(
-    task: str | IterativeTask, n: int, lengths: Iterable[int] | int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """Fresh (inputs, states) of one length drawn from ``lengths``: online data that cannot be memorised."""
-    task = get_task(task)
-    lengths = [lengths] if isinstance(lengths, int) else list(lengths)
-    length = int(lengths[rng.integers(len(lengths))])
-    inputs = task.sample_inputs(n, length, rng)
-    return inputs, task.run(inputs)
-
-
-def encode(layout: Layout, inputs: np.ndarray, states: np.ndarray) -> dict[str, torch.Tensor]:
-    """Model inputs for one equal-length batch: labels are -100 everywhere but the targets after EoI."""
-    ids = torch.from_numpy(layout.ids(inputs, states))
-    labels = ids.clone()
-    labels[:, : Layout.eoi_index(inputs.shape[1]) + 1] = -100
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-
-
-def collate(rows: list[dict], layout: Layout) -> dict[str, torch.Tensor]:
-    """Right-pad a batch of dataset rows (mixed lengths) into model inputs; pads are masked and unlabelled."""
-    seqs = [layout.ids(np.asarray([r["inputs"]]), np.asarray([r["states"]]))[0] for r in rows]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), layout.pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
-    for i, (seq, row) in enumerate(zip(seqs, rows)):
-        ids[i, : len(seq)] = torch.from_numpy(seq)
-        mask[i, : len(seq)] = 1
-        start = Layout.eoi_index(len(row["inputs"])) + 1
-        labels[i, start : len(seq)] = ids[i, start : len(seq)]
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
 
 def load_task_dataset(path_or_repo: str, task: str, revision: str | None = None) -> DatasetDict:
     """Load one task's splits from a folder written by ``build-datasets`` or from a Hub dataset repo.

@@ -45,6 +45,50 @@ def _reduced_lengths(task: IterativeTask, n_len: int, per_length: int) -> list[s
     return rows
 
 
+CARD_BODY = """
+# Iterative tasks for iteration heads
+
+Synthetic iterative tasks from ["Iteration Head: A Mechanistic Study of Chain-of-Thought"]({paper})
+(Cabannes et al., NeurIPS 2024), plus tasks the paper lacks, built by the hf-iterheads toolkit
+(`dataset_scripts/build_datasets.py`, seed {seed}, lengths 1..{n_len}, {per_length} train + {per_length} test sequences per length).
+
+An iterative algorithm keeps a state and folds the inputs into it: `s_t = F(s_(t-1), x_t)`. With
+chain-of-thought (CoT) a model writes every state `s_1 .. s_L`; the `text` column holds that sequence
+in the project tokenizer's vocabulary:
+
+    <task> x_1 .. x_L <eoi> s_1 .. s_L <eos>
+
+## Tasks (one config each)
+
+| config | rule | train | test |
+|---|---|---|---|
+{task_rows}
+
+**First step.** Every task starts its chain with `s_1 = x_1` and applies `F` from `t = 2`, as the
+paper's reference code does. For binary copy, parity and cumulative sums this equals starting from
+`s_0 = 0`; for polynomial iteration it is a special first step (with `s_0 = 0` every chain would start at 1).
+
+## Columns
+- `task` (string), `length` (L), `inputs` (`x_1..x_L`), `states` (`s_1..s_L`), `answer` (`s_L`),
+  `text` (the CoT sequence, space-separated tokens).
+
+## Splits
+For every length L = 1..{n_len} the same count is drawn (lengths are not sampled), uniformly at random.
+**Train and test never share an input sequence** (the paper's reference code lets them overlap for short
+lengths). Where a length has fewer than {twice} distinct input sequences, every distinct sequence
+is used exactly once and split in two halves (train gets the larger half). Lengths with fewer than
+{per_length} sequences per split (train/test):
+
+{reduced}
+
+## Use
+```python
+from datasets import load_dataset
+ds = load_dataset("{load_id}", "{default}")
+```
+"""
+
+
 def dataset_card(
     datasets: dict[str, DatasetDict], n_len: int, per_length: int, seed: int, repo_id: str | None = None
 ) -> DatasetCard:
@@ -86,48 +130,8 @@ def dataset_card(
         f"- `{name}`: " + ", ".join(r) for name in datasets if (r := _reduced_lengths(get_task(name), n_len, per_length))
     ) or "- none: every length has enough distinct inputs."
     load_id = repo_id or "ORG/NAME"
-    body = f"""
-# Iterative tasks for iteration heads
-
-Synthetic iterative tasks from ["Iteration Head: A Mechanistic Study of Chain-of-Thought"]({PAPER})
-(Cabannes et al., NeurIPS 2024), plus tasks the paper lacks, built by the hf-iterheads toolkit
-(`dataset_scripts/build_datasets.py`, seed {seed}, lengths 1..{n_len}, {per_length} train + {per_length} test sequences per length).
-
-An iterative algorithm keeps a state and folds the inputs into it: `s_t = F(s_(t-1), x_t)`. With
-chain-of-thought (CoT) a model writes every state `s_1 .. s_L`; the `text` column holds that sequence
-in the project tokenizer's vocabulary:
-
-    <task> x_1 .. x_L <eoi> s_1 .. s_L <eos>
-
-## Tasks (one config each)
-
-| config | rule | train | test |
-|---|---|---|---|
-{task_rows}
-
-**First step.** Every task starts its chain with `s_1 = x_1` and applies `F` from `t = 2`, as the
-paper's reference code does. For binary copy, parity and cumulative sums this equals starting from
-`s_0 = 0`; for polynomial iteration it is a special first step (with `s_0 = 0` every chain would start at 1).
-
-## Columns
-- `task` (string), `length` (L), `inputs` (`x_1..x_L`), `states` (`s_1..s_L`), `answer` (`s_L`),
-  `text` (the CoT sequence, space-separated tokens).
-
-## Splits
-For every length L = 1..{n_len} the same count is drawn (lengths are not sampled), uniformly at random.
-**Train and test never share an input sequence** (the paper's reference code lets them overlap for short
-lengths). Where a length has fewer than {2 * per_length} distinct input sequences, every distinct sequence
-is used exactly once and split in two halves (train gets the larger half). Lengths with fewer than
-{per_length} sequences per split (train/test):
-
-{reduced}
-
-## Use
-```python
-from datasets import load_dataset
-ds = load_dataset("{load_id}", "{default}")
-```
-"""
+    body = CARD_BODY.format(paper=PAPER, seed=seed, n_len=n_len, per_length=per_length, task_rows=task_rows,
+                            twice=2 * per_length, reduced=reduced, load_id=load_id, default=default)
     return DatasetCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 

@@ -43,14 +43,10 @@ PRESETS: dict[str, dict] = {
 }
 
 
-INIT_RANGE = 0.02  # GPT-2's own initializer_range; training recipes choose their own (training.INIT_RANGE)
+GPT2_INIT_RANGE = 0.02  # GPT-2's own initializer_range, when none is given; the training recipes set their own
 
 
-def preset_names() -> list[str]:
-    return list(PRESETS)
-
-
-def context_length(n_len: int) -> int:
+def max_sequence_length(n_len: int) -> int:
     """Longest sequence for training lengths 1..n_len: the CoT layout, ``2 * n_len + 3`` (no-CoT is shorter)."""
     return 2 * int(n_len) + 3
 
@@ -73,7 +69,7 @@ def build_config(
         raise IterHeadsError(f"n_len must be at least 1, got {n_len}")
     spec = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
     freeze = bool(spec.pop("freeze_positions", False))
-    init_range = float(spec.pop("initializer_range", None) or INIT_RANGE)
+    init_range = float(spec.pop("initializer_range", None) or GPT2_INIT_RANGE)
     embed_std = float(spec.pop("embed_init_std", None) or 0.0)
     n_embd, n_head = int(spec.pop("n_embd")), int(spec.pop("n_head"))
     if n_embd < 1 or n_head < 1 or n_embd % n_head:
@@ -87,7 +83,7 @@ def build_config(
     vocab = tokenizer.get_vocab()
     return GPT2Config(
         vocab_size=len(tokenizer),
-        n_positions=context_length(n_len),
+        n_positions=max_sequence_length(n_len),
         n_layer=n_layer,
         n_head=n_head,
         n_embd=n_embd,

@@ -7,14 +7,7 @@ from pathlib import Path
 import pytest
 from datasets import load_dataset
 
-from hf_iterheads.data import (
-    build_dataset,
-    collate,
-    encode,
-    load_task_dataset,
-    sample_batch,
-    split_sizes,
-)
+from hf_iterheads.data import build_dataset, load_task_dataset, split_sizes
 from hf_iterheads.dataset_builder import write_dataset_folder
 from hf_iterheads.tokenizer import Layout, build_tokenizer
 from tests.conftest import lay_into_hub_cache
@@ -109,20 +102,19 @@ def test_unknown_repo_offline_is_one_clear_error(hub_cache):
         load_task_dataset("acme/does-not-exist", "parity")
 
 
-def test_online_batches_and_collation():
+def test_batches_mask_everything_up_to_eoi_and_the_padding():
     import numpy as np
+
+    from hf_iterheads.training.data import assemble
 
     tok = build_tokenizer()
     layout = Layout(tok, "parity")
-    x, s = sample_batch("parity", 8, range(3, 6), np.random.default_rng(0))
-    batch = encode(layout, x, s)
-    L = x.shape[1]
-    assert batch["input_ids"].shape == (8, 2 * L + 3)
-    assert (batch["labels"][:, : L + 2] == -100).all() and (batch["labels"][:, L + 2 :] >= 0).all()
-    rows = [{"inputs": [1, 0], "states": [1, 1]}, {"inputs": [0, 1, 1, 0], "states": [0, 1, 0, 0]}]
-    padded = collate(rows, layout)
+    groups = [(layout, np.array([[1, 0]]), np.array([[1, 1]])), (layout, np.array([[0, 1, 1, 0]]), np.array([[0, 1, 0, 0]]))]
+    padded = assemble(groups, layout.pad_id)
     assert padded["input_ids"].shape == (2, 11) and padded["attention_mask"][0].sum() == 7
-    assert (padded["labels"][0, 7:] == -100).all() and padded["labels"][0, 4:7].tolist() == [1, 1, tok.eos_token_id]
+    assert (padded["labels"][0, :4] == -100).all() and (padded["labels"][0, 7:] == -100).all()
+    assert padded["labels"][0, 4:7].tolist() == [1, 1, tok.eos_token_id]  # s_1, s_2, EoS
+    assert padded["labels"][1, 6:11].tolist() == padded["input_ids"][1, 6:11].tolist()
 
 
 def run_script(*args):

@@ -22,7 +22,7 @@ from .schedule import make_scheduler
 
 def make_model(cfg: TrainConfig):
     """(model, tokenizer): a fresh preset model, or a checkpoint to fine-tune (transfer) from ``init_from``."""
-    from ..modeling import build_config, build_model, check_fits, iterheads_meta, load_checkpoint
+    from ..modeling import build_config, build_model, check_fits, iterheads_meta, load_checkpoint, max_sequence_length
 
     if cfg.init_from:
         model, tokenizer = load_checkpoint(cfg.init_from, for_training=True)
@@ -30,7 +30,7 @@ def make_model(cfg: TrainConfig):
         meta.update(cot=cfg.cot, n_len=cfg.n_len, tasks=list(dict.fromkeys(meta.get("tasks", []) + cfg.tasks)))
         model.config.iterheads = meta
     else:
-        tokenizer = build_tokenizer(model_max_length=2 * cfg.n_len + 3)
+        tokenizer = build_tokenizer(model_max_length=max_sequence_length(cfg.n_len))
         config = build_config(
             tokenizer, cfg.n_len, cfg.preset, cfg.cot, cfg.tasks, n_layer=cfg.n_layer, n_head=cfg.n_head,
             n_embd=cfg.n_embd, n_inner=cfg.n_inner, freeze_positions=cfg.freeze_positions or None,
