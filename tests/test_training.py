@@ -82,7 +82,7 @@ def test_end_to_end_run_writes_a_loadable_checkpoint(run):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_4", "step_8"]
 
 
-@pytest.mark.parametrize("data", ["online", "fixed", "adaptive"])
+@pytest.mark.parametrize("data", ["online", "fixed", "adaptive", "offsets"])
 def test_resume_after_interruption_gives_the_same_weights(tmp_path, data):
     # An epoch is 8 (online) or 9 (fixed) batches: the run is killed at step 12, resumes from the step-10
     # checkpoint in the middle of its second epoch, and must end exactly where the straight run ends.
@@ -92,6 +92,9 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path, data):
         # by step 20 some lengths are learned
         common = ["--data", "online", "--length-sampling", "adaptive", "--max-steps", "30", "--eval-every", "10",
                   "--checkpoint-every", "10", "--lr", "1e-2", "--schedule", "constant", "--n-len", "3", "--no-cot"]
+    if data == "offsets":  # every row shifted by a random position offset (lengths 1..3 in a 13-position context)
+        common = ["--data", "online", "--position-offsets", "--max-train-len", "3", "--max-steps", "14", "--eval-every", "5",
+                  "--checkpoint-every", "5"]
     task, stop = ("binary_copy", "27") if data == "adaptive" else ("polynomial", "12")
     assert run_train(tmp_path / "straight", *common, task=task) == 0
     interrupted_train(tmp_path / "broken", int(stop), *common, task=task)

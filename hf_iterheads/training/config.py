@@ -101,6 +101,9 @@ class TrainConfig:
     length_sampling: LengthSampling = field(default="adaptive", metadata=_help(
         "online data: lengths uniform, or adaptive (once attn1 peakiness reaches 0.5, the lengths the model still "
         "gets wrong are drawn more often)"))
+    position_offsets: bool = field(default=False, metadata=_help(
+        "online data: shift each training sequence by a random number of positions within the context, so every "
+        "position is trained and the look-up must be relative to EoI (for length generalisation)"))
     # --- optimisation ----------------------------------------------------------------------------------------
     lr: float = field(default=1e-3, metadata=_help("Adam learning rate after warmup"))
     betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=_help("Adam betas, e.g. 0.9,0.99"))
@@ -291,6 +294,6 @@ def check_config(cfg: TrainConfig) -> None:
             raise IterHeadsError(f"{flag_name(name)} must be 0 or more, got {getattr(cfg, name)}")
     if len(set(cfg.tasks)) != len(cfg.tasks):
         raise IterHeadsError(f"--task names a task twice: {','.join(cfg.tasks)}")
-    if (cfg.helpers or cfg.length_warmup or cfg.length_sampling != "uniform") and cfg.data != "online":
-        raise IterHeadsError("--curriculum, --length-warmup and --length-sampling adaptive need --data online "
-                             "(the fixed dataset is fixed)")
+    if (cfg.helpers or cfg.length_warmup or cfg.length_sampling != "uniform" or cfg.position_offsets) and cfg.data != "online":
+        raise IterHeadsError("--curriculum, --length-warmup, --length-sampling adaptive and --position-offsets need "
+                             "--data online (the fixed dataset is fixed)")

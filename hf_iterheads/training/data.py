@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data import build_dataset
 from ..evaluation import split_by_length
+from ..modeling import max_sequence_length
 from ..tasks import IterativeTask, get_task
 from ..tokenizer import Layout
 from .config import TrainConfig
@@ -160,7 +161,18 @@ class OnlineData(Dataset):
         for name, length, count in picks:
             x, s = self._draw(get_task(name), count, length, rng)
             groups.append((self.layouts[name], x, s))
-        return assemble(groups, self.pad_id)
+        batch = assemble(groups, self.pad_id)
+        if self.cfg.position_offsets:
+            batch["position_ids"] = position_offsets(batch["attention_mask"], max_sequence_length(self.cfg.n_len), rng)
+        return batch
+
+
+def position_offsets(mask: torch.Tensor, n_positions: int, rng: np.random.Generator) -> torch.Tensor:
+    """Position ids shifted per row by a random offset that keeps the row inside ``n_positions``: every position
+    gets trained, and since x_t no longer sits at an absolute position, the look-up has to be relative to EoI."""
+    room = n_positions - mask.sum(1).numpy()
+    offsets = torch.from_numpy(rng.integers(0, room + 1))
+    return (torch.arange(mask.shape[1])[None] + offsets[:, None]).clamp(max=n_positions - 1)  # padding: unread
 
 
 class OnlineSampler:

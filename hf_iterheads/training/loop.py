@@ -67,7 +67,7 @@ def loss_function(accelerator, model, cfg: TrainConfig):
     if accelerator.num_processes == 1 and not cfg.compile and supports_loss_after_eoi(model):
         def fast(batch):
             with accelerator.autocast():
-                return loss_after_eoi(model, batch["input_ids"], batch["labels"])
+                return loss_after_eoi(model, batch["input_ids"], batch["labels"], batch.get("position_ids"))
 
         return fast
 
