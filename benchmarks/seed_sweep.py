@@ -43,6 +43,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["binary_copy", "parity", "polynomial", "cumsum", "s3_product"]
 FORMED, SOLVED = 0.9, 0.99  # hf_iterheads.evaluation's thresholds (not imported: the manager stays light)
+DETECT_GRACE = 25.0  # seconds past --deadline that a finished run's detection may take
 EARLY_STEPS = (500, 1000, 1500, 2000, 3000, 4000)
 
 
@@ -75,6 +76,17 @@ class Job:
 
     def run_dir(self, runs: Path) -> Path:
         return runs / self.recipe.name / f"{self.task}-s{self.seed}"
+
+
+def last_json(text: str) -> dict | None:
+    """The last line of ``text`` that is a JSON object (warnings may follow it on stderr)."""
+    for line in reversed(text.splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue
+    return None
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -157,8 +169,8 @@ def describe_attention(model, tokenizer, task: str, length: int = 12, n: int = 6
     with torch.no_grad():
         atts = eager_attentions(model, input_ids=ids, attention_mask=torch.ones_like(ids))
     eoi = length + 1
-    q = torch.arange(length) + length  # predicts s_1..s_L
     t = torch.arange(1, length + 1)
+    q = t + length  # the query that predicts s_t: EoI (L + 1) for s_1, then s_(t-1) at L + t
     out = []
     for layer, a in enumerate(atts):
         for head in range(a.shape[1]):
@@ -176,8 +188,7 @@ def describe_attention(model, tokenizer, task: str, length: int = 12, n: int = 6
                     lab = "self (s_t-1)" if k == qq else f"chain s_t-1{k - qq:+d}"
                 labels[lab] = labels.get(lab, 0) + 1
             top_lab, count = max(labels.items(), key=lambda kv: kv[1])
-            rows = torch.arange(length)
-            mass_xt = w[:, rows, t].mean().item()
+            mass_xt = w[:, torch.arange(length), t].mean().item()  # query row i predicts s_(i+1): key x_(i+1)
             mass_inputs = w[:, :, 1 : length + 1].sum(-1).mean().item()
             out.append({"layer": layer, "head": head, "top_target": top_lab, "top_share": round(count / (n * length), 3),
                         "mass_x_t": round(mass_xt, 3), "mass_inputs": round(mass_inputs, 3),
@@ -194,7 +205,7 @@ def detect_run(run_dir: Path, task: str) -> dict[str, Any]:
 
     model = AutoModelForCausalLM.from_pretrained(str(run_dir)).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(run_dir))
-    n_len = json.loads((run_dir / "run_config.json").read_text()).get("n_len", 16)
+    n_len = int(getattr(model.config, "iterheads", {}).get("n_len", 16))
     res = detect_iteration_heads(model, tokenizer, task=task, lengths=f"{min(4, n_len)}-{n_len}")
     top = res.top_heads(1)[0]
     eoi = res.top_heads(1, key="eoi_score")[0]
@@ -232,8 +243,10 @@ class Sweep:
         with self.lock:
             if self.stopping or not self.jobs:
                 return None
-            if self.deadline is not None and self.durations and self.args.skip_unfinishable:
-                left = self.deadline - time.time()
+            left = None if self.deadline is None else self.deadline - time.time()
+            if left is not None and left < 30:
+                return None  # a run started now could not even get past its first evaluations
+            if left is not None and self.durations and self.args.skip_unfinishable:
                 if left < 0.8 * statistics.median(self.durations):
                     return None  # it would be killed before it ends: leave the cores to the runs in flight
             return self.jobs.pop(0)
@@ -305,14 +318,11 @@ class Sweep:
         record.update(summarize_run(out, job.task))
         if rc == 0:
             det_env = dict(env, CUDA_VISIBLE_DEVICES="")
-            left = None if self.deadline is None else max(1.0, self.deadline - time.time())
+            left = None if self.deadline is None else max(1.0, self.deadline + DETECT_GRACE - time.time())
             det_log = out.parent / f"{out.name}.detect.json"
             drc = self.call([sys.executable, str(Path(__file__).resolve()), "--detect", str(out), job.task],
                             det_env, det_log, left)
-            try:
-                record["detection"] = json.loads(det_log.read_text().strip().splitlines()[-1]) if drc == 0 else None
-            except (json.JSONDecodeError, IndexError):
-                record["detection"] = None
+            record["detection"] = last_json(det_log.read_text()) if drc == 0 else None
             if record["detection"] is None:
                 record["detection_error"] = det_log.read_text()[-500:] if det_log.is_file() else "killed"
         record["wall_s"] = round(time.time() - start, 1)
@@ -384,6 +394,25 @@ def _f(v, digits: int = 3) -> str:
     return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
 
 
+def circuit_class(r: dict) -> str:
+    """One of four circuits, from the detector and the per-layer attention (why: "no head" hides what formed).
+
+    * ``iteration head``: the detector flags a layer-1 head, attn1 peakiness >= 0.9;
+    * ``partial iteration head``: the same head, attn1 peakiness < 0.9;
+    * ``EoI head, no look-up``: layer 0 attends EoI most (the circuit's first half), layer 1 does not look x_t up;
+    * ``no EoI head``: layer 0 reads the inputs (x_t+k) and layer 1 the task token or the chain.
+    """
+    det = r.get("detection")
+    if not det:
+        return "unknown (no detection)"
+    if det.get("paper_head"):
+        return "iteration head" if (r.get("attn1") or 0) >= FORMED else "partial iteration head"
+    layer0 = next((h for h in det.get("attention", []) if h["layer"] == 0), None)
+    if layer0 is not None and layer0["top_target"] == "EoI":
+        return "EoI head, no look-up"
+    return "no EoI head"
+
+
 def _top(top: dict) -> str:
     """``L1 0.93 yes``: the detector's top head's layer, iteration score and whether it is flagged."""
     if not top:
@@ -415,8 +444,7 @@ def render(records: list[dict], notes: Path | None) -> str:
             steps = [r["formed_step"] for r in rs if r.get("formed_step") is not None]
             circuits: dict[str, int] = {}
             for r in rs:
-                c = (r.get("detection") or {}).get("circuit", "not detected (detector failed)")
-                c = "other" if c.startswith("other") else c
+                c = circuit_class(r)
                 circuits[c] = circuits.get(c, 0) + 1
             lines.append(f"| {rec} | `{rs[0]['flags'] or '(default)'}` | {task} | {len(rs)} | **{sum(r['success'] for r in rs)}** "
                          f"| {sum((r.get('accuracy') or 0) >= SOLVED for r in rs)} | {sum((r.get('attn1') or 0) >= FORMED for r in rs)} "
@@ -425,9 +453,10 @@ def render(records: list[dict], notes: Path | None) -> str:
                          f"| {', '.join(f'{k}: {v}' for k, v in circuits.items())} |")
     lines += ["", "## Every run", "", "Formed = first evaluation (every 500 steps, 256 test sequences per length) with "
               "attn1 peakiness >= 0.9; 0.99 = first with accuracy >= 0.99. Seconds are the run's own training clock. "
-              "Circuit: `iteration head (layer 1)` = the detector's top head is in layer 1 and flagged; `other` lists, "
-              "per layer, the most common argmax target of the positions that predict s_t (x_t = the iteration "
-              "head's target; x_t+k = another input; EoI; chain = the CoT states) and its share.", "",
+              "Circuit: the class (`circuit_class`), then `iteration head (layer 1)` = the detector's top head is in "
+              "layer 1 and flagged, or `other:` per layer, the most common argmax target of the positions that "
+              "predict s_t (x_t = the iteration head's target; x_t+k = another input; EoI; chain s_t-1-k = the CoT "
+              "states before the query's own) and its share.", "",
               "| recipe | task | seed | status | head formed: step (s) | acc 0.99: step (s) | final acc | worst L (acc) "
               "| final attn1 | top head (layer, score, flagged) | circuit | device | wall s |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -440,7 +469,7 @@ def render(records: list[dict], notes: Path | None) -> str:
             f"| {_f(r.get('formed_step'))} ({_f(r.get('formed_s'), 0)}) | {_f(r.get('acc99_step'))} ({_f(r.get('acc99_s'), 0)}) "
             f"| {_f(r.get('accuracy'))} | {f'L={worst[0]} ({worst[1]:.2f})' if worst else '-'} | {_f(r.get('attn1'))} "
             f"| {_top(top)} "
-            f"| {det.get('circuit', '-')} | {r['device']} | {r['wall_s']:.0f} |")
+            f"| {circuit_class(r)}: {det.get('circuit', '-')} | {r['device']} | {r['wall_s']:.0f} |")
     lines += ["", "## Early signals: attn0 / attn1 peakiness (and attn0 mass) at steps 500-4,000, formed vs not", "",
               "Mean over the runs of each group (finished runs; formed = attn1 peakiness >= 0.9 at some evaluation).", "",
               "| recipe | task | group | runs | " + " | ".join(f"step {s}" for s in EARLY_STEPS) + " |",
