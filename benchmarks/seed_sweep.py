@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["binary_copy", "parity", "polynomial", "cumsum", "s3_product"]
 FORMED, SOLVED = 0.9, 0.99  # hf_iterheads.evaluation's thresholds (not imported: the manager stays light)
 DETECT_GRACE = 25.0  # seconds past --deadline that a finished run's detection may take
-EARLY_STEPS = (500, 1000, 1500, 2000, 3000, 4000)
+EARLY_STEPS = (500, 1000, 1500, 2000, 2500, 3000, 4000)
 
 
 @dataclass(frozen=True)
@@ -488,7 +488,22 @@ def render(records: list[dict], notes: Path | None) -> str:
                     vals = [v for v in vals if None not in v]
                     cells.append("-" if not vals else "/".join(f"{statistics.mean(v[i] for v in vals):.2f}" for i in range(3)))
                 lines.append(f"| {rec} | {task} | {name} | {len(group)} | " + " | ".join(cells) + " |")
-    lines += ["", "Cells: attn0 peakiness / attn1 peakiness / attn0 mass."]
+    lines += ["", "Cells: attn0 peakiness / attn1 peakiness / attn0 mass.", "",
+              "### attn1 mass by final circuit (all tasks of a recipe)", "",
+              "attn1 mass = mean attention from the position that predicts s_t to x_t in layer 1. Cells: min - max over "
+              "the runs (mean).", "", "| recipe | final circuit | runs | " + " | ".join(f"step {s}" for s in EARLY_STEPS) + " |",
+              "|---|---|---|" + "---|" * len(EARLY_STEPS)]
+    for rec in recipes:
+        rs = [r for r in records if r["recipe"] == rec and r["status"] == "ok"]
+        for cls in ("iteration head", "partial iteration head", "EoI head, no look-up", "no EoI head"):
+            group = [r for r in rs if circuit_class(r) == cls]
+            if not group:
+                continue
+            cells = []
+            for step in EARLY_STEPS:
+                vals = [v for v in (_at(r["curve"], step, "attn1_mass") for r in group) if v is not None]
+                cells.append("-" if not vals else f"{min(vals):.2f} - {max(vals):.2f} ({statistics.mean(vals):.2f})")
+            lines.append(f"| {rec} | {cls} | {len(group)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
