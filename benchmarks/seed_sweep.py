@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["binary_copy", "parity", "polynomial", "cumsum", "s3_product"]
 FORMED, SOLVED = 0.9, 0.99  # hf_iterheads.evaluation's thresholds (not imported: the manager stays light)
 DETECT_GRACE = 25.0  # seconds past --deadline that a finished run's detection may take
+CURVE_KEYS = ("step", "time", "accuracy", "attn0_peakiness", "attn1_peakiness", "attn0_mass", "attn1_mass")
 EARLY_STEPS = (500, 1000, 1500, 2000, 2500, 3000, 4000)
 
 
@@ -113,8 +114,7 @@ def read_curve(run_dir: Path, task: str) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue  # a line cut by a kill
         if r.get("kind") == "eval" and r.get("task") == task:
-            curve.append({k: (round(r[k], 4) if isinstance(r.get(k), float) else r.get(k))
-                          for k in ("step", "time", "accuracy", "attn0_peakiness", "attn1_peakiness", "attn0_mass", "attn1_mass")})
+            curve.append({k: (round(r[k], 4) if isinstance(r.get(k), float) else r.get(k)) for k in CURVE_KEYS})
     # a resumed/restarted log may repeat steps: keep the last record per step
     return list({r["step"]: r for r in curve}.values())
 
@@ -446,9 +446,12 @@ def render(records: list[dict], notes: Path | None) -> str:
             for r in rs:
                 c = circuit_class(r)
                 circuits[c] = circuits.get(c, 0) + 1
-            lines.append(f"| {rec} | `{rs[0]['flags'] or '(default)'}` | {task} | {len(rs)} | **{sum(r['success'] for r in rs)}** "
-                         f"| {sum((r.get('accuracy') or 0) >= SOLVED for r in rs)} | {sum((r.get('attn1') or 0) >= FORMED for r in rs)} "
-                         f"| {sum((r.get('detection') or {}).get('paper_head', False) for r in rs)} "
+            n_acc = sum((r.get("accuracy") or 0) >= SOLVED for r in rs)
+            n_head = sum((r.get("attn1") or 0) >= FORMED for r in rs)
+            n_det = sum((r.get("detection") or {}).get("paper_head", False) for r in rs)
+            n_ok = sum(r["success"] for r in rs)
+            lines.append(f"| {rec} | `{rs[0]['flags'] or '(default)'}` | {task} | {len(rs)} | **{n_ok}** "
+                         f"| {n_acc} | {n_head} | {n_det} "
                          f"| {_f(statistics.median(steps) if steps else None, 0)} ({len(steps)} formed) "
                          f"| {', '.join(f'{k}: {v}' for k, v in circuits.items())} |")
     lines += ["", "## Every run", "", "Formed = first evaluation (every 500 steps, 256 test sequences per length) with "
