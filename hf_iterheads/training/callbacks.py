@@ -107,7 +107,10 @@ class LengthFeedback(Callback):
 
     def on_batch(self, run: Run, batch: dict, loss: torch.Tensor, correct: torch.Tensor) -> None:
         length = (batch["labels"][:, 1:] != -100).int().argmax(1) - 1  # EoI sits at L + 1
-        rows = torch.stack([self.task_index[batch["input_ids"][:, 0]], length, correct.long()], 1)
+        ids = batch["input_ids"][:, 0]
+        if self.task_index.device != ids.device:  # on a GPU the batch is there: index on its device
+            self.task_index = self.task_index.to(ids.device)
+        rows = torch.stack([self.task_index[ids], length, correct.long()], 1)
         rows = run.accelerator.gather(rows).cpu().numpy()
         self.lengths.observe(rows[:, 0], rows[:, 1], rows[:, 2])
 
