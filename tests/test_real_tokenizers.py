@@ -12,11 +12,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from hf_iterheads.detect.detection import detect_iteration_heads
 from hf_iterheads.detect.probes import make_probes
 from hf_iterheads.errors import IterHeadsError
 
@@ -51,8 +49,8 @@ def tiny_model_for(name: str, vocab: int, seed: int = 0):
         Qwen2Config,
     )
 
-    small = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 max_position_embeddings=512, initializer_range=0.3)
+    small = {"vocab_size": vocab, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "max_position_embeddings": 512, "initializer_range": 0.3}
     configs = {
         "gpt2": lambda: GPT2Config(vocab_size=vocab, n_layer=2, n_head=4, n_embd=32, n_positions=512, initializer_range=0.3),
         "phi2": lambda: PhiConfig(partial_rotary_factor=0.5, **small),

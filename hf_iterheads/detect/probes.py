@@ -23,8 +23,8 @@ iteration head; bits repeat a lot, so a head that matches content cannot either.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch

@@ -14,7 +14,7 @@ they are scored (the shots' values are context, never queries or keys).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -83,9 +83,11 @@ def chat(tokenizer, template: str, shots: Sequence[Chain], inputs: Sequence[int]
         user, answer, xs, ss = _turns(template, a, b)
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
         spans = (xs, ss)
+    from jinja2.exceptions import TemplateError  # transformers renders chat templates with jinja2
+
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False)
-    except Exception as err:  # jinja2 TemplateError and friends: the template refuses this conversation
+    except (TemplateError, ValueError, TypeError, KeyError) as err:  # the template refuses this conversation
         raise IterHeadsError(f"the chat template of {name!r} cannot render the probes: {str(err).strip().splitlines()[0]}") from None
     pos, starts = 0, []
     for m in messages:
