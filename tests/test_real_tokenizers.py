@@ -12,9 +12,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from hf_iterheads.detect.detection import detect_iteration_heads
 from hf_iterheads.detect.probes import make_probes
 from hf_iterheads.errors import IterHeadsError
 
@@ -63,7 +65,8 @@ def tiny_model_for(name: str, vocab: int, seed: int = 0):
         "olmo2": lambda: Olmo2Config(pad_token_id=0, **small),
     }
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(configs[name]()).eval()
+    # eager at construction: Falcon cannot switch its attention implementation afterwards
+    return AutoModelForCausalLM.from_config(configs[name](), attn_implementation="eager").eval()
 
 
 def _text(tok, token_id) -> str:
@@ -140,3 +143,19 @@ def test_which_tokenizers_have_a_chat_template():
     assert have == list(CHAT)
     with pytest.raises(IterHeadsError, match="has no chat template"):
         make_probes(load_tokenizer("mistral"), "parity", "4", n=2, chat=True)
+@pytest.mark.parametrize("name", NAMES)
+def test_detect_end_to_end_complete_finite_tables(name):
+    tok = load_tokenizer(name)
+    model = tiny_model_for(name, len(tok))
+    kwargs = {"chat": True} if name in CHAT else {"shots": 1}
+    result = detect_iteration_heads(model, tok, task="polynomial", lengths="4-6", n=6, batch_size=4,
+                                    template=list(TEMPLATES[:2]), ablate=True, n_random=1, **kwargs)
+    d = result.to_dict()
+    assert (d["n_layers"], d["n_heads"]) == (2, 4)
+    for key in ("iteration_score", "iteration_all_score", "eoi_score", "peakiness", "prev_score", "next_score", "baseline",
+                "iteration_score_spread"):
+        arr = np.asarray(d[key], dtype=float)
+        assert arr.shape == (2, 4) and np.isfinite(arr).all(), key
+    assert len(d["iteration_score_by_template"]) == 2 and d["templates"] == list(TEMPLATES[:2])
+    assert 0 <= d["clean_accuracy"]["token_accuracy"] <= 1
+    assert np.isfinite(d["ablation"]["zero"]["top"]["token_accuracy"])

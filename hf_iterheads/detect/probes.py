@@ -103,6 +103,33 @@ class Probes:
                              torch.from_numpy(self.informative[idx]))
 
 
+def concat_probes(parts: Sequence[Probes]) -> Probes:
+    """Several renderings (e.g. one per template) as one batch, so ablation runs once over all of them."""
+    if len(parts) == 1:
+        return parts[0]
+    width = max(p.input_ids.shape[1] for p in parts)
+
+    def widen(t: torch.Tensor) -> torch.Tensor:  # right padding is masked out; id 0 exists in every vocabulary
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]))
+
+    def cat(name: str) -> torch.Tensor:
+        return torch.cat([getattr(p, name) for p in parts])
+
+    def stack(name: str) -> np.ndarray:
+        return np.concatenate([getattr(p, name) for p in parts])
+
+    first = parts[0]
+    return Probes(
+        task=first.task, rendering=first.rendering,
+        input_ids=torch.cat([widen(p.input_ids) for p in parts]), attention_mask=torch.cat([widen(p.attention_mask) for p in parts]),
+        lengths=stack("lengths"), inputs=stack("inputs"), states=stack("states"), x_pos=cat("x_pos"), state_pos=cat("state_pos"),
+        pred_pos=cat("pred_pos"), eoi_pos=cat("eoi_pos"), target_ids=cat("target_ids"), template=first.template,
+        texts=[t for p in parts for t in (p.texts or [])] or None, bos=any(p.bos for p in parts),
+        multi_token=any(p.multi_token for p in parts), shots=first.shots, chat=first.chat,
+        seq_lens=stack("seq_lens"), informative=stack("informative"),
+    )
+
+
 def _pad(rows: list[np.ndarray], width: int, fill: int = -1) -> np.ndarray:
     out = np.full((len(rows), width), fill, dtype=np.int64)
     for i, r in enumerate(rows):
