@@ -15,6 +15,9 @@ Weights are captured inside each model's own eager attention and reduced to thes
 A head is ``detected`` when its iteration score is at least ``MIN_SCORE``, ``CHANCE_RATIO`` times the
 uniform baseline and ``CONTROL_RATIO`` times either neighbour control. Layers and heads are 0-based:
 the paper's "layer-2 head" of a 2-layer model is layer 1.
+
+Scores are also split by whether the model's own greedy ``s_t`` is right (:mod:`.competence`), so a readout on a
+model that cannot do the task says so; with several templates the tables are means and ``by_template`` keeps each.
 """
 
 from __future__ import annotations
@@ -467,6 +470,7 @@ class IterationHeadDetector:
         if limit is not None and probes.max_tokens > limit:
             raise IterHeadsError(
                 f"the longest probe has {probes.max_tokens} tokens but the model's context is {limit}; use shorter --lengths"
+                + (" or fewer --shots" if probes.shots else "")
             )
         vocab = getattr(getattr(self.model, "get_input_embeddings", lambda: None)(), "num_embeddings", None)
         if vocab is not None and int(probes.input_ids.max()) >= vocab:
@@ -581,8 +585,8 @@ def detect_iteration_heads(model, tokenizer=None, task: str = "parity", lengths=
     """One call: load (if given a name), probe, score, optionally ablate (``ablate=True``).
 
     Loading keywords (``revision``, ``dtype``, ``device``, ``device_map``, ``trust_remote_code``) go to the
-    loader; the rest (``seed``, ``rendering``, ``template``, ``batch_size``, ``ablate``, ``top_k`` ...) to
-    :meth:`IterationHeadDetector.detect`.
+    loader; the rest (``seed``, ``rendering``, ``template`` (one or a list), ``shots``, ``chat``, ``batch_size``,
+    ``ablate``, ``top_k``, ``competence`` ...) to :meth:`IterationHeadDetector.detect`.
     """
     load_keys = ("revision", "dtype", "device", "device_map", "trust_remote_code")
     load = {k: kwargs.pop(k) for k in load_keys if k in kwargs}
