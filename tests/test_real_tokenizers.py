@@ -9,6 +9,7 @@ clone: these tests skip then (``HF_ITERHEADS_TOKENIZERS`` points elsewhere).
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -29,11 +30,17 @@ pytestmark = pytest.mark.skipif(not ROOT.is_dir(), reason=f"no real tokenizers a
 
 
 def load_tokenizer(name: str):
-    from transformers import AutoTokenizer
-
     folder = ROOT / name
     if not folder.is_dir():
         pytest.skip(f"no tokenizer folder {folder}")
+    return _load(folder)
+
+
+@functools.cache
+def _load(folder: Path):
+    """Loaded once per session: building Qwen2's fast tokenizer from vocab.json + merges.txt takes seconds."""
+    from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(folder)
 
 
@@ -148,8 +155,9 @@ def test_detect_end_to_end_complete_finite_tables(name):
     tok = load_tokenizer(name)
     model = tiny_model_for(name, len(tok))
     kwargs = {"chat": True} if name in CHAT else {"shots": 1}
+    ablate = name in ("mistral", "phi3")  # the SentencePiece pair; ablation is tokenizer-independent otherwise
     result = detect_iteration_heads(model, tok, task="polynomial", lengths="4-6", n=6, batch_size=4,
-                                    template=list(TEMPLATES[:2]), ablate=True, n_random=1, **kwargs)
+                                    template=list(TEMPLATES[:2]), ablate=ablate, n_random=1, **kwargs)
     d = result.to_dict()
     assert (d["n_layers"], d["n_heads"]) == (2, 4)
     for key in ("iteration_score", "iteration_all_score", "eoi_score", "peakiness", "prev_score", "next_score", "baseline",
@@ -158,4 +166,4 @@ def test_detect_end_to_end_complete_finite_tables(name):
         assert arr.shape == (2, 4) and np.isfinite(arr).all(), key
     assert len(d["iteration_score_by_template"]) == 2 and d["templates"] == list(TEMPLATES[:2])
     assert 0 <= d["clean_accuracy"]["token_accuracy"] <= 1
-    assert np.isfinite(d["ablation"]["zero"]["top"]["token_accuracy"])
+    assert not ablate or np.isfinite(d["ablation"]["zero"]["top"]["token_accuracy"])

@@ -319,7 +319,9 @@ class DetectionResult:
         """How many templates each head is detected under on its own (all heads 1 with one template)."""
         if not self.by_template:
             return self.detected().astype(int)
-        return sum(DetectionResult(self.model, self.task, t, {}).detected().astype(int) for t in self.by_template)
+        if "_passed" not in self.__dict__:  # top_heads asks once per head
+            self._passed = sum(DetectionResult(self.model, self.task, t, {}).detected().astype(int) for t in self.by_template)
+        return self._passed
 
     def to_dict(self) -> dict[str, Any]:
         s = self.scores
