@@ -52,6 +52,16 @@ def test_split_matches_an_independent_computation():
             s = (valid & sel)[:, None, :]
             want.append(((m * s).sum((0, 2)) / s.sum()).numpy())
         np.testing.assert_allclose(comp["scores"][f"iteration_score_{outcome}"], np.stack(want), atol=1e-5)
+    q, k = probes.pairs(idx)["eoi"]  # s_t -> EoI, split by the prediction made at s_t (of s_(t+1))
+    nxt = torch.cat([hit[:, 1:], torch.zeros_like(hit[:, :1])], 1)
+    has_next = torch.cat([pred[:, 1:] >= 0, torch.zeros_like(hit[:, :1])], 1)
+    for outcome, sel in (("correct", nxt & has_next), ("wrong", ~nxt & has_next)):
+        want = []
+        for a in atts:
+            m, valid = mass_on(a, q, k)
+            s = (valid & sel)[:, None, :]
+            want.append(((m * s).sum((0, 2)) / s.sum()).numpy())
+        np.testing.assert_allclose(comp["scores"][f"eoi_score_{outcome}"], np.stack(want), atol=1e-5)
     n = comp["counts"]["iteration"]
     whole = (comp["scores"]["iteration_score_correct"] * n["correct"] + comp["scores"]["iteration_score_wrong"] * n["wrong"])
     np.testing.assert_allclose(whole / (n["correct"] + n["wrong"]), score_heads(model, probes, 5)["iteration_score"], atol=1e-5)

@@ -24,8 +24,9 @@ from ..tasks import get_task
 from .attention import AttentionCapture, find_attention_modules, head_counts
 from .probes import Probes
 
-# Scores whose queries are the positions that predict s_t (eoi's queries hold s_t: they predict the next one).
-SPLIT_NAMES = ("iteration", "iteration_all", "prev", "next")
+# Every score but the baselines. The queries of iteration/prev/next predict s_t; eoi's queries hold s_t and
+# predict s_(t+1), so eoi is split by that prediction, and its last step (which predicts no state) by neither.
+SPLIT_NAMES = ("iteration", "iteration_all", "eoi", "prev", "next")
 OUTCOMES = ("correct", "wrong")
 CANNOT = "the model cannot do the task; ablation drops are uninformative"
 
@@ -54,6 +55,12 @@ def _greedy_hits(model, batch: dict[str, torch.Tensor], pred: torch.Tensor, targ
         rows = pred.clamp(min=0)
     top = logits.argmax(-1).cpu()  # (B, kept rows)
     return (top.gather(1, rows) == target) & valid
+
+
+def _own_prediction(hit: torch.Tensor, steps: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(right, defined) of the prediction made at each pair's query: [the one predicting s_t, the one holding s_t]."""
+    none = torch.zeros_like(hit[:, :1])
+    return [(hit, steps), (torch.cat([hit[:, 1:], none], 1), torch.cat([steps[:, 1:], none], 1))]
 
 
 def at_chance(accuracy: float, chance: float, steps: int) -> bool:
@@ -85,10 +92,12 @@ def competence_scores(model, probes: Probes, batch_size: int = 16) -> dict[str, 
             batch = {k: v.to(device) for k, v in probes.batch(idx).items()}
             hit = _greedy_hits(model, batch, probes.pred_pos[idx], probes.target_ids[idx], keep)
             hits[idx] = hit.numpy()
+            own = _own_prediction(hit, probes.pred_pos[idx] >= 0)
             for k in SPLIT_NAMES:
                 q, kk = cpu_pairs[k]
-                valid = (q >= 0) & (kk >= 0)
-                for o, sel in zip(OUTCOMES, (valid & hit, valid & ~hit)):
+                h, defined = own[k == "eoi"]
+                valid = (q >= 0) & (kk >= 0) & defined
+                for o, sel in zip(OUTCOMES, (valid & h, valid & ~h)):
                     count[k, o] += int(sel.sum())
                     w = sel[:, None, :].float()
                     for layer, m in stash.items():

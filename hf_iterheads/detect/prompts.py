@@ -89,12 +89,12 @@ def chat(tokenizer, template: str, shots: Sequence[Chain], inputs: Sequence[int]
         text = tokenizer.apply_chat_template(messages, tokenize=False)
     except (TemplateError, ValueError, TypeError, KeyError) as err:  # the template refuses this conversation
         raise IterHeadsError(f"the chat template of {name!r} cannot render the probes: {str(err).strip().splitlines()[0]}") from None
-    pos, starts = 0, []
-    for m in messages:
-        found = text.find(m["content"], pos)
+    end, starts = len(text), []
+    for m in reversed(messages):  # from the end: a system prompt (dates, digits) comes first and is never matched
+        found = text.rfind(m["content"], 0, end)
         if found < 0:
             raise IterHeadsError(f"the chat template of {name!r} rewrites the message {m['content']!r}; its values cannot be located")
         starts.append(found)
-        pos = found + len(m["content"])
-    (xs, ss), (u, s) = spans, starts[-2:]
+        end = found
+    (xs, ss), (s, u) = spans, starts[:2]
     return text, [(a + u, b + u) for a, b in xs], [(a + s, b + s) for a, b in ss]
