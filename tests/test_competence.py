@@ -24,6 +24,7 @@ from hf_iterheads.detect.probes import make_probes
 from hf_iterheads.errors import IterHeadsError
 from hf_iterheads.tokenizer import build_tokenizer
 from tests.test_detection import CLI_SCRIPT, planted_gpt2, text_tokenizer, tiny_model  # noqa: F401  (fixture)
+from tests.test_probes import _check_positions
 from tests.test_real_tokenizers import ROOT as REAL_TOKENIZERS
 from tests.test_real_tokenizers import tiny_model_for
 
@@ -133,6 +134,25 @@ def test_few_shot_scores_the_probe_only():
         make_probes(build_tokenizer(), "parity", "4", n=2, rendering="native", shots=1)
     with pytest.raises(IterHeadsError, match="has no chat template"):
         make_probes(tok, "parity", "4", n=2, chat=True)
+
+
+def test_chat_with_a_system_prompt_full_of_values():
+    """A system prompt listing every 4-bit parity chain: the probe's own turns, at the end, are the ones located."""
+    from itertools import product
+
+    from hf_iterheads.tasks import get_task
+
+    parity = get_task("parity")
+    xs = np.array(list(product([0, 1], repeat=4)))
+    listing = " ".join(f"{' '.join(map(str, x))} -> {' '.join(map(str, y))} ," for x, y in zip(xs, parity.run(xs)))
+    tok = text_tokenizer(bos=False)
+    tok.chat_template = "system : " + listing + " </s>\n{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </s>\n{% endfor %}"
+    probes = make_probes(tok, "parity", "4", n=6, seed=0, chat=True)
+    _check_positions(probes, tok)
+    for i in range(len(probes)):
+        words = tok.convert_ids_to_tokens(probes.input_ids[i].tolist())
+        assert int(probes.x_pos[i, 0]) > words.index("</s>")  # after the system prompt
+        assert words[int(probes.eoi_pos[i])] == ":" and words[int(probes.eoi_pos[i]) - 1] == "<unk>"  # "assistant :"
 
 
 @pytest.fixture(scope="module")
