@@ -83,7 +83,8 @@ def chat(tokenizer, template: str, shots: Sequence[Chain], inputs: Sequence[int]
         user, answer, xs, ss = _turns(template, a, b)
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
         spans = (xs, ss)
-    from jinja2.exceptions import TemplateError  # transformers renders chat templates with jinja2
+    # transformers renders chat templates with jinja2
+    from jinja2.exceptions import TemplateError
 
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False)
