@@ -170,6 +170,7 @@ def test_planted_iteration_head_ranks_first(planted_gpt2, native_tok):
     top = result.top_heads(2)
     assert (top[0]["layer"], top[0]["head"]) == (1, 2)
     assert top[0]["score"] == pytest.approx(1.0) and top[0]["peakiness"] == pytest.approx(1.0)
+    assert top[0]["entropy"] == pytest.approx(0.0, abs=1e-6)  # one-hot rows
     assert top[0]["detected"] and not top[1]["detected"]
     assert top[0]["prev_score"] == pytest.approx(0.0) and top[0]["next_score"] == pytest.approx(0.0)
     eoi = result.top_heads(1, key="eoi_score")[0]

@@ -476,6 +476,9 @@ def _ablation_lines(ab: dict) -> list[str]:
         if mode in ab:
             top, rnd = ab[mode]["top"], ab[mode]["random_mean"]
             line = f"  {mode:>4}-ablate found: token acc {top['token_accuracy']:.3f} chain {top['sequence_accuracy']:.3f} log-prob {top['log_prob']:.3f}"
+            same = ab[mode].get("matched")
+            if same:
+                line += f" | same-layer random: token acc {same['token_accuracy']:.3f} log-prob {same['log_prob']:.3f}"
             if rnd:
                 line += f" | {len(ab[mode]['random'])} random draws: token acc {rnd['token_accuracy']:.3f} chain {rnd['sequence_accuracy']:.3f} log-prob {rnd['log_prob']:.3f}"
             out.append(line)
@@ -659,7 +662,13 @@ def add_cli(subparsers) -> None:
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the repo's own modeling code (off by default)")
     p.add_argument("--ablate", action="store_true", help="zero- and mean-ablate the top-k heads vs k random heads")
-    p.add_argument("--top-k", type=int, default=1, help="heads to ablate (default 1)")
+    p.add_argument("--patch", action="store_true", help="counterfactual patching: share of the logit difference each top-k head moves")
+    p.add_argument("--top-k", type=int, default=1, help="heads to ablate / patch (default 1)")
+    p.add_argument("--pattern", action="append", default=[], metavar="MODULE:ATTR",
+                   help="score an extra head pattern (a HeadPattern, or a list of them); repeatable")
+    p.add_argument("--capture", choices=CAPTURES, default="auto",
+                   help="rows: fast attention, probabilities for the probe rows only; eager: each model's eager attention; "
+                   "auto (default): rows, eager where rows cannot work")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--output-dir", required=True, help="folder for scores.json, heads.png, best_head_attention.png")
@@ -674,6 +683,9 @@ def _run_cli(args: argparse.Namespace) -> int:
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise IterHeadsError(f"--output-dir {out} exists and is not a folder")
+    from .patterns import load_pattern_spec
+
+    extra = [p for spec in args.pattern for p in load_pattern_spec(spec)]
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # errors stay one line; the table is the output
@@ -682,7 +694,10 @@ def _run_cli(args: argparse.Namespace) -> int:
         revision=args.revision, dtype=args.dtype, device=args.device, device_map=args.device_map,
         trust_remote_code=args.trust_remote_code, seed=args.seed, rendering=args.rendering,
         template=args.template, batch_size=args.batch_size, ablate=args.ablate, top_k=args.top_k,
+        patterns=extra or None, capture=args.capture, patch=args.patch,
     )
+    if result.meta.get("capture_note"):
+        print(f"note: {result.meta['capture_note']}", file=sys.stderr)
     for note in write_outputs(result, out):
         print(note, file=sys.stderr)
     print(result.table())
