@@ -429,11 +429,15 @@ class DetectionResult:
         extra = self._extra_columns()
         labels = [(p.column or p.name)[:7] for p in extra]
         lines = [
-            f"iteration heads of {self.model} on {self.task} ({self.meta.get('rendering')} rendering, "
-            f"{self.meta.get('n')} probes, lengths {self.meta.get('lengths_spec')}, {self.meta.get('capture', 'eager')} capture); "
-            "layers/heads 0-based",
-            f"{'rank':>4} {'layer':>5} {'head':>4} {'kv':>3} {'iter':>6} {'peak':>6} {'ent':>6} {'x_t-1':>6} {'x_t+1':>6} "
-            f"{'chance':>6} {'eoi':>6} " + "".join(f"{c:>8}" for c in labels) + "  detected",
+            (
+                f"iteration heads of {self.model} on {self.task} ({self.meta.get('rendering')} rendering, "
+                f"{self.meta.get('n')} probes, lengths {self.meta.get('lengths_spec')}, "
+                f"{self.meta.get('capture', 'eager')} capture); layers/heads 0-based"
+            ),
+            (
+                f"{'rank':>4} {'layer':>5} {'head':>4} {'kv':>3} {'iter':>6} {'peak':>6} {'ent':>6} {'x_t-1':>6} {'x_t+1':>6} "
+                f"{'chance':>6} {'eoi':>6} "
+            ) + "".join(f"{c:>8}" for c in labels) + "  detected",
         ]
         for rank, row in enumerate(self.top_heads(k), 1):
             l, h = row["layer"], row["head"]

@@ -188,7 +188,7 @@ def patch_heads(
     denominator = clean_sum - cf_sum
     shares = [float(m / denominator) if abs(denominator) / len(used) > MIN_DENOMINATOR else None for m in moved]
     return {
-        "n": int(len(used)),
+        "n": len(used),
         "skipped": int(len(probes) - len(used)),
         "clean_logit_diff": clean_sum / len(used),
         "counterfactual_logit_diff": cf_sum / len(used),
@@ -210,7 +210,10 @@ def run_patching(
     groups += [[tuple(map(int, h))] for h in extra] + [[(layer, h) for h in range(n_heads)] for layer in layers]
     out = patch_heads(model, probes, groups, seed, batch_size)
     shares = iter(out.pop("shares"))
-    row = lambda h: {"layer": h[0], "head": h[1], "share": next(shares)}  # noqa: E731
+
+    def row(h: Head) -> dict:
+        return {"layer": h[0], "head": h[1], "share": next(shares)}
+
     out["heads"] = [row(h) for h in heads]
     out["random"] = [row(h) for h in matched]
     out["contrast"] = row(tuple(extra[0])) if extra else None
@@ -226,8 +229,10 @@ def _fmt(share: float | None) -> str:
 def patch_lines(p: dict) -> list[str]:
     """The ``--patch`` lines of the terminal table."""
     lines = [
-        f"patching x_t (counterfactual x_t changes s_t) on {p['n']} probes ({p['skipped']} without a counterfactual): "
-        f"logit diff clean {p['clean_logit_diff']:.3f}, counterfactual {p['counterfactual_logit_diff']:.3f}; share moved:",
+        (
+            f"patching x_t (counterfactual x_t changes s_t) on {p['n']} probes ({p['skipped']} without a counterfactual): "
+            f"logit diff clean {p['clean_logit_diff']:.3f}, counterfactual {p['counterfactual_logit_diff']:.3f}; share moved:"
+        ),
         "  found: " + ", ".join(f"L{r['layer']}H{r['head']} {_fmt(r['share'])}" for r in p["heads"]),
         "  random same layer: " + (", ".join(f"L{r['layer']}H{r['head']} {_fmt(r['share'])}" for r in p["random"]) or "none (one head per layer)"),
     ]
