@@ -211,13 +211,19 @@ CAPTURES = ("auto", "rows", "eager")
 
 @torch.no_grad()
 def score_heads(
-    model, probes: Probes, batch_size: int = 16, patterns: list[HeadPattern | str] | None = None, capture: str = "auto"
+    model,
+    probes: Probes,
+    batch_size: int = 16,
+    patterns: list[HeadPattern | str] | None = None,
+    capture: str = "auto",
+    stop_early: bool = True,
 ) -> dict[str, Any]:
     """Per-head scores of every pattern on ``probes``; every array is (n_layers, n_heads).
 
     ``capture``: ``rows`` (the model's fast attention, probabilities for the probe rows only), ``eager`` (each
     model's own eager attention) or ``auto`` (rows, eager where rows cannot work). ``capture`` and
-    ``capture_note`` in the result say which ran and why.
+    ``capture_note`` in the result say which ran and why. ``stop_early=False`` runs the layers after the last
+    attention and the LM head anyway (as before; only to compare speed).
     """
     if capture not in CAPTURES:
         raise IterHeadsError(f"unknown capture {capture!r}; use {', '.join(CAPTURES)}")
@@ -225,15 +231,15 @@ def score_heads(
     note = None
     if capture in ("auto", "rows"):
         try:
-            return {**_score(model, probes, batch_size, patterns, "rows"), "capture": "rows", "capture_note": None}
+            return {**_score(model, probes, batch_size, patterns, "rows", stop_early), "capture": "rows", "capture_note": None}
         except RowsUnavailable as err:
             if capture == "rows":
                 raise IterHeadsError(f"row-sliced capture does not work for {type(model).__name__}: {err}") from None
             note = f"row-sliced capture unavailable ({err}); used eager attention"
-    return {**_score(model, probes, batch_size, patterns, "eager"), "capture": "eager", "capture_note": note}
+    return {**_score(model, probes, batch_size, patterns, "eager", stop_early), "capture": "eager", "capture_note": note}
 
 
-def _score(model, probes: Probes, batch_size: int, patterns: list[HeadPattern], capture: str) -> dict[str, Any]:
+def _score(model, probes: Probes, batch_size: int, patterns: list[HeadPattern], capture: str, stop_early: bool) -> dict[str, Any]:
     n_layers = len(find_attention_modules(model))
     n_heads, n_kv = head_counts(model)
     acc = _Accumulator(n_layers, n_heads, patterns)
@@ -244,7 +250,7 @@ def _score(model, probes: Probes, batch_size: int, patterns: list[HeadPattern], 
         if layer not in windows:
             windows[layer] = _window(module, config)
         acc.add(layer, weights, windows[layer], rows)
-        if layer == n_layers - 1:
+        if stop_early and layer == n_layers - 1:
             raise _StopForward  # the rest of the model (last MLP, norm, LM head) changes no score
 
     device = next(model.parameters()).device
