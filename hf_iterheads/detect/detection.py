@@ -346,7 +346,10 @@ class DetectionResult:
         return [p for p in registered_patterns() if p.key("score") in self.scores]
 
     def _pattern(self, name: str) -> HeadPattern:
-        return next(p for p in self.head_patterns if p.name == name or p.key("score") == name)
+        found = next((p for p in self.head_patterns if p.name == name or p.key("score") == name), None)
+        if found is None:
+            raise IterHeadsError(f"no head pattern {name!r}; scored: {', '.join(p.name for p in self.head_patterns)}")
+        return found
 
     @property
     def n_layers(self) -> int:
@@ -381,8 +384,8 @@ class DetectionResult:
     def top_heads(self, k: int | None = None, key: str = "iteration_score") -> list[dict[str, Any]]:
         """Heads ranked by ``key``; iteration rows also carry every other pattern's score (and the entropy)."""
         s, out = self.scores, []
-        ranked_by = self._pattern(key)
-        det = self.pattern_detected(ranked_by.name) if ranked_by.baseline else None
+        ranked_by = next((p for p in self.head_patterns if p.key("score") == key), None)  # None: any other grid
+        det = self.pattern_detected(ranked_by.name) if ranked_by is not None and ranked_by.baseline else None
         for layer, head in self.ranked(key)[:k]:
             row = {"layer": layer, "head": head, "score": float(s[key][layer, head])}
             if key == "iteration_score":
@@ -398,7 +401,7 @@ class DetectionResult:
                 )
                 for p in self.head_patterns:
                     row.setdefault(p.key("score"), float(s[p.key("score")][layer, head]))
-            elif ranked_by.baseline:
+            elif det is not None:
                 row.update(baseline=float(s[ranked_by.key("baseline")][layer, head]), detected=bool(det[layer, head]))
             out.append(row)
         return out

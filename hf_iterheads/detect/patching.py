@@ -165,7 +165,7 @@ def patch_heads(
                 continue
             batch = {k: v.to(device) for k, v in probes.batch(idx).items()}
             cf_batch = {**batch, "input_ids": cf["input_ids"][idx, : batch["input_ids"].shape[1]].to(device)}
-            pos = probes.pred_pos[idx, torch.as_tensor(cf["step"][idx])]
+            pos = probes.pred_pos[torch.as_tensor(idx), torch.as_tensor(cf["step"][idx])]
             a, c = torch.as_tensor(cf["clean_token"][idx]), torch.as_tensor(cf["cf_token"][idx])
             patcher.pos, patcher.patch = pos, {}
             patcher.recording = True

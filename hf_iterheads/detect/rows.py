@@ -37,12 +37,12 @@ def _mask(*args, **kwargs):
 
 
 def _register() -> None:
+    """Make the function and its mask known to transformers (idempotent)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    if NAME not in AttentionInterface._global_mapping:
-        AttentionInterface.register(NAME, rows_attention_forward)
-        AttentionMaskInterface.register(NAME, _mask)
+    AttentionInterface.register(NAME, rows_attention_forward)
+    AttentionMaskInterface.register(NAME, _mask)
 
 
 def row_probabilities(query, key, mask, rows: torch.Tensor | None, scaling: float | None, softcap: float | None) -> torch.Tensor:
