@@ -8,10 +8,14 @@ For every (layer, head) the detector measures, on teacher-forced CoT probes (:mo
   ``x_t`` is, and a trained head skips the look-up); ``iteration_all_score`` counts every step;
 * ``eoi_score`` -- mass from the positions holding ``s_t`` to EoI (the layer-1 partner of the circuit);
 * controls -- the same mass on ``x_(t-1)`` and ``x_(t+1)`` (``prev_score``, ``next_score``) and the uniform
-  ``baseline`` 1/(visible keys), so a score can be read as "how far above chance".
+  ``baseline`` 1/(visible keys), so a score can be read as "how far above chance"; ``entropy`` -- the
+  normalised attention entropy of the query rows.
 
-Weights are captured inside each model's own eager attention and reduced to these numbers layer by layer
-(:class:`hf_iterheads.detect.attention.AttentionCapture`), so memory never holds layers x heads x T x T.
+Each of these is a head pattern (:mod:`hf_iterheads.detect.patterns`: presets plus whatever users register);
+everything below loops over them. Probabilities are computed row-sliced beside the model's fast attention
+(:mod:`hf_iterheads.detect.rows`), or inside its own eager attention where that cannot work
+(:class:`hf_iterheads.detect.attention.AttentionCapture`), and reduced to these numbers layer by layer, so
+memory never holds layers x heads x T x T; the forward stops after the last attention layer.
 A head is ``detected`` when its iteration score is at least ``MIN_SCORE``, ``CHANCE_RATIO`` times the
 uniform baseline and ``CONTROL_RATIO`` times either neighbour control. Layers and heads are 0-based:
 the paper's "layer-2 head" of a 2-layer model is layer 1.
