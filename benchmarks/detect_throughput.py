@@ -167,7 +167,7 @@ def _report(runs: list[dict], a, started: str) -> list[str]:
         "# Detector throughput: naive vs eager capture vs row-sliced capture",
         "",
         (
-            f"`python benchmarks/detect_throughput.py --out {a.out}`, started {started}, {platform.machine()}, "
+            f"`python benchmarks/detect_throughput.py {' '.join(sys.argv[1:])}`, started {started}, {platform.machine()}, "
             f"{os.cpu_count()} CPUs shared with other jobs (load average before each run below), torch {torch.__version__}, "
             f"transformers {transformers.__version__}, bf16 native: {torch.ops.mkldnn._is_mkldnn_bf16_supported()}. "
             f"Random models, {a.n} parity probes of lengths 4-16 (native layout), batch {a.batch_size}. "
