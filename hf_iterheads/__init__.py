@@ -31,4 +31,8 @@ def __getattr__(name: str):
         from .detect import detection
 
         return getattr(detection, name)
+    if name in ("register_pattern", "HeadPattern"):
+        from .detect import patterns
+
+        return getattr(patterns, name)
     raise AttributeError(name)

@@ -106,9 +106,12 @@ def test_a_head_passing_under_one_wording_only_shows_it(planted_gpt2, native_tok
     """The planted head looks at x_t in the native layout; one more <eoi> shifts it onto x_(t+1)."""
     same = "<parity> {inputs} <eoi> {states} <eos>"
     shifted = "<parity> {inputs} <eoi> <eoi> {states} <eos>"
-    result = detect_iteration_heads(planted_gpt2, native_tok, task="parity", lengths="4-8", n=10, template=[same, shifted])
+    # capture="eager": the plant lives in GPT-2's eager attention function
+    result = detect_iteration_heads(planted_gpt2, native_tok, task="parity", lengths="4-8", n=10, template=[same, shifted],
+                                    capture="eager")
     d = result.to_dict()
-    one = [detect_iteration_heads(planted_gpt2, native_tok, task="parity", lengths="4-8", n=10, template=t).scores for t in (same, shifted)]
+    one = [detect_iteration_heads(planted_gpt2, native_tok, task="parity", lengths="4-8", n=10, template=t, capture="eager").scores
+           for t in (same, shifted)]
     np.testing.assert_allclose(result.scores["iteration_score"], (one[0]["iteration_score"] + one[1]["iteration_score"]) / 2, atol=1e-6)
     assert d["iteration_score_by_template"][0][1][2] == pytest.approx(1.0) and d["iteration_score_by_template"][1][1][2] < 0.1
     assert d["iteration_score_spread"][1][2] > 0.9 and d["templates_passed"][1][2] == 1

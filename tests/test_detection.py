@@ -165,10 +165,12 @@ def planted_gpt2(monkeypatch, native_tok):
 
 
 def test_planted_iteration_head_ranks_first(planted_gpt2, native_tok):
-    result = detect_iteration_heads(planted_gpt2, native_tok, task="parity", lengths="4-12", n=24, batch_size=7)
+    # the plant lives in GPT-2's eager attention function, so capture inside it
+    result = detect_iteration_heads(planted_gpt2, native_tok, task="parity", lengths="4-12", n=24, batch_size=7, capture="eager")
     top = result.top_heads(2)
     assert (top[0]["layer"], top[0]["head"]) == (1, 2)
     assert top[0]["score"] == pytest.approx(1.0) and top[0]["peakiness"] == pytest.approx(1.0)
+    assert top[0]["entropy"] == pytest.approx(0.0, abs=1e-6)  # one-hot rows
     assert top[0]["detected"] and not top[1]["detected"]
     assert top[0]["prev_score"] == pytest.approx(0.0) and top[0]["next_score"] == pytest.approx(0.0)
     eoi = result.top_heads(1, key="eoi_score")[0]
@@ -191,7 +193,7 @@ def test_model_without_weights_is_refused(monkeypatch, native_tok):
     original = gpt2.eager_attention_forward
     monkeypatch.setattr(gpt2, "eager_attention_forward", lambda *a, **k: (original(*a, **k)[0], None))
     with pytest.raises(IterHeadsError, match="no attention weights"):
-        detect_iteration_heads(tiny_model("gpt2"), native_tok, n=4, lengths="4")
+        detect_iteration_heads(tiny_model("gpt2"), native_tok, n=4, lengths="4", capture="eager")
 
 
 def test_context_and_tokenizer_checks(native_tok):

@@ -155,6 +155,19 @@ def random_heads(n_layers: int, n_heads: int, k: int, exclude: Sequence[Head], r
     return [pool[i] for i in sorted(rng.choice(len(pool), size=k, replace=False))]
 
 
+def matched_heads(heads: Sequence[Head], n_heads: int, rng: np.random.Generator) -> list[Head]:
+    """For each head, a random other head of the same layer (none where the layer has no other head left)."""
+    taken = set(map(tuple, heads))
+    out: list[Head] = []
+    for layer, _ in heads:
+        pool = [(layer, h) for h in range(n_heads) if (layer, h) not in taken]
+        if pool:
+            pick = pool[int(rng.integers(len(pool)))]
+            taken.add(pick)
+            out.append(pick)
+    return out
+
+
 def run_ablation(
     model,
     probes: Probes,
@@ -164,7 +177,8 @@ def run_ablation(
     n_random: int = 3,
     modes: Sequence[str] = ("zero", "mean"),
 ) -> dict:
-    """Clean metrics, then each mode for the given heads and for ``n_random`` draws of as many random other heads."""
+    """Clean metrics, then each mode for the given heads, for random heads of the same layers (``matched``, the
+    fairer control: same depth, same share of the layer) and for ``n_random`` draws of as many random other heads."""
     heads = [tuple(map(int, h)) for h in heads]
     n_layers, (n_heads, _) = len(_projections(model)), head_counts(model)
     rng = np.random.default_rng(seed)
@@ -173,6 +187,7 @@ def run_ablation(
         d = random_heads(n_layers, n_heads, len(heads), heads, rng)
         if d and d not in draws:
             draws.append(d)
+    matched = matched_heads(heads, n_heads, rng)
     out: dict = {"heads": [list(h) for h in heads], "clean": teacher_forced_metrics(model, probes, batch_size)}
     means = head_means(model, probes, batch_size) if "mean" in modes else None
     for mode in modes:
@@ -183,5 +198,9 @@ def run_ablation(
             with ablate_heads(model, d, mode, means):
                 rand.append({"heads": [list(h) for h in d], **teacher_forced_metrics(model, probes, batch_size)})
         avg = {k: float(np.mean([r[k] for r in rand])) for k in top} if rand else None
-        out[mode] = {"top": top, "random": rand, "random_mean": avg}
+        same_layer = None
+        if matched:
+            with ablate_heads(model, matched, mode, means):
+                same_layer = {"heads": [list(h) for h in matched], **teacher_forced_metrics(model, probes, batch_size)}
+        out[mode] = {"top": top, "matched": same_layer, "random": rand, "random_mean": avg}
     return out

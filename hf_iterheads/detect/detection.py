@@ -8,10 +8,14 @@ For every (layer, head) the detector measures, on teacher-forced CoT probes (:mo
   ``x_t`` is, and a trained head skips the look-up); ``iteration_all_score`` counts every step;
 * ``eoi_score`` -- mass from the positions holding ``s_t`` to EoI (the layer-1 partner of the circuit);
 * controls -- the same mass on ``x_(t-1)`` and ``x_(t+1)`` (``prev_score``, ``next_score``) and the uniform
-  ``baseline`` 1/(visible keys), so a score can be read as "how far above chance".
+  ``baseline`` 1/(visible keys), so a score can be read as "how far above chance"; ``entropy`` -- the
+  normalised attention entropy of the query rows.
 
-Weights are captured inside each model's own eager attention and reduced to these numbers layer by layer
-(:class:`hf_iterheads.detect.attention.AttentionCapture`), so memory never holds layers x heads x T x T.
+Each of these is a head pattern (:mod:`hf_iterheads.detect.patterns`: presets plus whatever users register);
+everything below loops over them. Probabilities are computed row-sliced beside the model's fast attention
+(:mod:`hf_iterheads.detect.rows`), or inside its own eager attention where that cannot work
+(:class:`hf_iterheads.detect.attention.AttentionCapture`), and reduced to these numbers layer by layer, so
+memory never holds layers x heads x T x T; the forward stops after the last attention layer.
 A head is ``detected`` when its iteration score is at least ``MIN_SCORE``, ``CHANCE_RATIO`` times the
 uniform baseline and ``CONTROL_RATIO`` times either neighbour control. Layers and heads are 0-based:
 the paper's "layer-2 head" of a 2-layer model is layer 1.
@@ -36,17 +40,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..circuit import mass_on
+from ..circuit import PEAK_THRESHOLD, mass_on
 from ..errors import IterHeadsError
 from ..modeling import bundled_path
 from ..tasks import get_task
 from .attention import AttentionCapture, find_attention_modules, head_counts
+from .patterns import HeadPattern, registered_patterns, resolve_patterns
 from .probes import Probes, concat_probes, make_probes, parse_lengths
+from .rows import RowCapture, RowsUnavailable
 
 MIN_SCORE = 0.25
 CHANCE_RATIO = 3.0
 CONTROL_RATIO = 2.0
-SCORE_NAMES = ("iteration", "iteration_all", "eoi", "prev", "next")
 DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -139,31 +144,62 @@ def context_length(model) -> int | None:
 # --- scoring ---------------------------------------------------------------------------------------------
 
 
-class _Accumulator:
-    """Running sums per layer, filled by the capture hook; the patterns themselves are never kept."""
+class _StopForward(Exception):
+    """Raised after the last attention layer is scored: the rest of the model (and its LM head) is not needed."""
 
-    def __init__(self, n_layers: int, n_heads: int) -> None:
-        self.mass = {k: np.zeros((n_layers, n_heads)) for k in SCORE_NAMES}
-        self.peak = {k: np.zeros((n_layers, n_heads)) for k in SCORE_NAMES}
-        self.count = {k: np.zeros(n_layers) for k in SCORE_NAMES}
-        self.chance = {k: np.zeros(n_layers) for k in ("iteration", "eoi")}
+
+def _visible(q: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Keys a query at position q sees under right padding: 0..q, or its sliding window."""
+    visible = (q + 1).clamp(min=1).double()
+    return visible.clamp(max=window) if window else visible
+
+
+class _Accumulator:
+    """Running sums per layer and pattern, filled by the capture hook; the attention itself is never kept."""
+
+    def __init__(self, n_layers: int, n_heads: int, patterns: list[HeadPattern]) -> None:
+        self.patterns, self.n_heads = patterns, n_heads
+        names = [p.name for p in patterns]
+        self.mass = {k: np.zeros((n_layers, n_heads)) for k in names}
+        self.peak = {k: np.zeros((n_layers, n_heads)) for k in names}
+        self.entropy = {k: np.zeros((n_layers, n_heads)) for k in names}
+        self.count = {k: np.zeros(n_layers) for k in names}
+        self.chance = {k: np.zeros(n_layers) for k in names}
         self.pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def add(self, layer: int, module, weights: torch.Tensor, window: int | None) -> None:
-        if weights.shape[1] != self.mass["iteration"].shape[1]:
-            raise IterHeadsError(f"layer {layer} gave {weights.shape[1]} heads, expected {self.mass['iteration'].shape[1]}")
-        for name, (q, k) in self.pairs.items():
-            m, valid = mass_on(weights, q, k)
+    def rows(self) -> torch.Tensor:
+        """Sorted query positions any pattern reads in this batch: the only rows row-sliced capture computes."""
+        qs = [q[q >= 0] for q, _ in self.pairs.values()]
+        return torch.unique(torch.cat(qs)) if qs else torch.zeros(0, dtype=torch.long)
+
+    def add(self, layer: int, weights: torch.Tensor, window: int | None, rows: torch.Tensor | None = None) -> None:
+        """``weights`` (B, H, T or R, T): full patterns, or only the query positions ``rows`` (R,)."""
+        if weights.shape[1] != self.n_heads:
+            raise IterHeadsError(f"layer {layer} gave {weights.shape[1]} heads, expected {self.n_heads}")
+        lookup = None
+        if rows is not None:
+            rows = rows.to(weights.device)
+            lookup = torch.full((int(rows.max()) + 1 if len(rows) else 1,), -1, dtype=torch.long, device=weights.device)
+            lookup[rows] = torch.arange(len(rows), device=weights.device)
+        for p in self.patterns:
+            q, k = self.pairs[p.name]
+            qr = q if lookup is None else torch.where(q >= 0, lookup[q.clamp(min=0)], -1)
+            m, valid = mass_on(weights, qr, k)
             m = m.float()
             v = valid.to(m.device)[:, None, :]
-            self.mass[name][layer] += (m * v).sum((0, 2)).double().cpu().numpy()
-            self.peak[name][layer] += ((m > 0.5) & v).sum((0, 2)).double().cpu().numpy()
-            self.count[name][layer] += int(valid.sum())
-            if name in self.chance:  # right padding: query q sees keys 0..q (or its sliding window)
-                visible = (q + 1).clamp(min=1).double()
-                if window:
-                    visible = visible.clamp(max=window)
-                self.chance[name][layer] += float((1.0 / visible)[valid].sum())
+            self.mass[p.name][layer] += (m * v).sum((0, 2)).double().cpu().numpy()
+            self.peak[p.name][layer] += ((m > PEAK_THRESHOLD) & v).sum((0, 2)).double().cpu().numpy()
+            self.count[p.name][layer] += int(valid.sum())
+            if p.baseline or p.entropy:
+                visible = _visible(q, window)
+                self.chance[p.name][layer] += float((1.0 / visible)[valid].sum())
+            if p.entropy:
+                b, h = weights.shape[:2]
+                r = weights.gather(2, qr.clamp(min=0)[:, None, :, None].expand(b, h, -1, weights.shape[-1])).float()
+                ent = -torch.special.xlogy(r, r).sum(-1)  # (B, H, P) nats
+                norm = visible.log().to(ent.device, torch.float32)[:, None, :]
+                ent = torch.where(norm > 0, ent / norm.clamp(min=1e-12), torch.zeros_like(ent))  # one visible key: 0
+                self.entropy[p.name][layer] += (ent * v).sum((0, 2)).double().cpu().numpy()
 
     def mean(self, kind: dict, name: str) -> np.ndarray:
         return kind[name] / np.maximum(self.count[name], 1)[:, None]
@@ -178,36 +214,82 @@ def _window(module, config) -> int | None:
     return value if isinstance(value, int) and value > 0 else None
 
 
+CAPTURES = ("auto", "rows", "eager")
+
+
 @torch.no_grad()
-def score_heads(model, probes: Probes, batch_size: int = 16) -> dict[str, Any]:
-    """Per-head scores on ``probes``; every array is (n_layers, n_heads)."""
+def score_heads(
+    model,
+    probes: Probes,
+    batch_size: int = 16,
+    patterns: list[HeadPattern | str] | None = None,
+    capture: str = "auto",
+    stop_early: bool = True,
+) -> dict[str, Any]:
+    """Per-head scores of every pattern on ``probes``; every array is (n_layers, n_heads).
+
+    ``capture``: ``rows`` (the model's fast attention, probabilities for the probe rows only), ``eager`` (each
+    model's own eager attention) or ``auto`` (rows, eager where rows cannot work). ``capture`` and
+    ``capture_note`` in the result say which ran and why. ``stop_early=False`` runs the layers after the last
+    attention and the LM head anyway (as before; only to compare speed).
+    """
+    if capture not in CAPTURES:
+        raise IterHeadsError(f"unknown capture {capture!r}; use {', '.join(CAPTURES)}")
+    patterns = resolve_patterns(patterns)
+    note = None
+    if capture in ("auto", "rows"):
+        try:
+            return {**_score(model, probes, batch_size, patterns, "rows", stop_early), "capture": "rows", "capture_note": None}
+        except RowsUnavailable as err:
+            if capture == "rows":
+                raise IterHeadsError(f"row-sliced capture does not work for {type(model).__name__}: {err}") from None
+            note = f"row-sliced capture unavailable ({err}); used eager attention"
+    return {**_score(model, probes, batch_size, patterns, "eager", stop_early), "capture": "eager", "capture_note": note}
+
+
+def _score(model, probes: Probes, batch_size: int, patterns: list[HeadPattern], capture: str, stop_early: bool) -> dict[str, Any]:
     n_layers = len(find_attention_modules(model))
     n_heads, n_kv = head_counts(model)
-    acc = _Accumulator(n_layers, n_heads)
+    acc = _Accumulator(n_layers, n_heads, patterns)
     windows: dict[int, int | None] = {}
     config = getattr(model.config, "get_text_config", lambda: model.config)()
 
-    def on_layer(layer, module, weights):
+    def on_layer(layer, module, weights, rows=None):
         if layer not in windows:
             windows[layer] = _window(module, config)
-        acc.add(layer, module, weights, windows[layer])
+        acc.add(layer, weights, windows[layer], rows)
+        if stop_early and layer == n_layers - 1:
+            raise _StopForward  # the rest of the model (last MLP, norm, LM head) changes no score
 
     device = next(model.parameters()).device
     params = _forward_params(model)
     keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
     if "use_cache" in params:  # a KV cache would hold every layer's keys and values: memory grows with depth
         keep["use_cache"] = False
-    with AttentionCapture(model, on_layer) as capture:
+    runner = RowCapture(model, on_layer) if capture == "rows" else AttentionCapture(model, lambda l, m, w: on_layer(l, m, w))
+    with runner:
         for idx in probes.batches(batch_size):
-            acc.pairs = {k: (q.to(device), kk.to(device)) for k, (q, kk) in probes.pairs(idx).items()}
+            acc.pairs = {}
+            for p in patterns:
+                q, k = p.pairs(probes, idx)
+                acc.pairs[p.name] = (q.to(device), k.to(device))
+            if capture == "rows":
+                runner.rows = acc.rows()
             batch = {k: v.to(device) for k, v in probes.batch(idx).items()}
-            model(**batch, **keep)
-        capture.check_complete()
-    scores = {f"{k}_score": acc.mean(acc.mass, k) for k in SCORE_NAMES}
-    scores["peakiness"] = acc.mean(acc.peak, "iteration")
-    scores["eoi_peakiness"] = acc.mean(acc.peak, "eoi")
-    scores["baseline"] = np.repeat((acc.chance["iteration"] / np.maximum(acc.count["iteration"], 1))[:, None], n_heads, 1)
-    scores["eoi_baseline"] = np.repeat((acc.chance["eoi"] / np.maximum(acc.count["eoi"], 1))[:, None], n_heads, 1)
+            try:
+                model(**batch, **keep)
+            except _StopForward:
+                pass
+            runner.check_complete()
+    scores: dict[str, Any] = {}
+    for p in patterns:
+        scores[p.key("score")] = acc.mean(acc.mass, p.name)
+        if p.peakiness:
+            scores[p.key("peakiness")] = acc.mean(acc.peak, p.name)
+        if p.entropy:
+            scores[p.key("entropy")] = acc.mean(acc.entropy, p.name)
+        if p.baseline:
+            scores[p.key("baseline")] = np.repeat((acc.chance[p.name] / np.maximum(acc.count[p.name], 1))[:, None], n_heads, 1)
     for name, arr in scores.items():
         if not np.isfinite(arr).all():
             raise IterHeadsError(f"{name} has non-finite values: the model's attention produced NaN/inf (try --dtype float32)")
@@ -226,18 +308,23 @@ def _forward_params(model) -> set[str]:
 
 
 @torch.no_grad()
-def attention_pattern(model, probes: Probes, index: int, layer: int, head: int) -> np.ndarray:
-    """One head's (T, T) pattern on one probe, for the picture; only that slice is kept."""
+def attention_pattern(model, probes: Probes, index: int, layer: int, head: int, capture: str = "eager") -> np.ndarray:
+    """One head's (T, T) pattern on one probe, for the picture; only that slice is kept (``capture``: rows or eager)."""
     kept: list[np.ndarray] = []
 
-    def on_layer(l, module, weights):
+    def on_layer(l, module, weights, rows=None):
         if l == layer:
             kept.append(weights[0, head].float().cpu().numpy())
+            raise _StopForward
 
     device = next(model.parameters()).device
     idx = np.array([index])
-    with AttentionCapture(model, on_layer):
-        model(**{k: v.to(device) for k, v in probes.batch(idx).items()}, use_cache=False)
+    runner = RowCapture(model, on_layer) if capture == "rows" else AttentionCapture(model, on_layer)
+    with runner:
+        try:
+            model(**{k: v.to(device) for k, v in probes.batch(idx).items()}, use_cache=False)
+        except _StopForward:
+            pass
     return kept[0]
 
 
@@ -258,6 +345,21 @@ class DetectionResult:
     pattern_marks: dict | None = field(default=None, repr=False)
     competence: dict | None = field(default=None, repr=False)  # competence.competence_scores (pooled over templates)
     by_template: list[dict] | None = field(default=None, repr=False)  # score_heads per template, when several
+    patterns: list[HeadPattern] | None = field(default=None, repr=False)
+    patch: dict | None = None
+
+    @property
+    def head_patterns(self) -> list[HeadPattern]:
+        """The patterns scored (those given, else every registered one present in ``scores``)."""
+        if self.patterns is not None:
+            return self.patterns
+        return [p for p in registered_patterns() if p.key("score") in self.scores]
+
+    def _pattern(self, name: str) -> HeadPattern:
+        found = next((p for p in self.head_patterns if p.name == name or p.key("score") == name), None)
+        if found is None:
+            raise IterHeadsError(f"no head pattern {name!r}; scored: {', '.join(p.name for p in self.head_patterns)}")
+        return found
 
     @property
     def n_layers(self) -> int:
@@ -267,15 +369,22 @@ class DetectionResult:
     def n_heads(self) -> int:
         return int(self.scores["iteration_score"].shape[1])
 
+    def pattern_detected(self, name: str) -> np.ndarray:
+        """Score >= MIN_SCORE, >= CHANCE_RATIO x its baseline and >= CONTROL_RATIO x each of its controls."""
+        p, s = self._pattern(name), self.scores
+        score = s[p.key("score")]
+        ok = score >= MIN_SCORE
+        if p.baseline:
+            ok &= score >= CHANCE_RATIO * s[p.key("baseline")]
+        for c in p.controls:
+            ok &= score >= CONTROL_RATIO * s[self._pattern(c).key("score")]
+        return ok
+
     def detected(self) -> np.ndarray:
-        s = self.scores
-        it = s["iteration_score"]
-        control = np.maximum(s["prev_score"], s["next_score"])
-        return (it >= MIN_SCORE) & (it >= CHANCE_RATIO * s["baseline"]) & (it >= CONTROL_RATIO * control)
+        return self.pattern_detected("iteration")
 
     def eoi_detected(self) -> np.ndarray:
-        s = self.scores
-        return (s["eoi_score"] >= MIN_SCORE) & (s["eoi_score"] >= CHANCE_RATIO * s["eoi_baseline"])
+        return self.pattern_detected("eoi")
 
     def ranked(self, key: str = "iteration_score") -> list[tuple[int, int]]:
         arr = self.scores[key]
@@ -283,7 +392,10 @@ class DetectionResult:
         return [divmod(int(i), self.n_heads) for i in order]
 
     def top_heads(self, k: int | None = None, key: str = "iteration_score") -> list[dict[str, Any]]:
-        s, det, out = self.scores, self.detected(), []
+        """Heads ranked by ``key``; iteration rows also carry every other pattern's score (and the entropy)."""
+        s, out = self.scores, []
+        ranked_by = next((p for p in self.head_patterns if p.key("score") == key), None)  # None: any other grid
+        det = self.pattern_detected(ranked_by.name) if ranked_by is not None and ranked_by.baseline else None
         for layer, head in self.ranked(key)[:k]:
             row = {"layer": layer, "head": head, "score": float(s[key][layer, head])}
             if key == "iteration_score":
@@ -295,11 +407,13 @@ class DetectionResult:
                     baseline=float(s["baseline"][layer, head]),
                     kv_group=int(s["kv_group"][layer, head]),
                     detected=bool(det[layer, head]),
+                    entropy=float(s["entropy"][layer, head]),
                 )
-            else:
-                row.update(baseline=float(s["eoi_baseline"][layer, head]), detected=bool(self.eoi_detected()[layer, head]))
-            if key == "iteration_score":
+                for p in self.head_patterns:
+                    row.setdefault(p.key("score"), float(s[p.key("score")][layer, head]))
                 row.update(self._extra_columns(layer, head))
+            elif det is not None:
+                row.update(baseline=float(s[ranked_by.key("baseline")][layer, head]), detected=bool(det[layer, head]))
             out.append(row)
         return out
 
@@ -327,14 +441,18 @@ class DetectionResult:
         s = self.scores
         grid = lambda a: [[round(float(v), 6) for v in row] for row in a]  # noqa: E731
         out = {"model": self.model, "task": self.task, "n_layers": self.n_layers, "n_heads": self.n_heads}
-        for key in ("iteration_score", "iteration_all_score", "eoi_score", "peakiness", "eoi_peakiness", "prev_score", "next_score", "baseline", "eoi_baseline"):
-            out[key] = grid(s[key])
+        for p in self.head_patterns:
+            for what in ["score", *p.reported]:
+                out[p.key(what)] = grid(s[p.key(what)])
         out["n_kv_heads"] = int(s["n_kv_heads"])
         out["kv_group"] = [[int(v) for v in row] for row in s["kv_group"]]
-        out["detected"] = [[bool(v) for v in row] for row in self.detected()]
+        for p in self.head_patterns:
+            if p.baseline:
+                out[p.key("detected")] = [[bool(v) for v in row] for row in self.pattern_detected(p.name)]
         out["top_heads"] = self.top_heads()
         out["eoi_top_heads"] = self.top_heads(key="eoi_score")
         out["criteria"] = {"min_score": MIN_SCORE, "chance_ratio": CHANCE_RATIO, "control_ratio": CONTROL_RATIO}
+        out["patterns"] = {p.name: p.describe() for p in self.head_patterns}
         out.update(self.meta)
         if self.by_template:
             out["iteration_score_spread"] = grid(s["iteration_score_spread"])
@@ -349,32 +467,58 @@ class DetectionResult:
             out.update(to_json(self.competence))
         if self.ablation is not None:
             out["ablation"] = self.ablation
+        if self.patch is not None:
+            out["patch"] = self.patch
         return out
+
+    def _pattern_columns(self) -> list[HeadPattern]:
+        return [p for p in self.head_patterns if p.plot and p.name not in ("iteration", "eoi")]
 
     def table(self, k: int = 10) -> str:
         """The ranked table the CLI prints (layers and heads 0-based)."""
         s = self.scores
+        extra = self._pattern_columns()
+        labels = [(p.column or p.name)[:7] for p in extra]
         lines = [
-            f"iteration heads of {self.model} on {self.task} ({self.meta.get('rendering')} rendering, "
-            f"{self.meta.get('n')} probes, lengths {self.meta.get('lengths_spec')}); layers/heads 0-based",
-            f"{'rank':>4} {'layer':>5} {'head':>4} {'kv':>3} {'iter':>6} {'peak':>6} {'x_t-1':>6} {'x_t+1':>6} "
-            f"{'chance':>6} {'eoi':>6}  detected{self._extra_header()}",
+            (
+                f"iteration heads of {self.model} on {self.task} ({self.meta.get('rendering')} rendering, "
+                f"{self.meta.get('n')} probes, lengths {self.meta.get('lengths_spec')}, "
+                f"{self.meta.get('capture', 'eager')} capture); layers/heads 0-based"
+            ),
+            (
+                f"{'rank':>4} {'layer':>5} {'head':>4} {'kv':>3} {'iter':>6} {'peak':>6} {'ent':>6} {'x_t-1':>6} {'x_t+1':>6} "
+                f"{'chance':>6} {'eoi':>6} "
+            ) + "".join(f"{c:>8}" for c in labels) + "  detected" + self._extra_header(),
         ]
         for rank, row in enumerate(self.top_heads(k), 1):
             l, h = row["layer"], row["head"]
             lines.append(
-                f"{rank:>4} {l:>5} {h:>4} {row['kv_group']:>3} {row['score']:>6.3f} {row['peakiness']:>6.3f} "
-                f"{row['prev_score']:>6.3f} {row['next_score']:>6.3f} {row['baseline']:>6.3f} {s['eoi_score'][l, h]:>6.3f}  "
-                f"{'yes' if row['detected'] else '-'}{self._extra_cells(row)}"
+                f"{rank:>4} {l:>5} {h:>4} {row['kv_group']:>3} {row['score']:>6.3f} {row['peakiness']:>6.3f} {row['entropy']:>6.3f} "
+                f"{row['prev_score']:>6.3f} {row['next_score']:>6.3f} {row['baseline']:>6.3f} {s['eoi_score'][l, h]:>6.3f} "
+                + "".join(f"{s[p.key('score')][l, h]:>8.3f}" for p in extra)
+                + f"  {'yes' if row['detected'] else '-'}{self._extra_cells(row)}"
             )
         best = self.top_heads(1, key="eoi_score")[0]
         lines.append(
             f"best EoI head: layer {best['layer']} head {best['head']} eoi {best['score']:.3f} "
             f"(chance {best['baseline']:.3f}){' detected' if best['detected'] else ''}"
         )
+        for p in extra:
+            if p.baseline:
+                b = self.top_heads(1, key=p.key("score"))[0]
+                lines.append(
+                    f"best {p.name} head: layer {b['layer']} head {b['head']} score {b['score']:.3f} "
+                    f"(chance {b['baseline']:.3f}){' detected' if b['detected'] else ''}"
+                )
+        if self.meta.get("capture_note"):
+            lines.append(f"note: {self.meta['capture_note']}")
         lines.extend(self._competence_lines())
         if self.ablation:
             lines.extend(_ablation_lines(self.ablation))
+        if self.patch:
+            from .patching import patch_lines
+
+            lines.extend(patch_lines(self.patch))
         return "\n".join(lines)
 
     def _extra_header(self) -> str:
@@ -424,6 +568,9 @@ def _ablation_lines(ab: dict) -> list[str]:
         if mode in ab:
             top, rnd = ab[mode]["top"], ab[mode]["random_mean"]
             line = f"  {mode:>4}-ablate found: token acc {top['token_accuracy']:.3f} chain {top['sequence_accuracy']:.3f} log-prob {top['log_prob']:.3f}"
+            same = ab[mode].get("matched")
+            if same:
+                line += f" | same-layer random: token acc {same['token_accuracy']:.3f} log-prob {same['log_prob']:.3f}"
             if rnd:
                 line += f" | {len(ab[mode]['random'])} random draws: token acc {rnd['token_accuracy']:.3f} chain {rnd['sequence_accuracy']:.3f} log-prob {rnd['log_prob']:.3f}"
             out.append(line)
@@ -496,18 +643,23 @@ class IterationHeadDetector:
         shots: int = 0,
         chat: bool = False,
         competence: bool = True,
+        patterns: list[HeadPattern | str] | None = None,
+        capture: str = "auto",
+        patch: bool = False,
     ) -> DetectionResult:
-        """Score every head; with several templates, scores are their mean and ``by_template`` keeps each.
+        """Probe, score every head on every pattern, and optionally ablate (``ablate``) and patch (``patch``) the top-k.
 
-        ``shots`` worked examples precede each probe, ``chat`` uses the tokenizer's chat template, and
-        ``competence`` (one more forward pass) splits scores by the model's own right/wrong ``s_t``.
+        With several templates, scores are their mean and ``by_template`` keeps each. ``shots`` worked examples
+        precede each probe, ``chat`` uses the tokenizer's chat template, and ``competence`` (one more forward pass)
+        splits scores by the model's own right/wrong ``s_t``.
         """
         task_obj = get_task(task)
         if int(top_k) < 1:
             raise IterHeadsError(f"--top-k must be at least 1, got {top_k}")
         templates = _templates(template)
+        patterns = resolve_patterns(patterns)
         sets = [self.probes(task_obj, lengths, n, seed, rendering, t, multi_token, shots, chat) for t in templates]
-        per_template = [score_heads(self.model, p, batch_size) for p in sets]
+        per_template = [score_heads(self.model, p, batch_size, patterns, capture) for p in sets]
         scores = per_template[0] if len(sets) == 1 else _mean_over_templates(per_template)
         probes = concat_probes(sets)
         comp = None
@@ -516,6 +668,8 @@ class IterationHeadDetector:
 
             comp = pool([competence_scores(self.model, p, batch_size) for p in sets], sets)
         meta = {
+            "capture": scores.pop("capture"),
+            "capture_note": scores.pop("capture_note"),
             "revision": self.revision,
             "rendering": probes.rendering,
             "template": probes.template,
@@ -535,20 +689,25 @@ class IterationHeadDetector:
             "informative_share": round(float(probes.informative[probes.x_pos.numpy() >= 0].mean()), 6),
         }
         result = DetectionResult(self.name, task_obj.name, scores, meta, competence=comp,
-                                 by_template=per_template if len(sets) > 1 else None)
+                                 by_template=per_template if len(sets) > 1 else None, patterns=patterns)
+        heads = [(r["layer"], r["head"]) for r in result.top_heads(int(top_k))]
         if ablate:
             from .ablation import run_ablation
             from .competence import CANNOT, at_chance
 
-            heads = [(r["layer"], r["head"]) for r in result.top_heads(int(top_k))]
             result.ablation = run_ablation(self.model, probes, heads, seed, batch_size, n_random)
             clean = result.ablation["clean"]
             if at_chance(clean["token_accuracy"], clean["chance_token_accuracy"], int((probes.pred_pos >= 0).sum())):
                 result.ablation["note"] = CANNOT
+        if patch:
+            from .patching import run_patching
+
+            eoi = result.top_heads(1, key="eoi_score")[0]
+            result.patch = run_patching(self.model, probes, heads, seed, batch_size, contrast=(eoi["layer"], eoi["head"]))
         # the best head's attention map on one probe (the shortest of the longest length, readable)
         layer, head = result.ranked()[0]
         index = int(np.argmax(probes.lengths))
-        result.pattern = attention_pattern(self.model, probes, index, layer, head)
+        result.pattern = attention_pattern(self.model, probes, index, layer, head, meta["capture"])
         ids = probes.input_ids[index, : int(probes.seq_lens[index])].tolist()
         result.pattern_tokens = [str(t) for t in self.tokenizer.convert_ids_to_tokens(ids)]
         result.pattern_marks = {
@@ -651,7 +810,13 @@ def add_cli(subparsers) -> None:
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the repo's own modeling code (off by default)")
     p.add_argument("--ablate", action="store_true", help="zero- and mean-ablate the top-k heads vs k random heads")
-    p.add_argument("--top-k", type=int, default=1, help="heads to ablate (default 1)")
+    p.add_argument("--patch", action="store_true", help="counterfactual patching: share of the logit difference each top-k head moves")
+    p.add_argument("--top-k", type=int, default=1, help="heads to ablate / patch (default 1)")
+    p.add_argument("--pattern", action="append", default=[], metavar="MODULE:ATTR",
+                   help="score an extra head pattern (a HeadPattern, or a list of them); repeatable")
+    p.add_argument("--capture", choices=CAPTURES, default="auto",
+                   help="rows: fast attention, probabilities for the probe rows only; eager: each model's eager attention; "
+                   "auto (default): rows, eager where rows cannot work")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--output-dir", required=True, help="folder for scores.json, heads.png, best_head_attention.png")
@@ -668,6 +833,9 @@ def _run_cli(args: argparse.Namespace) -> int:
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise IterHeadsError(f"--output-dir {out} exists and is not a folder")
+    from .patterns import load_pattern_spec
+
+    extra = [p for spec in args.pattern for p in load_pattern_spec(spec)]
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # errors stay one line; the table is the output
@@ -676,8 +844,10 @@ def _run_cli(args: argparse.Namespace) -> int:
         revision=args.revision, dtype=args.dtype, device=args.device, device_map=args.device_map,
         trust_remote_code=args.trust_remote_code, seed=args.seed, rendering=args.rendering,
         template=args.template, batch_size=args.batch_size, ablate=args.ablate, top_k=args.top_k,
-        shots=args.shots, chat=args.chat,
+        shots=args.shots, chat=args.chat, patterns=extra or None, capture=args.capture, patch=args.patch,
     )
+    if result.meta.get("capture_note"):
+        print(f"note: {result.meta['capture_note']}", file=sys.stderr)
     for note in write_outputs(result, out):
         print(note, file=sys.stderr)
     print(result.table())

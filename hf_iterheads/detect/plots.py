@@ -16,12 +16,26 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def _panels(scores: dict) -> list[tuple[str, str]]:
+    """(key, title) per panel: iteration score and peakiness, then every plotted head pattern's score."""
+    panels = [("iteration_score", "iteration score (pred s_t -> x_t)"), ("peakiness", "peakiness (share > 0.5)")]
+    patterns = scores.get("patterns") or {"eoi": {"plot": True, "keys": {"score": "eoi_score"}, "description": "s_t -> EoI"}}
+    for name, p in patterns.items():
+        if name != "iteration" and p.get("plot") and p["keys"]["score"] in scores:
+            panels.append((p["keys"]["score"], f"{name} score"))
+    return panels
+
+
 def plot_scores(scores: dict, path: str | Path) -> None:
-    """Iteration score, peakiness and EoI score per (layer, head), each cell annotated when the grid is small."""
-    panels = [("iteration_score", "iteration score (pred s_t -> x_t)"), ("peakiness", "peakiness (share > 0.5)"), ("eoi_score", "EoI score (s_t -> EoI)")]
+    """One heatmap per panel (iteration score, peakiness, each plotted pattern), cells annotated when the grid is small."""
+    panels = _panels(scores)
     n_layers, n_heads = scores["n_layers"], scores["n_heads"]
-    fig, axes = plt.subplots(1, 3, figsize=(4 + 1.2 * 3 * max(2, min(n_heads, 16)) / 2, 1.5 + 0.45 * max(2, n_layers)), squeeze=False)
-    for ax, (key, title) in zip(axes[0], panels):
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 + 1.2 * cols * max(2, min(n_heads, 16)) / 2, rows * (1.5 + 0.45 * max(2, n_layers))), squeeze=False)
+    for ax in axes.ravel()[len(panels):]:
+        ax.axis("off")
+    for ax, (key, title) in zip(axes.ravel(), panels):
         grid = np.asarray(scores[key], dtype=float)
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
         ax.set_title(title, fontsize=9)
