@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .cli import non_negative_int, positive_int
 from .data import N_LEN, PER_LENGTH, build_dataset, check_sizes, split_sizes
-from .errors import IterHeadsError, hub_errors
+from .errors import IterHeadsError, hub_errors, require_hub
 from .outputs import atomic_output_dir, check_output_dir
 from .tasks import IterativeTask, get_task, get_tasks, task_names
 from .tokenizer import build_tokenizer
@@ -174,12 +174,6 @@ def check_unique_tasks(names: list[str]) -> None:
         raise IterHeadsError(f"--tasks lists {', '.join(twice)} more than once")
 
 
-def check_hub_access(repo_id: str, token: str | None = None, hint: str = "") -> None:
-    """Before any work: the Hub answers and the token is accepted (``whoami``), else one line saying why."""
-    with hub_errors(f"reach the Hub to upload {repo_id}", hint):
-        HfApi(token=token).whoami()
-
-
 def push_dataset_folder(folder: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
     """Upload the folder as it is (the same bytes a local user loads) to a Hub dataset repo."""
     api = HfApi(token=token)
@@ -218,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
     check_sizes(args.n_len, args.per_length)
     check_output_dir(args.output_dir, args.overwrite, "--output-dir")
     if repo:
-        check_hub_access(repo, hint="build without --push-to-hub, and upload the folder later")
+        require_hub(f"upload to {repo}", offline_hint="build without --push-to-hub, and upload the folder later")
     start = time.perf_counter()
     folder = write_dataset_folder(
         args.output_dir, tasks, args.n_len, args.per_length, args.seed, args.overwrite, args.push_to_hub

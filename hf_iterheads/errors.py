@@ -41,3 +41,16 @@ def hub_errors(action: str, offline_hint: str = "") -> Iterator[None]:
         raise IterHeadsError(f"cannot {action}: the Hub refused: {first}") from None
     except _network_errors() as err:
         raise IterHeadsError(f"cannot {action}: no network / Hub unreachable ({type(err).__name__}: {err}){hint}") from None
+
+
+def require_hub(action: str, token: str | None = None, offline_hint: str = "") -> None:
+    """Before any work: offline mode is off, the Hub answers and a token is accepted (``whoami``); else one line.
+
+    Offline mode is checked first: with it set, a missing token is not the user's real problem."""
+    from huggingface_hub import HfApi, constants
+
+    if constants.HF_HUB_OFFLINE:
+        hint = f"; {offline_hint}" if offline_hint else ""
+        raise IterHeadsError(f"cannot {action}: HF_HUB_OFFLINE=1 is set (no Hub access){hint}")
+    with hub_errors(action, offline_hint):
+        HfApi(token=token).whoami()

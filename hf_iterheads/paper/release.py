@@ -13,7 +13,7 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, ModelCard
 
-from ..errors import IterHeadsError, hub_errors
+from ..errors import IterHeadsError, hub_errors, require_hub
 from ..modeling import bundled_checkpoints, bundled_path, load_error_message, weights_damaged
 from ..outputs import atomic_output_dir, check_output_dir
 
@@ -139,9 +139,8 @@ def release(
     import tempfile
 
     hint = "to check the release folder without the Hub, use --dry-run --output-dir DIR"
+    require_hub(f"release to {repo_id}", token, hint)  # no network, offline mode, no token: said before any work
     api = HfApi(token=token)
-    with hub_errors(f"reach the Hub to release {repo_id}", hint):
-        api.whoami()  # before assembling: no network, no token, offline mode are said first
     with tempfile.TemporaryDirectory() as tmp:
         assemble_release(checkpoint, Path(tmp))
         with hub_errors(f"upload to {repo_id}", hint):

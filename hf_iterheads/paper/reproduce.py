@@ -319,7 +319,8 @@ def check_readme(readme: Path) -> None:
     from .report import RESULTS_END, RESULTS_START
 
     if not readme.is_file():
-        raise IterHeadsError(f"--update-readme {readme}: no such file")
+        what = "is a folder, not a file" if readme.is_dir() else "does not exist"
+        raise IterHeadsError(f"--update-readme {readme} {what}")
     try:
         text = readme.read_text()
     except UnicodeDecodeError:
