@@ -269,7 +269,7 @@ def run_eval(args: argparse.Namespace) -> int:
         raise IterHeadsError(f"--task lists {', '.join(twice)} more than once")
     tasks = [get_task(t) for t in names]  # unknown task: fails before loading anything
     lengths = parse_lengths(args.lengths) if args.lengths else None
-    if args.output:  # before the minute of scoring, not after it
+    if args.output is not None:  # before the minute of scoring, not after it
         check_writable(args.output, "file", "--output")
     model, tokenizer = load_checkpoint(args.model_dir)
     meta = iterheads_meta(model.config)
@@ -300,7 +300,7 @@ def run_eval(args: argparse.Namespace) -> int:
             f"attn0 peak {fmt(s['attn0_peakiness'])} attn1 peak {fmt(s['attn1_peakiness'])}",
             file=sys.stderr,
         )
-    if args.output:
+    if args.output is not None:
         write_json_atomic(report, args.output)
     else:
         print(json.dumps(report, indent=2))
