@@ -49,23 +49,23 @@ class OneLineParser(argparse.ArgumentParser):
         return parsed
 
 
-def _int_at_least(minimum: int, what: str):
+def _int_at_least(minimum: int):
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
         return value
 
-    parse.__name__ = what  # argparse names the type in some messages
+    parse.__name__ = f"integer >= {minimum}"  # argparse names the type in some messages
     return parse
 
 
 # Argparse types that refuse impossible numbers while parsing, before any work: ``type=positive_int``.
-positive_int = _int_at_least(1, "an integer >= 1")
-non_negative_int = _int_at_least(0, "an integer >= 0")
+positive_int = _int_at_least(1)
+non_negative_int = _int_at_least(0)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -165,14 +165,14 @@ DATASET_CASES: list[Case] = [
     ("output-not-empty", ["--output-dir", "{w}/full"], "not empty"),
     ("output-empty-string", ["--output-dir", ""], "--output-dir is empty"),
     ("no-output-dir", ["--tasks", "parity"], "required: --output-dir"),
-    ("seed-negative", ["--output-dir", OUT, "--seed", "-1"], "argument --seed: must be an integer >= 0"),
+    ("seed-negative", ["--output-dir", OUT, "--seed", "-1"], "argument --seed: must be at least 0, got -1"),
     ("seed-not-int", ["--output-dir", OUT, "--seed", "x"], "argument --seed"),
     ("tasks-twice", ["--output-dir", OUT, "--tasks", "parity", "parity"], "parity more than once"),
     ("tasks-twice-comma", ["--output-dir", OUT, "--tasks", "parity,polynomial,parity"], "parity more than once"),
     ("tasks-none", ["--output-dir", OUT, "--tasks", ","], "--tasks names no task"),
     ("task-unknown", ["--output-dir", OUT, "--tasks", "fibonacci"], "unknown task 'fibonacci'"),
     ("cumsum-mod1", ["--output-dir", OUT, "--tasks", "cumsum_mod1"], "modulus must be at least 2"),
-    ("n-len-0", ["--output-dir", OUT, "--n-len", "0"], "argument --n-len: must be an integer >= 1"),
+    ("n-len-0", ["--output-dir", OUT, "--n-len", "0"], "argument --n-len: must be at least 1"),
     ("per-length-0", ["--output-dir", OUT, "--per-length", "0"], "argument --per-length"),
     ("per-length-float", ["--output-dir", OUT, "--per-length", "1.5"], "argument --per-length"),
     ("push-no-slash", ["--output-dir", OUT, "--push-to-hub", "noslash"], "ORG/NAME"),
@@ -211,7 +211,7 @@ EVAL_CASES: list[Case] = [
 ]
 
 PLOT_CASES: list[Case] = [
-    ("length-0", ["{w}/run-ok", "--length", "0"], "argument --length: must be an integer >= 1"),
+    ("length-0", ["{w}/run-ok", "--length", "0"], "argument --length: must be at least 1"),
     ("length-negative", ["{w}/run-ok", "--length", "-3"], "argument --length"),
     ("seed-negative", ["{w}/run-ok", "--seed", "-1"], "argument --seed"),
     ("metrics-bad-json", ["{w}/run-badjson"], "metrics.jsonl line 2 is not valid JSON"),
@@ -234,10 +234,10 @@ PLOT_CASES: list[Case] = [
 ]
 
 REPRODUCE_CASES: list[Case] = [
-    ("workers-0", ["--output-dir", OUT, "--workers", "0"], "argument --workers: must be an integer >= 1"),
+    ("workers-0", ["--output-dir", OUT, "--workers", "0"], "argument --workers: must be at least 1"),
     ("workers-negative", ["--output-dir", OUT, "--workers", "-1"], "argument --workers"),
     ("workers-not-int", ["--output-dir", OUT, "--workers", "two"], "argument --workers"),
-    ("threads-negative", ["--output-dir", OUT, "--threads", "-2"], "argument --threads: must be an integer >= 1"),
+    ("threads-negative", ["--output-dir", OUT, "--threads", "-2"], "argument --threads: must be at least 1"),
     ("threads-0", ["--output-dir", OUT, "--threads", "0"], "argument --threads"),
     ("render-only-new", ["--output-dir", OUT, "--render-only"], "nothing to report"),
     ("render-only-empty", ["--output-dir", "{w}/empty", "--render-only"], "nothing to report"),
