@@ -205,6 +205,13 @@ def weights_damaged(err: BaseException) -> bool:
     return type(err).__name__ == "SafetensorError" or "deserializing header" in str(err)
 
 
+def is_load_error(err: BaseException) -> bool:
+    """Whether ``err`` from ``from_pretrained`` on a local folder means a broken checkpoint (not a bug here):
+    unreadable files, bad JSON, a config field of the wrong type (huggingface_hub's strict dataclasses)."""
+    return isinstance(err, (OSError, ValueError, KeyError, TypeError)) or weights_damaged(err) or any(
+        cls.__name__ == "StrictDataclassError" for cls in type(err).__mro__)
+
+
 def load_error_message(path: str | Path, err: BaseException) -> str:
     """One line for a checkpoint that does not load: damaged weights said as such, else the first line."""
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -232,7 +239,7 @@ def load_checkpoint(path: str | Path, for_training: bool = False):
         model = AutoModelForCausalLM.from_pretrained(str(path))
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as err:  # noqa: BLE001 - safetensors, json and transformers raise many types; one line
-        if not (isinstance(err, (OSError, ValueError, KeyError)) or weights_damaged(err)):
+        if not is_load_error(err):
             raise
         raise IterHeadsError(load_error_message(path, err)) from None
     if not is_native_tokenizer(tokenizer):

@@ -62,6 +62,11 @@ def world(tmp_path_factory) -> Path:
     data = (src / "model.safetensors").read_bytes()
     (trunc / "model.safetensors").write_bytes(data[: len(data) // 2])  # as a killed copy leaves it
     _link_checkpoint(w / "ckpt")
+    for name, file, text in (("badcfg", "config.json", '{"model_type": "gpt2", "n_layer": "two"}'),
+                             ("badtok", "tokenizer.json", "not json")):
+        _link_checkpoint(w / name)
+        (w / name / file).unlink()
+        (w / name / file).write_text(text)
     pickled = _link_checkpoint(w / "pickled")
     (pickled / "pytorch_model.bin").write_bytes(b"pickle")
     for name, text in {**BAD_METRICS, "run-ok": GOOD_METRICS, "run-plotsfile": GOOD_METRICS}.items():
@@ -196,6 +201,8 @@ EVAL_CASES: list[Case] = [
     ("output-device", ["polynomial-cot", "--task", "polynomial", "-o", "/dev/null"], "not a regular file"),
     ("output-empty", ["polynomial-cot", "--task", "polynomial", "-o", ""], "--output is empty"),
     ("truncated-weights", ["{w}/trunc", "--task", "polynomial"], "weights file is damaged or incomplete"),
+    ("config-field-wrong-type", ["{w}/badcfg", "--task", "polynomial"], "cannot load a model and tokenizer"),
+    ("tokenizer-not-json", ["{w}/badtok", "--task", "polynomial"], "cannot load a model and tokenizer"),
     ("model-missing", ["{w}/nope", "--task", "polynomial"], "no such folder, and not a bundled checkpoint"),
     ("model-is-file", ["{w}/file.txt", "--task", "polynomial"], "is a file; expected a checkpoint folder"),
     ("model-not-checkpoint", ["{w}/empty", "--task", "polynomial"], "not a model checkpoint"),
@@ -229,6 +236,7 @@ PLOT_CASES: list[Case] = [
     ("run-is-file", ["{w}/file.txt"], "is a file; expected a run directory"),
     ("nothing-to-plot", ["{w}/empty"], "nothing to plot"),
     ("truncated-weights", ["{w}/trunc"], "weights file is damaged or incomplete"),
+    ("config-field-wrong-type", ["{w}/badcfg"], "cannot load a model and tokenizer"),
     ("length-beyond-context", ["{w}/ckpt", "--length", "99"], "does not fit"),
     ("task-unknown", ["{w}/ckpt", "--task", "fibonacci"], "unknown task"),
 ]
@@ -269,6 +277,8 @@ RELEASE_CASES: list[Case] = [
      "not a releasable checkpoint"),
     ("truncated-weights", ["--repo-id", "acme/x", "--checkpoint", "{w}/trunc", "--dry-run", "--output-dir", OUT],
      "weights file is damaged or incomplete"),
+    ("config-field-wrong-type", ["--repo-id", "acme/x", "--checkpoint", "{w}/badcfg", "--dry-run", "--output-dir", OUT],
+     "does not load with plain transformers"),
     ("pickled-weights", ["--repo-id", "acme/x", "--checkpoint", "{w}/pickled", "--dry-run", "--output-dir", OUT],
      "pickled weights"),
     ("dry-run-without-output", ["--repo-id", "acme/x", "--dry-run"], "--dry-run needs --output-dir"),

@@ -14,7 +14,7 @@ from pathlib import Path
 from huggingface_hub import HfApi, ModelCard
 
 from ..errors import IterHeadsError, hub_errors, require_hub
-from ..modeling import bundled_checkpoints, bundled_path, load_error_message, weights_damaged
+from ..modeling import bundled_checkpoints, bundled_path, is_load_error, load_error_message, weights_damaged
 from ..outputs import atomic_output_dir, check_output_dir
 
 RELEASE_FILES = (
@@ -94,7 +94,7 @@ def assemble_release(checkpoint: str | Path, dest: Path) -> list[str]:
     except Exception as err:  # noqa: BLE001 - safetensors, json and transformers raise many types; one line
         if weights_damaged(err):
             raise IterHeadsError(load_error_message(src, err)) from None
-        if not isinstance(err, (OSError, ValueError, KeyError)):
+        if not is_load_error(err):
             raise
         raise IterHeadsError(f"{src} does not load with plain transformers: {str(err).strip().splitlines()[0]}") from None
     try:
