@@ -37,7 +37,8 @@ def _row(name, acc, per_length=None, **meta):
 
 
 def _verdicts(rows):
-    return {f["finding"].split(" ")[0] + f["finding"].split(" ")[1]: f["verdict"] for f in findings({r["name"]: r for r in rows}, {})}
+    found = findings({r["name"]: r for r in rows}, {})
+    return {f["finding"].split(" ")[0] + f["finding"].split(" ")[1]: f["verdict"] for f in found}
 
 
 def test_verdicts_follow_the_numbers():
