@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..evaluation import FORMED, SOLVED, first_step
-from ..outputs import write_json_atomic
+from ..outputs import atomic_file, write_json_atomic
 from ..tasks import PAPER_TASKS
 
 RESULTS_START, RESULTS_END = "<!-- reproduce:results:start -->", "<!-- reproduce:results:end -->"
@@ -294,10 +294,9 @@ def write_report(rows_list: list[dict], meta: dict, out: Path, jobs: dict) -> Pa
     results = {"meta": meta, "findings": found, "runs": rows_list}
     write_json_atomic(results, out / "results.json")
     text = render(rows, rows_list, meta, found, pictures, jobs, out)
-    tmp = out / ".report.md.tmp"
-    tmp.write_text(text)
-    tmp.replace(out / "report.md")
-    (out / "summary.md").write_text(summary(found, rows, n_len, pictures, meta))
+    for name, body in (("report.md", text), ("summary.md", summary(found, rows, n_len, pictures, meta))):
+        with atomic_file(out / name) as tmp:
+            tmp.write_text(body)
     return out / "report.md"
 
 
@@ -438,4 +437,5 @@ def update_readme(readme: Path, out: Path, prefix: str) -> None:
     block = summary(res["findings"], rows, res["meta"]["scale"]["n_len"], pictures, res["meta"], prefix)
     new = re.sub(re.escape(RESULTS_START) + ".*?" + re.escape(RESULTS_END),
                  lambda m: f"{RESULTS_START}\n{block}\n{RESULTS_END}", text, flags=re.S)
-    readme.write_text(new)
+    with atomic_file(readme) as tmp:
+        tmp.write_text(new)
