@@ -114,7 +114,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, (path.stat().st_mode & 0o7777) if path.is_file() else 0o644)  # a rewrite keeps the mode
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
