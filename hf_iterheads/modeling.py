@@ -231,7 +231,7 @@ def load_checkpoint(path: str | Path, for_training: bool = False):
         if path.exists():
             raise IterHeadsError(f"{path} is a file; expected a checkpoint folder saved by hf-iterheads train")
         known = ", ".join(bundled_checkpoints()) or "none"
-        raise IterHeadsError(f"{given}: no such folder, and not a bundled checkpoint (bundled: {known})")
+        raise IterHeadsError(f"{given} is not a directory: no such folder, and not a bundled checkpoint (bundled: {known})")
     missing = [f for f in ("config.json", "model.safetensors") if not (path / f).is_file()]
     if missing:
         raise IterHeadsError(f"{path} is not a model checkpoint: it has no {' or '.join(missing)}")
