@@ -5,24 +5,36 @@
         [--per-length N] [--overwrite] [--push-to-hub ORG/NAME]
 
 Same as ``hf-iterheads build-datasets``; defaults are the paper's (lengths 1..16, 1024 + 1024 per length).
+Every error is one line, ``build_datasets.py: error: ...`` (exit status 2), never a traceback.
 """
 
-import argparse
 import sys
 
+from hf_iterheads.cli import OneLineParser, one_line, parse
 from hf_iterheads.dataset_builder import add_arguments, run
 from hf_iterheads.errors import IterHeadsError
 
+PROG = "build_datasets.py"
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     add_arguments(parser)
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
+    if isinstance(args, int):
+        return args
     try:
         return run(args)
     except IterHeadsError as err:
-        print(f"build_datasets.py: error: {err}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(err)}", file=sys.stderr)
         return 2
+    except OSError as err:  # the file system said no (permission, disk full): one line too
+        where = f": {err.filename}" if err.filename else ""
+        print(f"{PROG}: error: {one_line(err.strerror or err)}{where}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ from datasets.utils.tqdm import (
 from huggingface_hub import DatasetCard, DatasetCardData, HfApi
 from tqdm.auto import tqdm
 
+from .cli import non_negative_int, positive_int
 from .data import N_LEN, PER_LENGTH, build_dataset, check_sizes, split_sizes
-from .errors import IterHeadsError
+from .errors import IterHeadsError, hub_errors, require_hub
 from .outputs import atomic_output_dir, check_output_dir
 from .tasks import IterativeTask, get_task, get_tasks, task_names
 from .tokenizer import build_tokenizer
@@ -146,8 +147,11 @@ def write_dataset_folder(
 ) -> Path:
     """Build every task's ``DatasetDict`` and write the Hub folder atomically; returns the folder."""
     task_objs = get_tasks(tasks or task_names())
+    check_unique_tasks([t.name for t in task_objs])
     check_sizes(n_len, per_length)
-    check_output_dir(output_dir, overwrite)
+    if int(seed) < 0:
+        raise IterHeadsError(f"the seed must be >= 0, got {seed}")
+    check_output_dir(output_dir, overwrite, "--output-dir")
     tokenizer = build_tokenizer()
     quiet = are_progress_bars_disabled()
     disable_progress_bars()  # one bar over tasks, not one per Parquet file
@@ -167,32 +171,53 @@ def write_dataset_folder(
     return Path(output_dir)
 
 
+def check_unique_tasks(names: list[str]) -> None:
+    """Refuse a task listed twice: it would be built (or trained, or scored) twice under one name."""
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise IterHeadsError(f"--tasks lists {', '.join(twice)} more than once")
+
+
 def push_dataset_folder(folder: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
     """Upload the folder as it is (the same bytes a local user loads) to a Hub dataset repo."""
     api = HfApi(token=token)
-    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-    info = api.upload_folder(
-        repo_id=repo_id, folder_path=str(folder), repo_type="dataset", commit_message="Upload iterative tasks"
-    )
+    with hub_errors(f"upload {folder} to {repo_id}", "the folder is complete: upload it again later"):
+        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        info = api.upload_folder(
+            repo_id=repo_id, folder_path=str(folder), repo_type="dataset", commit_message="Upload iterative tasks"
+        )
     return str(getattr(info, "commit_url", repo_id))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", required=True, help="folder to write (Parquet per task + README.md card)")
     parser.add_argument("--tasks", nargs="+", default=None, help=f"tasks to build (default: all: {' '.join(task_names())})")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--n-len", type=int, default=N_LEN, help="longest length; lengths 1..N (default 16, the paper)")
-    parser.add_argument("--per-length", type=int, default=PER_LENGTH, help="train and test sequences per length (default 1024)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
+    parser.add_argument("--n-len", type=positive_int, default=N_LEN, help="longest length; lengths 1..N (default 16, the paper)")
+    parser.add_argument("--per-length", type=positive_int, default=PER_LENGTH,
+                        help="train and test sequences per length (default 1024)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     parser.add_argument("--push-to-hub", metavar="ORG/NAME", default=None, help="also upload the folder to this Hub dataset repo")
     parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.push_to_hub and args.push_to_hub.count("/") != 1:
-        raise IterHeadsError(f"--push-to-hub expects ORG/NAME, got {args.push_to_hub!r}")
-    start = time.perf_counter()
+    """Check everything (tasks, sizes, output folder, Hub access), then build, write and optionally upload."""
+    repo = args.push_to_hub
+    if repo is not None and (repo.count("/") != 1 or not all(repo.split("/"))):
+        raise IterHeadsError(f"--push-to-hub expects ORG/NAME, got {repo!r}")
+    if args.private and not repo:
+        raise IterHeadsError("--private only applies with --push-to-hub")
     tasks = [t for arg in args.tasks or [] for t in arg.split(",") if t] or None
+    if args.tasks is not None and not tasks:
+        raise IterHeadsError("--tasks names no task")
+    get_tasks(tasks or task_names())  # unknown tasks before the Hub is asked
+    check_unique_tasks(tasks or [])
+    check_sizes(args.n_len, args.per_length)
+    check_output_dir(args.output_dir, args.overwrite, "--output-dir")
+    if repo:
+        require_hub(f"upload to {repo}", offline_hint="build without --push-to-hub, and upload the folder later")
+    start = time.perf_counter()
     folder = write_dataset_folder(
         args.output_dir, tasks, args.n_len, args.per_length, args.seed, args.overwrite, args.push_to_hub
     )

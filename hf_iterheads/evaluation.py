@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -254,24 +254,39 @@ def test_data(
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    """Check every input and the output path, load, then score task by task; the JSON goes out at the end."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    from .modeling import iterheads_meta, load_checkpoint
+    from .modeling import check_fits, iterheads_meta, load_checkpoint
+    from .outputs import check_writable
 
-    tasks = [get_task(t) for t in args.task.split(",") if t]  # unknown task: fails before loading anything
+    names = [t for t in args.task.split(",") if t]
+    if not names:
+        raise IterHeadsError("--task names no task")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise IterHeadsError(f"--task lists {', '.join(twice)} more than once")
+    tasks = [get_task(t) for t in names]  # unknown task: fails before loading anything
+    lengths = parse_lengths(args.lengths) if args.lengths else None
+    if args.output is not None:  # before the minute of scoring, not after it
+        check_writable(args.output, "file", "--output")
     model, tokenizer = load_checkpoint(args.model_dir)
     meta = iterheads_meta(model.config)
     cot = meta.get("cot", True) if args.cot is None else args.cot
     n_len = args.n_len or meta.get("n_len") or 16
-    lengths = parse_lengths(args.lengths) if args.lengths else list(range(1, n_len + 1))
+    lengths = lengths or list(range(1, n_len + 1))
+    trained_on = meta.get("tasks") or []
+    for task in tasks:
+        Layout(tokenizer, task, cot)  # vocabulary check before the (slower) data build
+        check_fits(model.config, (2 * max(lengths) + 3) if cot else max(lengths) + 4, f"length-{max(lengths)} sequence")
+    for task in tasks:
+        if trained_on and task.name not in trained_on:
+            print(f"hf-iterheads eval: warning: {args.model_dir} was not trained on {task.name!r} (its "
+                  f"config.iterheads['tasks'] is {', '.join(trained_on)}); expect chance-level accuracy", file=sys.stderr)
     report = {"model": str(args.model_dir), "n_len": n_len, "per_length_count": args.per_length, "seed": args.seed}
     report["results"] = []
     for task in tasks:
-        Layout(tokenizer, task, cot)  # vocabulary check before the (slower) data build
-        from .modeling import check_fits
-
-        check_fits(model.config, (2 * max(lengths) + 3) if cot else max(lengths) + 4, f"length-{max(lengths)} sequence")
         data = test_data(task, max(n_len, max(lengths)), args.per_length, args.seed, lengths, args.dataset)
         result = evaluate_model(
             model, tokenizer, task, data, cot, args.batch_size, generate=not args.no_generate, attention=True
@@ -285,15 +300,16 @@ def run_eval(args: argparse.Namespace) -> int:
             f"attn0 peak {fmt(s['attn0_peakiness'])} attn1 peak {fmt(s['attn1_peakiness'])}",
             file=sys.stderr,
         )
-    text = json.dumps(report, indent=2)
-    if args.output:
+    if args.output is not None:
         write_json_atomic(report, args.output)
     else:
-        print(text)
+        print(json.dumps(report, indent=2))
     return 0
 
 
 def add_cli(subparsers) -> None:
+    from .cli import non_negative_int, positive_int
+
     p = subparsers.add_parser(
         "eval",
         help="test accuracy per length, greedy generation, attention peakiness of a checkpoint",
@@ -303,13 +319,13 @@ def add_cli(subparsers) -> None:
     p.add_argument("model_dir", help="checkpoint directory written by `hf-iterheads train`")
     p.add_argument("--task", required=True, help="task name, or several separated by commas")
     p.add_argument("--lengths", help="lengths to test, e.g. 4-16 or 1,8,16 (default 1..n_len of the model)")
-    p.add_argument("--n-len", type=int, help="training n_len (default: from the checkpoint)")
-    p.add_argument("--per-length", type=int, default=1024, help="test sequences per length (paper: 1024)")
-    p.add_argument("--seed", type=int, default=0, help="dataset seed (0 = the published dataset)")
+    p.add_argument("--n-len", type=positive_int, help="training n_len (default: from the checkpoint)")
+    p.add_argument("--per-length", type=positive_int, default=1024, help="test sequences per length (paper: 1024)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="dataset seed (0 = the published dataset)")
     p.add_argument("--dataset", help="load the test split from this dataset folder or Hub repo instead")
     p.add_argument("--cot", dest="cot", action="store_true", default=None, help="force CoT layout")
     p.add_argument("--no-cot", dest="cot", action="store_false", help="force the no-CoT layout")
     p.add_argument("--no-generate", action="store_true", help="skip free-running generation")
-    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--batch-size", type=positive_int, default=1024, help="sequences per forward pass (default 1024)")
     p.add_argument("--output", "-o", help="write the JSON here (default: stdout)")
     p.set_defaults(func=run_eval)

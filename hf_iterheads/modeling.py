@@ -198,22 +198,48 @@ def bundled_path(name: str) -> Path | None:
     return path if "/" not in str(name) and (path / "config.json").is_file() else None
 
 
+def weights_damaged(err: BaseException) -> bool:
+    """Whether a loading error says the safetensors file is truncated or corrupt (safetensors' own error)."""
+    return type(err).__name__ == "SafetensorError" or "deserializing header" in str(err)
+
+
+def is_load_error(err: BaseException) -> bool:
+    """Whether ``err`` from ``from_pretrained`` on a local folder means a broken checkpoint (not a bug here):
+    unreadable files, bad JSON, a config field of the wrong type (huggingface_hub's strict dataclasses)."""
+    return isinstance(err, (OSError, ValueError, KeyError, TypeError)) or weights_damaged(err) or any(
+        cls.__name__ == "StrictDataclassError" for cls in type(err).__mro__)
+
+
+def load_error_message(path: str | Path, err: BaseException) -> str:
+    """One line for a checkpoint that does not load: damaged weights said as such, else the first line."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if weights_damaged(err):
+        return f"{path}: the weights file is damaged or incomplete ({first}); copy or download model.safetensors again"
+    return f"cannot load a model and tokenizer from {path}: {first}"
+
+
 def load_checkpoint(path: str | Path, for_training: bool = False):
     """(model, tokenizer) from a saved checkpoint directory, with one clear error when it is not one.
 
     ``for_training=True`` re-applies frozen positional embeddings (``requires_grad`` is not saved).
     """
-    path = Path(path) if Path(path).is_dir() else (bundled_path(str(path)) or Path(path))
+    given = str(path)
+    path = Path(path) if Path(path).is_dir() else (bundled_path(given) or Path(path))
     if not path.is_dir():
-        raise IterHeadsError(f"{path} is not a directory (expected a checkpoint saved by hf-iterheads train)")
+        if path.exists():
+            raise IterHeadsError(f"{path} is a file; expected a checkpoint folder saved by hf-iterheads train")
+        known = ", ".join(bundled_checkpoints()) or "none"
+        raise IterHeadsError(f"{given} is not a directory: no such folder, and not a bundled checkpoint (bundled: {known})")
     missing = [f for f in ("config.json", "model.safetensors") if not (path / f).is_file()]
     if missing:
         raise IterHeadsError(f"{path} is not a model checkpoint: it has no {' or '.join(missing)}")
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path))
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError, KeyError) as err:
-        raise IterHeadsError(f"cannot load a model and tokenizer from {path}: {str(err).splitlines()[0]}") from None
+    except Exception as err:  # noqa: BLE001 - safetensors, json and transformers raise many types; one line
+        if not is_load_error(err):
+            raise
+        raise IterHeadsError(load_error_message(path, err)) from None
     if not is_native_tokenizer(tokenizer):
         raise IterHeadsError(f"{path} has a tokenizer without this project's <eoi>/<eos>/value tokens")
     if len(tokenizer) > model.config.vocab_size:

@@ -72,9 +72,32 @@ def plot_curves(records: list[dict], path: str | Path, title: str = "") -> Path:
     ax_loss.set(xlabel="step", ylabel="training loss (after EoI)", title="loss")
     ax_loss.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
     return Path(path)
+
+
+def _save(fig, path: str | Path) -> None:
+    """Save via a temporary file and a rename: a kill mid-write never leaves half a PNG."""
+    from .outputs import atomic_file
+
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format=Path(path).suffix.lstrip(".") or "png")
+
+
+def check_records(records: list[dict], path: str | Path) -> list[dict]:
+    """Refuse, naming the line, a metrics record the curves cannot use (a hand edit, another tool's file)."""
+    need = {"eval": ("step", "task"), "train": ("step", "loss"), "solved": ("step",), "formed": ("step",),
+            "adapting": ("step",)}
+    for number, r in enumerate(records, 1):
+        for key in need.get(r.get("kind"), ()):
+            if key not in r:
+                raise IterHeadsError(f"{path}: record {number} ({r.get('kind')}) has no {key!r}")
+        if "step" in r and (not isinstance(r["step"], int) or isinstance(r["step"], bool)):
+            raise IterHeadsError(f"{path}: record {number} has a step that is not an integer: {r['step']!r}")
+        if r.get("kind") == "train" and not isinstance(r["loss"], (int, float)):
+            raise IterHeadsError(f"{path}: record {number} has a loss that is not a number: {r['loss']!r}")
+    return records
 
 
 def attention_maps(model, tokenizer, task: str, length: int, seed: int = 0, cot: bool = True):
@@ -123,24 +146,32 @@ def plot_attention_maps(model, tokenizer, task: str, length: int, path: str | Pa
         ax.set_ylabel("query")
     fig.suptitle(f"{task}, L = {length}: attention (red: the circuit's target cells)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
     return Path(path)
 
 
 def run_plot(args: argparse.Namespace) -> int:
+    """Check the run folder, the metrics, the checkpoint and the output folder first; then draw."""
     from transformers.utils import logging as hf_logging
+
+    from .outputs import check_writable, read_jsonl
 
     hf_logging.disable_progress_bar()
     require_matplotlib()  # before anything is written
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
-        raise IterHeadsError(f"{run_dir} is not a directory")
+        what = "is a file" if run_dir.exists() else "does not exist"
+        raise IterHeadsError(f"{run_dir} {what}; expected a run directory written by hf-iterheads train")
     has_metrics = (run_dir / "metrics.jsonl").is_file()
     has_model = (run_dir / "config.json").is_file()
     if not has_metrics and not has_model:
         raise IterHeadsError(f"{run_dir} has neither metrics.jsonl nor a model checkpoint: nothing to plot")
     out_dir = Path(args.output_dir) if args.output_dir else run_dir / "plots"
+    check_writable(out_dir, "dir", "--output-dir" if args.output_dir else "output folder")
+    records = check_records(read_jsonl(run_dir / "metrics.jsonl"), run_dir / "metrics.jsonl") if has_metrics else []
+    if has_metrics and not any(r.get("kind") in ("train", "eval") for r in records) and not has_model:
+        raise IterHeadsError(f"{run_dir / 'metrics.jsonl'} holds no train or eval records yet: nothing to plot")
     task, length, model = args.task, args.length, None
     if has_model:  # load before writing anything: a broken checkpoint leaves no half set of pictures
         from .modeling import iterheads_meta, load_checkpoint
@@ -155,12 +186,11 @@ def run_plot(args: argparse.Namespace) -> int:
         from .tokenizer import Layout
 
         check_fits(model.config, Layout(tokenizer, task, meta.get("cot", True)).seq_len(length), f"length-{length} sequence")
-    from .training import read_metrics
-
-    records = read_metrics(run_dir / "metrics.jsonl") if has_metrics else []
+    elif args.task or args.length:
+        print(f"{run_dir} has no final checkpoint: --task/--length (attention maps only) are not used", file=sys.stderr)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    if records:
+    if any(r.get("kind") in ("train", "eval") for r in records):
         written.append(plot_curves(records, out_dir / "curves.png", title=run_dir.name))
     if model is not None:
         cot = iterheads_meta(model.config).get("cot", True)
@@ -173,6 +203,8 @@ def run_plot(args: argparse.Namespace) -> int:
 
 
 def add_cli(subparsers) -> None:
+    from .cli import non_negative_int, positive_int
+
     p = subparsers.add_parser(
         "plot",
         help="PNG figures of a training run: emergence curves and attention maps",
@@ -182,6 +214,6 @@ def add_cli(subparsers) -> None:
     p.add_argument("run_dir", help="a directory written by `hf-iterheads train`")
     p.add_argument("--output-dir", help="where the PNGs go (default DIR/plots)")
     p.add_argument("--task", help="task of the attention-map sequence (default: the run's first task)")
-    p.add_argument("--length", type=int, help="length L of that sequence (default: the run's n_len)")
-    p.add_argument("--seed", type=int, default=0, help="seed drawing that sequence")
+    p.add_argument("--length", type=positive_int, help="length L of that sequence (default: the run's n_len)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed drawing that sequence")
     p.set_defaults(func=run_plot)

@@ -67,7 +67,7 @@ def test_frozen_positions_survive_save_and_load(tok, tmp_path):
 
 
 def test_load_checkpoint_refuses_non_checkpoints(tmp_path):
-    with pytest.raises(IterHeadsError, match="not a directory"):
+    with pytest.raises(IterHeadsError, match="no such folder, and not a bundled checkpoint"):
         load_checkpoint(tmp_path / "missing")
     with pytest.raises(IterHeadsError, match="not a model checkpoint"):
         load_checkpoint(tmp_path)

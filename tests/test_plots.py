@@ -50,7 +50,7 @@ def test_plot_refuses_cleanly(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nothing to plot" in err[0] and not (tmp_path / "plots").exists()
     assert main(["plot", str(tmp_path / "missing")]) == 2
-    assert "not a directory" in capsys.readouterr().err
+    assert "does not exist" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the optional extra were not installed
     assert main(["plot", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -37,7 +37,8 @@ def _row(name, acc, per_length=None, **meta):
 
 
 def _verdicts(rows):
-    return {f["finding"].split(" ")[0] + f["finding"].split(" ")[1]: f["verdict"] for f in findings({r["name"]: r for r in rows}, {})}
+    found = findings({r["name"]: r for r in rows}, {})
+    return {f["finding"].split(" ")[0] + f["finding"].split(" ")[1]: f["verdict"] for f in found}
 
 
 def test_verdicts_follow_the_numbers():
@@ -115,3 +116,38 @@ def test_bad_output_dirs_are_refused(tmp_path, capsys):
     assert "--overwrite" in _one_line(capsys)
     assert main(["reproduce", "--smoke", "--output-dir", str(tmp_path / "x"), "--workers", "-1"]) == 2
     assert "--workers" in _one_line(capsys) and not (tmp_path / "x").exists()
+
+
+def test_a_finding_without_finished_runs_gets_no_verdict_and_the_report_names_them():
+    from hf_iterheads.paper.report import NO_VERDICT, _missing_note
+
+    good = [_row(f"{t}-cot-2L", 1.0) for t in ("binary_copy", "parity", "polynomial")]
+    unfinished = {"name": "parity-cot-2L", "task": "parity", "cot": True, "layers": 2, "width": 128, "seed": 0,
+                  "kind": "grid", "budget_steps": 100}  # planned, never finished: collect() leaves no summary
+    rows = [r for r in good if r["name"] != "parity-cot-2L"] + [unfinished]
+    rows += [{**unfinished, "name": f"{t}-{v}", "task": t, "cot": v.startswith("cot"), "layers": int(v[-2])}
+             for t in ("binary_copy", "parity", "polynomial") for v in ("nocot-2L", "cot-1L")]
+    found = {f["finding"].split(" ")[0] + f["finding"].split(" ")[1]: f for f in findings({r["name"]: r for r in rows}, {})}
+    learn = found["2layers"]
+    assert learn["verdict"].startswith(NO_VERDICT) and "parity-cot-2L" in learn["measured"]  # not "not reproduced"
+    collapse = found["withoutCoT,"]
+    assert collapse["verdict"].startswith(NO_VERDICT) and "polynomial-cot-1L" in collapse["measured"]
+    assert found["thecircuit"]["verdict"] == "reproduced"  # its one run finished: judged as before
+    note = _missing_note(rows)
+    assert "7 of 9 runs did not finish" in note and "parity-cot-2L" in note and "binary_copy-nocot-2L" in note
+    assert _missing_note(good) == ""
+
+
+def test_render_only_with_some_finished_runs_is_allowed_to_start(tmp_path, capsys, monkeypatch):
+    """--render-only refuses only a folder without any finished run; one finished run is enough to report."""
+    import hf_iterheads.paper.reproduce as rep
+
+    out = tmp_path / "repro"
+    assert main(["reproduce", "--smoke", "--output-dir", str(out), "--render-only"]) == 2
+    assert "nothing to report" in _one_line(capsys) and not out.exists()
+    seen = []
+    monkeypatch.setattr(rep, "_done", lambda run: run.name == "polynomial-cot-2L")
+    monkeypatch.setattr(rep, "collect", lambda job, out: seen.append(job.name) or {"name": job.name})
+    assert main(["reproduce", "--smoke", "--output-dir", str(out), "--render-only"]) == 1  # rows without summary
+    assert "no run finished, so no report was written" in capsys.readouterr().err
+    assert len(seen) == len(plan(SMOKE)) and not (out / "report.md").exists()

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, ModelCard
 
-from ..errors import IterHeadsError
-from ..modeling import bundled_checkpoints, bundled_path
+from ..errors import IterHeadsError, hub_errors, require_hub
+from ..modeling import bundled_checkpoints, bundled_path, is_load_error, load_error_message, weights_damaged
 from ..outputs import atomic_output_dir, check_output_dir
 
 RELEASE_FILES = (
@@ -72,6 +72,8 @@ def resolve_checkpoint(name: str) -> Path:
     if bundled_path(name):
         return bundled_path(name)
     known = ", ".join(bundled_checkpoints()) or "none"
+    if path.exists():
+        raise IterHeadsError(f"{name!r} is a file; expected a checkpoint folder or a bundled name (bundled: {known})")
     raise IterHeadsError(f"{name!r} is neither a checkpoint folder nor a bundled checkpoint (bundled: {known})")
 
 
@@ -89,9 +91,16 @@ def assemble_release(checkpoint: str | Path, dest: Path) -> list[str]:
     try:  # exactly what a user of the released repo will run
         AutoModelForCausalLM.from_pretrained(str(src))
         AutoTokenizer.from_pretrained(str(src))
+    except Exception as err:  # noqa: BLE001 - safetensors, json and transformers raise many types; one line
+        if weights_damaged(err):
+            raise IterHeadsError(load_error_message(src, err)) from None
+        if not is_load_error(err):
+            raise
+        raise IterHeadsError(f"{src} does not load with plain transformers: {str(err).strip().splitlines()[0]}") from None
+    try:
+        card = ModelCard.load(src / "README.md")
     except (OSError, ValueError) as err:
-        raise IterHeadsError(f"{src} does not load with plain transformers: {str(err).splitlines()[0]}") from None
-    card = ModelCard.load(src / "README.md")
+        raise IterHeadsError(f"{src}/README.md is not a readable model card: {str(err).strip().splitlines()[0]}") from None
     if not card.data.to_dict().get("library_name"):
         raise IterHeadsError(f"{src}/README.md is not a model card with metadata (library_name is missing)")
     copied = []
@@ -117,20 +126,26 @@ def release(
     """Upload ``checkpoint`` to ``repo_id``; with ``dry_run`` only write the folder to ``output_dir``."""
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise IterHeadsError(f"--repo-id expects ORG/NAME, got {repo_id!r}")
+    resolve_checkpoint(str(checkpoint))  # a wrong name is said before the Hub is asked
     if dry_run:
         if output_dir is None:
             raise IterHeadsError("--dry-run needs --output-dir (the folder that would be uploaded is written there)")
-        check_output_dir(output_dir, overwrite)
+        check_output_dir(output_dir, overwrite, "--output-dir")
         with atomic_output_dir(output_dir, overwrite) as tmp:
             files = assemble_release(checkpoint, tmp)
         return f"dry run: wrote {len(files)} files to {output_dir} (nothing uploaded)"
+    if output_dir is not None or overwrite:
+        raise IterHeadsError("--output-dir and --overwrite only apply with --dry-run (an upload writes no local folder)")
     import tempfile
 
+    hint = "to check the release folder without the Hub, use --dry-run --output-dir DIR"
+    require_hub(f"release to {repo_id}", token, hint)  # no network, offline mode, no token: said before any work
+    api = HfApi(token=token)
     with tempfile.TemporaryDirectory() as tmp:
         assemble_release(checkpoint, Path(tmp))
-        api = HfApi(token=token)
-        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message="Release hf-iterheads checkpoint")
+        with hub_errors(f"upload to {repo_id}", hint):
+            api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+            info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message="Release hf-iterheads checkpoint")
     return f"uploaded to {getattr(info, 'commit_url', repo_id)}"
 
 

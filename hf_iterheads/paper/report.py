@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..evaluation import FORMED, SOLVED, first_step
-from ..outputs import write_json_atomic
+from ..outputs import atomic_file, write_json_atomic
 from ..tasks import PAPER_TASKS
 
 RESULTS_START, RESULTS_END = "<!-- reproduce:results:start -->", "<!-- reproduce:results:end -->"
@@ -62,7 +62,32 @@ def _finding(finding: str, rule: str, measured: str, verdict: str) -> dict[str, 
     return {"finding": finding, "rule": rule, "measured": measured, "verdict": verdict}
 
 
+NO_VERDICT = "no verdict"
+
+
+def _finished(row: dict | None) -> bool:
+    return bool((row or {}).get("summary"))
+
+
+def _missing(rows: dict[str, dict], names) -> list[str]:
+    """Planned runs (present in ``rows``) among ``names`` that did not finish; runs never planned are not missing."""
+    return [n for n in names if n in rows and not _finished(rows[n])]
+
+
+def _unjudged(finding: str, rule: str, rows: dict[str, dict], needed: list[str]) -> dict[str, str] | None:
+    """The no-verdict entry of a finding when a run it needs did not finish (None when all needed runs did):
+    a verdict from missing numbers would read as a measurement."""
+    missing = _missing(rows, needed)
+    if not missing and any(_finished(rows.get(n)) for n in needed):
+        return None
+    return _finding(finding, rule, "runs not finished: " + (", ".join(missing) or "none of its runs exist"),
+                    f"{NO_VERDICT}: {len(missing) or len(needed)} run(s) missing")
+
+
 def _learn_all(rows: dict[str, dict]) -> dict[str, str]:
+    what = ("2 layers + CoT learn all three tasks (~100%)", "accuracy (L = 4..n_len) >= 0.9")
+    if (none := _unjudged(*what, rows, [f"{t}-cot-2L" for t in PAPER_TASKS])) is not None:
+        return none
     scratch = {t: _acc(rows.get(f"{t}-cot-2L")) for t in PAPER_TASKS}
     best_transfer = max((_acc(r) or 0.0 for r in rows.values() if r.get("kind") == "transfer"), default=None)
     ok = {t: (a or 0) >= 0.9 for t, a in scratch.items()}
@@ -73,11 +98,15 @@ def _learn_all(rows: dict[str, dict]) -> dict[str, str]:
         verdict = "partly: parity only through transfer at this budget"
     else:
         verdict = "not reproduced at this budget"
-    return _finding("2 layers + CoT learn all three tasks (~100%)", "accuracy (L = 4..n_len) >= 0.9",
-                    f"from scratch: {measured}; parity via transfer: {_f(best_transfer)}", verdict)
+    return _finding(*what, f"from scratch: {measured}; parity via transfer: {_f(best_transfer)}", verdict)
 
 
 def _collapse(rows: dict[str, dict]) -> dict[str, str]:
+    what = ("without CoT, or with 1 layer, accuracy collapses as L grows",
+            "accuracy over the longest quarter of lengths <= 0.5")
+    needed = [f"{t}-{v}" for t in PAPER_TASKS for v in ("nocot-2L", "cot-1L")]
+    if (none := _unjudged(*what, rows, [n for n in needed if n in rows] or needed)) is not None:
+        return none
     cells, collapsed = [], []
     for t in PAPER_TASKS:
         for variant in ("nocot-2L", "cot-1L"):
@@ -88,12 +117,14 @@ def _collapse(rows: dict[str, dict]) -> dict[str, str]:
             collapsed.append(long <= 0.5)
     verdict = "reproduced" if collapsed and all(collapsed) else (
         f"partly: {sum(collapsed)} of {len(collapsed)} collapse" if any(collapsed) else "not reproduced")
-    return _finding("without CoT, or with 1 layer, accuracy collapses as L grows",
-                    "accuracy over the longest quarter of lengths <= 0.5",
-                    "; ".join(cells) + " (binary copy without CoT only outputs x_L, which needs no iteration)", verdict)
+    return _finding(*what, "; ".join(cells) + " (binary copy without CoT only outputs x_L, which needs no iteration)", verdict)
 
 
 def _emergence(rows: dict[str, dict]) -> dict[str, str]:
+    what = ("the circuit forms during training (peakiness near 1), a jump together with accuracy",
+            "polynomial: attn1 peakiness reaches 0.9, final attn0 >= 0.5")
+    if (none := _unjudged(*what, rows, ["polynomial-cot-2L"])) is not None:
+        return none
     main = rows.get("polynomial-cot-2L", {})
     s = main.get("summary") or {}
     formed = main.get("formed_step")
@@ -104,21 +135,22 @@ def _emergence(rows: dict[str, dict]) -> dict[str, str]:
         jump = (f"; between steps {before[-1]['step']} and {formed} accuracy went {_f(before[-1]['accuracy'], 2)} -> "
                 f"{_f(at['accuracy'], 2)}, attn1 {_f(before[-1]['attn1_peakiness'], 2)} -> {_f(at['attn1_peakiness'], 2)}")
     good = formed is not None and (s.get("attn1_peakiness") or 0) >= 0.9 and (s.get("attn0_peakiness") or 0) >= 0.5
-    return _finding("the circuit forms during training (peakiness near 1), a jump together with accuracy",
-                    "polynomial: attn1 peakiness reaches 0.9, final attn0 >= 0.5",
-                    f"head formed at step {formed}; final attn0 {_f(s.get('attn0_peakiness'))}, attn1 "
+    return _finding(*what, f"head formed at step {formed}; final attn0 {_f(s.get('attn0_peakiness'))}, attn1 "
                     f"{_f(s.get('attn1_peakiness'))}{jump}", "reproduced" if good else "not reproduced")
 
 
 def _width(rows: dict[str, dict]) -> dict[str, str] | None:
+    planned = [n for n, r in rows.items() if r.get("kind") == "width"]
+    if not planned:
+        return None  # no width sweep in this plan
+    what = ("small embedding widths (below ~30-40) fail to form the circuit",
+            "the head forms (attn1 peakiness >= 0.9) for d >= 64 and not for d < 30")
+    if (none := _unjudged(*what, rows, [*planned, "polynomial-cot-2L"])) is not None:
+        return none
     widths = _width_rows(rows)
-    if not any(r.get("kind") == "width" for r in widths):
-        return None
     fail = {r["width"]: r.get("formed_step") is None for r in widths}
     good = all(fail[w] for w in fail if w < 30) and not any(fail[w] for w in fail if w >= 64)
-    return _finding("small embedding widths (below ~30-40) fail to form the circuit",
-                    "the head forms (attn1 peakiness >= 0.9) for d >= 64 and not for d < 30",
-                    ", ".join(f"d={r['width']}: {_f(_acc(r), 2)} (attn1 {_f(r['summary'].get('attn1_peakiness'), 2)})"
+    return _finding(*what, ", ".join(f"d={r['width']}: {_f(_acc(r), 2)} (attn1 {_f(r['summary'].get('attn1_peakiness'), 2)})"
                               for r in widths), "reproduced" if good else "not reproduced")
 
 
@@ -128,21 +160,32 @@ def _parity_scratch(rows: dict[str, dict]) -> list[dict]:
 
 
 def _variance(rows: dict[str, dict]) -> dict[str, str]:
+    what = ("parity has high variance across seeds; polynomial forms the head more reliably",
+            "compare seeds (needs several per task)")
+    needed = [n for n, r in rows.items() if r.get("task") in ("parity", "polynomial") and r.get("cot")
+              and r.get("layers") == 2 and r.get("kind") in ("grid", "seed", "scratch")]
+    if (none := _unjudged(*what, rows, needed)) is not None:
+        return none
     poly = [r for r in rows.values() if r["task"] == "polynomial" and r.get("kind") in ("grid", "seed") and r.get("cot")
             and r.get("layers") == 2 and r.get("summary")]
     pa = [_acc(r) for r in _parity_scratch(rows)]
-    return _finding("parity has high variance across seeds; polynomial forms the head more reliably",
-                    "compare seeds (needs several per task)",
-                    f"parity from scratch, {len(pa)} seeds: accuracy {', '.join(_f(a, 2) for a in pa)}; "
+    return _finding(*what, f"parity from scratch, {len(pa)} seeds: accuracy {', '.join(_f(a, 2) for a in pa)}; "
                     f"polynomial, {len(poly)} seed(s): {', '.join(_f(_acc(r), 2) for r in poly)}",
                     "see numbers (polynomial seeds: " + str(len(poly)) + ")")
 
 
 def _transfer(rows: dict[str, dict]) -> dict[str, str] | None:
+    planned = [n for n, r in rows.items() if r.get("kind") == "transfer"]
+    if not planned:
+        return None  # no transfer runs in this plan
+    what = ("transfer: pretrained on polynomial, parity is learned far faster than from scratch",
+            "steps to 0.99 (and to 0.9) accuracy: every transfer seed gets there, sooner than scratch")
+    scratch = [n for n, r in rows.items() if r.get("kind") in ("grid", "scratch") and r.get("task") == "parity"
+               and r.get("cot") and r.get("layers") == 2]
+    if (none := _unjudged(*what, rows, [*planned, *scratch])) is not None:
+        return none
     tr = [r for r in rows.values() if r.get("kind") == "transfer" and r.get("summary")]
     sc = _parity_scratch(rows)
-    if not tr:
-        return None
     budget = max((r["budget_steps"] for r in sc), default=0)
     parts, verdicts = [], []
     for threshold in (0.99, 0.9):
@@ -150,11 +193,10 @@ def _transfer(rows: dict[str, dict]) -> dict[str, str] | None:
         sc_ok = [s for s in (_steps_to(r, threshold) for r in sc) if s is not None]
         verdicts.append(len(tr_ok) == len(tr) and (len(sc_ok) < len(sc) or np.median(tr_ok) < np.median(sc_ok)))
         parts.append(f"to {threshold}: transfer {len(tr_ok)}/{len(tr)} seeds" + (f" ({_spread(tr_ok)} steps)" if tr_ok else "")
-                     + f", scratch {len(sc_ok)}/{len(sc)}" + (f" ({_spread(sc_ok)} steps)" if sc_ok else f" within {budget} steps"))
+                     + f", scratch {len(sc_ok)}/{len(sc)}"
+                     + (f" ({_spread(sc_ok)} steps)" if sc_ok else f" within {budget} steps"))
     verdict = "reproduced" if verdicts[0] else ("partly: at 0.9, not at 0.99" if verdicts[1] else "not reproduced")
-    return _finding("transfer: pretrained on polynomial, parity is learned far faster than from scratch",
-                    "steps to 0.99 (and to 0.9) accuracy: every transfer seed gets there, sooner than scratch",
-                    "; ".join(parts), verdict)
+    return _finding(*what, "; ".join(parts), verdict)
 
 
 FINDINGS = (_learn_all, _collapse, _emergence, _width, _variance, _transfer)  # the paper's section 9, in order
@@ -172,6 +214,15 @@ def _table(header: list[str], body: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in body]
     return "\n".join(lines)
+
+
+def _missing_note(rows_list: list[dict]) -> str:
+    """The runs that did not finish, named under the findings: their findings carry no verdict."""
+    missing = [r["name"] for r in rows_list if not _finished(r)]
+    if not missing:
+        return ""
+    return (f"\n\n**{len(missing)} of {len(rows_list)} runs did not finish**, so the findings that need them have no "
+            f"verdict: {', '.join(missing)} (their status is in the Runs table).")
 
 
 def findings_table(found: list[dict]) -> str:
@@ -243,10 +294,9 @@ def write_report(rows_list: list[dict], meta: dict, out: Path, jobs: dict) -> Pa
     results = {"meta": meta, "findings": found, "runs": rows_list}
     write_json_atomic(results, out / "results.json")
     text = render(rows, rows_list, meta, found, pictures, jobs, out)
-    tmp = out / ".report.md.tmp"
-    tmp.write_text(text)
-    tmp.replace(out / "report.md")
-    (out / "summary.md").write_text(summary(found, rows, n_len, pictures, meta))
+    for name, body in (("report.md", text), ("summary.md", summary(found, rows, n_len, pictures, meta))):
+        with atomic_file(out / name) as tmp:
+            tmp.write_text(body)
     return out / "report.md"
 
 
@@ -263,7 +313,7 @@ def summary(found: list[dict], rows: dict, n_len: int, pictures: dict, meta: dic
     return "\n\n".join([
         f"Measured by `{meta['command']}` ({meta['wall_seconds'] / 60:.1f} min on {meta['cpus']} CPU cores, "
         f"{meta['workers']} workers; torch {v['torch']}, transformers {v['transformers']}; {meta['finished']}).",
-        findings_table(found),
+        findings_table(found) + _missing_note(list(rows.values())),
         grid_table(rows, n_len),
         _img(pictures, "accuracy_by_length.png", "accuracy per length", prefix),
         _img(pictures, "emergence.png", "emergence of the iteration head", prefix),
@@ -312,9 +362,11 @@ def _transfer_section(rows: dict, rows_list: list[dict], pictures: dict) -> str:
 
 def _width_section(rows_list: list[dict], pictures: dict) -> str:
     wd = [[r["width"], r.get("steps"), _f(_acc(r)), _f((r.get("summary") or {}).get("attn1_peakiness")),
-           r.get("formed_step") or "-"] for r in sorted((r for r in rows_list if r.get("kind") == "width"), key=lambda r: r["width"])]
+           r.get("formed_step") or "-"]
+          for r in sorted((r for r in rows_list if r.get("kind") == "width"), key=lambda r: r["width"])]
     return ("## 5. Embedding width (polynomial, CoT, 2 layers)\n\n" + _table(
-        ["d", "steps", "accuracy", "attn1 peakiness", "head formed at"], wd) + "\n\n" + _img(pictures, "width_sweep.png", "width sweep"))
+        ["d", "steps", "accuracy", "attn1 peakiness", "head formed at"], wd)
+        + "\n\n" + _img(pictures, "width_sweep.png", "width sweep"))
 
 
 def _length_section(rows_list: list[dict], pictures: dict) -> str | None:
@@ -331,7 +383,8 @@ def _length_section(rows_list: list[dict], pictures: dict) -> str | None:
             "The iteration head did not form in this run (attn1 peakiness never reached "
             f"{FORMED}), so it says nothing about how the circuit generalises in length."))
     return (f"## 6. Length generalisation ({row['task']}, trained on 1..{row['train_len']})\n\n"
-            + note + "\n\n" + _table(["L", "accuracy", "greedy generation"], [[L, _f(per[L]), _f(gen.get(L))] for L in sorted(per)])
+            + note + "\n\n"
+            + _table(["L", "accuracy", "greedy generation"], [[L, _f(per[L]), _f(gen.get(L))] for L in sorted(per)])
             + "\n\n" + _img(pictures, "length_generalisation.png", "length generalisation"))
 
 
@@ -347,7 +400,7 @@ def render(rows: dict, rows_list: list[dict], meta: dict, found: list[dict], pic
     """``report.md``: the header, the findings, one section per experiment, then every run's command."""
     parts = [
         _header(meta),
-        "## Findings\n\n" + findings_table(found),
+        "## Findings\n\n" + findings_table(found) + _missing_note(rows_list),
         "## 1. Chain-of-thought and depth\n\n" + grid_table(rows, meta["scale"]["n_len"]) + "\n\n"
         + _img(pictures, "accuracy_by_length.png", "accuracy per length"),
         _emergence_section(rows, pictures),
@@ -384,4 +437,5 @@ def update_readme(readme: Path, out: Path, prefix: str) -> None:
     block = summary(res["findings"], rows, res["meta"]["scale"]["n_len"], pictures, res["meta"], prefix)
     new = re.sub(re.escape(RESULTS_START) + ".*?" + re.escape(RESULTS_END),
                  lambda m: f"{RESULTS_START}\n{block}\n{RESULTS_END}", text, flags=re.S)
-    readme.write_text(new)
+    with atomic_file(readme) as tmp:
+        tmp.write_text(new)

@@ -36,7 +36,7 @@ from typing import Any
 
 from ..errors import IterHeadsError
 from ..evaluation import FORMED, SOLVED, first_step
-from ..outputs import write_json_atomic
+from ..outputs import check_writable, write_json_atomic
 from ..tasks import PAPER_TASKS
 from .report import update_readme, write_report
 
@@ -169,7 +169,8 @@ def run_job(job: Job, out: Path, threads: int, probes: int, lengths: str, env: d
         dest = run / f"detect-{task}"
         if not (dest / "scores.json").is_file():
             shutil.rmtree(dest, ignore_errors=True)
-            cmd = _cli("detect", str(run), "--task", task, "--ablate", "--n", str(probes), "--lengths", lengths, "--output-dir", str(dest))
+            cmd = _cli("detect", str(run), "--task", task, "--ablate", "--n", str(probes), "--lengths", lengths,
+                       "--output-dir", str(dest))
             _call(cmd, out / "logs" / f"{job.name}.detect-{task}.log", env)
 
 
@@ -249,7 +250,7 @@ def collect(job: Job, out: Path) -> dict[str, Any]:
         return row
     final = json.loads((run / "eval_results.json").read_text())
     result = final["results"][0]
-    evals = [r for r in read_metrics(run / "metrics.jsonl") if r.get("kind") == "eval"][:-1]  # drop the final one
+    evals = [r for r in read_metrics(run / "metrics.jsonl") if r.get("kind") == "eval"]  # the last is the final one
     row.update(
         steps=final["step"], seconds=final["seconds"], summary=result["summary"],
         per_length={int(L): m["accuracy"] for L, m in result["per_length"].items()},
@@ -290,34 +291,63 @@ def versions() -> dict[str, str]:
     return out
 
 
-def prepare(out: Path, scale: Scale, overwrite: bool) -> None:
-    """A fresh folder, or one an earlier reproduction of the same scale left (it is continued)."""
+def prepare(out: Path, scale: Scale, overwrite: bool, create: bool = True) -> None:
+    """A fresh folder, or one an earlier reproduction of the same scale left (it is continued).
+
+    Every refusal comes before anything is created; ``create=False`` only checks."""
     marker = out / "reproduce.json"
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    check_writable(out, "dir", "--output-dir")
+    if out.exists() and any(out.iterdir()):
         if not marker.is_file():
             raise IterHeadsError(f"{out} exists and is not a reproduction folder; choose another --output-dir")
-        previous = json.loads(marker.read_text()).get("scale")
-        if overwrite:
-            shutil.rmtree(out)
-        elif previous != scale.name:
+        try:
+            previous = json.loads(marker.read_text()).get("scale")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            raise IterHeadsError(f"{marker} is damaged (not a JSON object); choose another --output-dir") from None
+        if previous != scale.name and not overwrite:
             raise IterHeadsError(f"{out} holds a --{previous} reproduction; pass --overwrite to start a --{scale.name} one")
-    out.mkdir(parents=True, exist_ok=True)
-    if not marker.is_file():
-        write_json_atomic({"scale": scale.name, "started": time.strftime("%Y-%m-%d %H:%M:%S")}, marker)
+        if overwrite and create:
+            shutil.rmtree(out)
+    if create:
+        out.mkdir(parents=True, exist_ok=True)
+        if not marker.is_file():
+            write_json_atomic({"scale": scale.name, "started": time.strftime("%Y-%m-%d %H:%M:%S")}, marker)
+
+
+def check_readme(readme: Path) -> None:
+    """Before hours of training: the README to refresh exists, has the generated block, and can be written."""
+    from .report import RESULTS_END, RESULTS_START
+
+    if not readme.is_file():
+        what = "is a folder, not a file" if readme.is_dir() else "does not exist"
+        raise IterHeadsError(f"--update-readme {readme} {what}")
+    try:
+        text = readme.read_text()
+    except UnicodeDecodeError:
+        raise IterHeadsError(f"--update-readme {readme} is not UTF-8 text") from None
+    if RESULTS_START not in text or RESULTS_END not in text:
+        raise IterHeadsError(f"--update-readme {readme} has no {RESULTS_START} ... {RESULTS_END} block to fill")
+    check_writable(readme, "file", "--update-readme")
 
 
 def run_reproduce(args: argparse.Namespace) -> int:
-
+    """Check every option and the output folder, run (or only render) the plan, write the report."""
     scale = SCALES[args.scale]
     cpus = os.cpu_count() or 1
+    out = Path(args.output_dir)
+    if args.overwrite and args.render_only:
+        raise IterHeadsError("--render-only reads the finished runs; --overwrite would discard them")
+    if args.update_readme:
+        check_readme(Path(args.update_readme))
+    jobs = plan(scale)
+    if args.render_only:  # a report needs runs: refuse a folder without any, and create nothing
+        prepare(out, scale, overwrite=False, create=False)
+        if not any(_done(out / "runs" / job.name) for job in jobs):
+            raise IterHeadsError(f"{out} holds no finished --{scale.name} run: nothing to report (run without --render-only)")
     gpus = _gpu_count()
     workers = args.workers or (gpus or cpus)
-    if workers < 1:
-        raise IterHeadsError(f"--workers must be at least 1, got {workers}")
-    threads = max(1, cpus // workers) if not args.threads else args.threads
-    out = Path(args.output_dir)
+    threads = args.threads or max(1, cpus // workers)
     prepare(out, scale, args.overwrite)
-    jobs = plan(scale)
     command = "hf-iterheads reproduce --" + scale.name + f" --output-dir {args.output_dir}"
     print(f"{len(jobs)} runs at the {scale.name} scale on {workers} worker(s) x {threads} thread(s) -> {out}", file=sys.stderr)
     start = time.perf_counter()
@@ -325,7 +355,10 @@ def run_reproduce(args: argparse.Namespace) -> int:
     if args.render_only:
         status = {job.name: "ok" if _done(out / "runs" / job.name) else "not run" for job in jobs}
         previous = out / "results.json"
-        old = json.loads(previous.read_text())["meta"] if previous.is_file() else {}
+        try:
+            old = json.loads(previous.read_text())["meta"] if previous.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            old = {}  # a damaged results.json is rewritten below; only its timing is lost
         wall, finished = old.get("wall_seconds", 0.0), old.get("finished")
     else:
         status = run_plan(jobs, out, workers, threads, scale, gpus)
@@ -333,6 +366,10 @@ def run_reproduce(args: argparse.Namespace) -> int:
     rows = [collect(job, out) for job in jobs]
     for row in rows:
         row["status"] = status.get(row["name"], "not run")
+    failed = [n for n, s in status.items() if s != "ok"]
+    if not any(row.get("summary") for row in rows):
+        print(f"hf-iterheads reproduce: no run finished, so no report was written (see {out / 'logs'})", file=sys.stderr)
+        return 1
     meta = {"command": command, "scale": dataclasses.asdict(scale), "workers": workers, "threads": threads,
             "cpus": cpus, "gpus": gpus, "wall_seconds": round(wall, 1), "versions": versions(),
             "finished": finished or time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -343,7 +380,6 @@ def run_reproduce(args: argparse.Namespace) -> int:
         update_readme(readme, out, os.path.relpath(out, readme.resolve().parent).replace(os.sep, "/") + "/")
         print(f"updated the results block of {readme}", file=sys.stderr)
     print(f"wrote {report} and {out / 'results.json'} in {wall / 60:.1f} min", file=sys.stderr)
-    failed = [n for n, s in status.items() if s != "ok"]
     if failed:
         print(f"hf-iterheads reproduce: {len(failed)} run(s) did not finish: {', '.join(failed)} (see {out / 'logs'})",
               file=sys.stderr)
@@ -352,6 +388,8 @@ def run_reproduce(args: argparse.Namespace) -> int:
 
 
 def add_cli(subparsers) -> None:
+    from ..cli import positive_int
+
     p = subparsers.add_parser(
         "reproduce",
         help="train, evaluate and probe every model the paper's findings need; write report.md + results.json",
@@ -366,8 +404,9 @@ def add_cli(subparsers) -> None:
     size.add_argument("--smoke", dest="scale", action="store_const", const="smoke", help=argparse.SUPPRESS)
     p.set_defaults(scale="quick")
     p.add_argument("--output-dir", required=True, help="folder for report.md, results.json, figures and runs/")
-    p.add_argument("--workers", type=int, default=0, help="runs in parallel (default: one per CPU core, or per GPU)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per run (default: cores / workers)")
+    p.add_argument("--workers", type=positive_int, default=None,
+                   help="runs in parallel (default: one per CPU core, or per GPU)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads per run (default: cores / workers)")
     p.add_argument("--overwrite", action="store_true", help="discard an earlier reproduction in --output-dir")
     p.add_argument("--render-only", action="store_true", help="rewrite report.md/results.json from the finished runs")
     p.add_argument("--update-readme", metavar="README", help="also refresh README's generated results block")

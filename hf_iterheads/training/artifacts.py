@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import IterHeadsError
-from ..outputs import check_writable
+from ..outputs import check_writable, read_jsonl
 from ..tokenizer import save_tokenizer
 from .config import TrainConfig
 
@@ -30,7 +30,7 @@ def prepare_output_dir(cfg: TrainConfig, resume: bool, overwrite: bool) -> None:
         return
     if out.exists() and not out.is_dir():
         raise IterHeadsError(f"--output-dir {out} is a file, not a directory")
-    check_writable(out)
+    check_writable(out, "dir", "--output-dir")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise IterHeadsError(f"{out} exists and is not empty; pass --resume to continue or --overwrite to replace it")
@@ -118,7 +118,7 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: int | None, enabled: bool) -> None:
         self.path, self.enabled = path, enabled
         if enabled and resume_step is not None and path.is_file():
-            self._rewrite([r for r in _parse_lines(path, strict=False) if r["step"] <= resume_step])
+            self._rewrite([r for r in read_jsonl(path, torn_tail_ok=True) if r.get("step", 0) <= resume_step])
 
     def _rewrite(self, records: list[dict]) -> None:
         tmp = self.path.with_name(f".{self.path.name}.tmp")
@@ -133,25 +133,7 @@ class MetricsLog:
     def drop(self, kind: str, step: int) -> None:
         """Remove the records of ``kind`` at ``step`` (before writing the ones that supersede them)."""
         if self.enabled and self.path.is_file():
-            self._rewrite([r for r in _parse_lines(self.path) if (r.get("kind"), r.get("step")) != (kind, step)])
-
-
-def _parse_lines(path: Path, strict: bool = True) -> list[dict]:
-    records = []
-    lines = path.read_text().splitlines()
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            if not isinstance(record, dict) or "step" not in record:
-                raise ValueError("not a metrics record")
-        except ValueError as err:
-            if not strict and number == len(lines):
-                break  # the last line, torn by a kill mid-write: the resumed run writes it again
-            raise IterHeadsError(f"{path}, line {number}: not a metrics record ({err})") from None
-        records.append(record)
-    return records
+            self._rewrite([r for r in read_jsonl(self.path) if (r.get("kind"), r.get("step")) != (kind, step)])
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -159,7 +141,11 @@ def read_metrics(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise IterHeadsError(f"{path} does not exist (no training metrics there)")
-    return _parse_lines(path)
+    records = read_jsonl(path)
+    for number, record in enumerate(records, 1):
+        if not isinstance(record.get("step"), int):
+            raise IterHeadsError(f"{path}: record {number} has no integer step; not a training metrics record")
+    return records
 
 
 # --- final checkpoint and model card -----------------------------------------------------------------------
