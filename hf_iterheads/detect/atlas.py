@@ -68,6 +68,7 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "dtype": ("string", "weights dtype"),
     "tool_version": ("string", "hf-iterheads version"),
     "date": ("string", "when the triple was scanned (UTC, ISO 8601)"),
+    "worker": ("string", "the process that scanned it: index/count (several under accelerate launch)"),
 }
 SKIP = {"model", "task", "top_heads", "eoi_top_heads", "lengths_spec", "revision"}
 SUMMARY_DOCS = "one row per (model, revision, task): the best head, its scores against chance, detected and causal verdicts"
@@ -90,7 +91,7 @@ def _flat(prefix: str, value: Any, out: dict[str, Any]) -> None:
 def part_rows(part: dict) -> list[dict[str, Any]]:
     """The Parquet rows of one triple: one per head, or one failure row."""
     common = {k: part.get(k) for k in ("model", "revision", "commit", "step", "task", "status", "error", "architecture", "n_params",
-                                       "tool_version", "date")}
+                                       "tool_version", "date", "worker")}
     if part["status"] != "ok":
         return [common]
     d = part["result"]

@@ -138,6 +138,17 @@ def failure_reason(err: BaseException) -> str:
     return text if isinstance(err, IterHeadsError) else f"{type(err).__name__}: {text}"
 
 
+def _cached_commit(model: str, revision: str | None) -> str | None:
+    """The commit a Hub revision resolved to, read from the Hub cache the model was just loaded from."""
+    if _is_local(model):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    path = try_to_load_from_cache(model, "config.json", revision=revision or "main")
+    parts = Path(path).parts if isinstance(path, str) else ()
+    return parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else None
+
+
 def _clean_metrics(detector, result, d: dict, task: str, lengths, n: int, detect_kw: dict) -> dict | None:
     """Teacher-forced accuracy of the model on the probes: from the result when it has it, else one more pass."""
     if isinstance(d.get("clean_accuracy"), dict):
@@ -152,7 +163,8 @@ def _clean_metrics(detector, result, d: dict, task: str, lengths, n: int, detect
 
 
 def scan_model(
-    model: str, revision: str | None, tasks: list[str], n: int, lengths: str, options: dict[str, Any], parts: Path, maps: int = 3
+    model: str, revision: str | None, tasks: list[str], n: int, lengths: str, options: dict[str, Any], parts: Path, maps: int = 3,
+    worker: str = "0/1",
 ) -> list[str]:
     """Load one model, run its tasks, save one part per task (a failure part where it fails); free it."""
     import torch
@@ -162,13 +174,13 @@ def scan_model(
 
     load_kw, detect_kw = split_options(options)
     base = {"model": model, "revision": revision, "step": step_of(revision), "settings": settings(n, lengths, options),
-            "tool_version": __version__}
+            "tool_version": __version__, "worker": worker}
     statuses = []
     detector = None
     try:
         detector = IterationHeadDetector(model, revision=revision, **load_kw)
         base["n_params"] = int(sum(p.numel() for p in detector.model.parameters()))
-        base["commit"] = getattr(detector.model.config, "_commit_hash", None)
+        base["commit"] = getattr(detector.model.config, "_commit_hash", None) or _cached_commit(model, revision)
         base["architecture"] = type(detector.model).__name__
     except Exception as err:  # noqa: BLE001 -- any loading failure is that model's row, never the scan's end
         reason = failure_reason(err)
@@ -257,7 +269,8 @@ def run_scan(
     if out.is_dir() and any(out.iterdir()) and not (out / PARTS).is_dir():
         raise IterHeadsError(f"--output-dir {out} holds other files; scan into an empty folder or one a scan made")
     check_writable(out)
-    state = PartialState()
+    # cpu=True: under a torchrun-style launch on CPUs, processes join a gloo group instead of staying alone
+    state = PartialState(cpu=options.get("device") == "cpu" and not options.get("device_map"))
     if options.get("device") == "auto" and state.num_processes > 1:
         options["device"] = str(state.device)
     wanted = settings(n, lengths, options)
@@ -285,7 +298,7 @@ def run_scan(
     bar = tqdm(list(groups.items()), desc=desc, unit="model", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     for (m, r), ts in bar:
         bar.set_postfix_str(f"{m}{'@' + r if r else ''}")
-        scan_model(m, r, ts, n, lengths, options, out / PARTS, maps)
+        scan_model(m, r, ts, n, lengths, options, out / PARTS, maps, f"{state.process_index}/{state.num_processes}")
     state.wait_for_everyone()
     summary: dict[str, Any] = {"triples": len(triples), "skipped": len(triples) - len(pending), "ran": len(pending),
                                "processes": state.num_processes, "main": state.is_main_process}
@@ -337,6 +350,9 @@ def _run_cli(args: argparse.Namespace) -> int:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()  # a failing model is a row, not a page of warnings
+    import datasets
+
+    datasets.disable_progress_bars()
     s = run_scan(models, tasks, args.output_dir, args.n, args.lengths, options, maps=args.maps, retry_failed=args.retry_failed,
                  push_to_hub=args.push_to_hub, dry_run=args.dry_run)
     if s["main"]:
