@@ -17,7 +17,12 @@ FAKE_REVISION = "0123456789abcdef0123456789abcdef01234567"
 
 
 def lay_into_hub_cache(
-    folder: str | Path, repo_id: str, hub_cache: str | Path, repo_type: str = "model", revision: str = "main", commit: str = FAKE_REVISION
+    folder: str | Path,
+    repo_id: str,
+    hub_cache: str | Path,
+    repo_type: str = "model",
+    revision: str = "main",
+    commit: str = FAKE_REVISION,
 ) -> Path:
     """Copy ``folder`` into ``hub_cache`` as ``{type}s--ORG--NAME/snapshots/COMMIT`` with ``refs/REVISION`` -> COMMIT.
 

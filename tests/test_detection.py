@@ -328,7 +328,7 @@ def test_without_matplotlib_scores_json_still_written(tmp_path, monkeypatch, nat
     monkeypatch.delitem(sys.modules, "hf_iterheads.detect.plots", raising=False)
     notes = write_outputs(result, tmp_path / "out")
     assert len(notes) == 1 and "matplotlib" in notes[0] and "pip install" in notes[0]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.html", "scores.json"]  # the report needs no matplotlib
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.html", "scores.json"]  # no matplotlib needed
 
 
 def test_only_steps_where_x_t_matters_count_for_the_iteration_score(native_tok):

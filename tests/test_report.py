@@ -7,7 +7,6 @@ import re
 import shutil
 import subprocess
 import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,8 +25,17 @@ def big(tmp_path_factory):
     """A random 12-layer x 12-head GPT-2 (tiny width), detected on 16-step probes, with its report."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(
-        GPT2Config(n_layer=12, n_head=12, n_embd=48, n_positions=64, vocab_size=64, initializer_range=0.3,
-                   bos_token_id=2, eos_token_id=3, pad_token_id=0)
+        GPT2Config(
+            n_layer=12,
+            n_head=12,
+            n_embd=48,
+            n_positions=64,
+            vocab_size=64,
+            initializer_range=0.3,
+            bos_token_id=2,
+            eos_token_id=3,
+            pad_token_id=0,
+        )
     ).eval()
     tok = build_tokenizer()
     result = detect_iteration_heads(model, tok, task="parity", lengths="12-16", n=8, ablate=True)
@@ -66,15 +74,36 @@ def test_chromium_renders_the_report(big, tmp_path):
     from PIL import Image
 
     report = big[3] / "report.html"
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path)}"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path)}",
+    ]
     shot = tmp_path / "shot.png"
-    subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", "--window-size=1200,900", report.as_uri()],
-                   capture_output=True, timeout=120, check=True)
+    subprocess.run(
+        [CHROMIUM, *flags, f"--screenshot={shot}", "--window-size=1200,900", report.as_uri()],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
     img = np.asarray(Image.open(shot).convert("RGB"))
     assert img.shape[:2] == (900, 1200)
     assert (img < 250).any(axis=2).mean() > 0.02 and len(np.unique(img.reshape(-1, 3), axis=0)) > 20  # drawn, not blank
-    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=120, check=True).stdout
-    for heading in ("<h1>Iteration heads of", "<h2>", "<h3>Heatmaps (layer x head)</h3>", "<h3>Attention of the top heads</h3>", "<h3>Ablation</h3>"):
+    dom = subprocess.run(
+        [CHROMIUM, *flags, "--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    for heading in (
+        "<h1>Iteration heads of",
+        "<h2>",
+        "<h3>Heatmaps (layer x head)</h3>",
+        "<h3>Attention of the top heads</h3>",
+        "<h3>Ablation</h3>",
+    ):
         assert heading in dom, heading
     assert dom.count("<rect") > 12 * 12 and 'id="readout"' in dom

@@ -32,7 +32,9 @@ def _env(hf_home: Path) -> dict[str, str]:
 
 
 def _cli(args: list[str], env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hf_iterheads.cli", "scan", *args], env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "hf_iterheads.cli", "scan", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,12 @@ def zoo(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("scan")
     tok = build_tokenizer()
     folders = {}
-    for name, arch, seed in (("zoo-gpt2", "gpt2", 0), ("zoo-llama", "llama_gqa", 1), ("rev-main", "gpt2", 2), ("rev-step", "gpt2", 3)):
+    for name, arch, seed in (
+        ("zoo-gpt2", "gpt2", 0),
+        ("zoo-llama", "llama_gqa", 1),
+        ("rev-main", "gpt2", 2),
+        ("rev-step", "gpt2", 3),
+    ):
         folders[name] = tmp / name
         tiny_model(arch, seed=seed).save_pretrained(folders[name])
         tok.save_pretrained(folders[name])
@@ -67,7 +74,20 @@ def atlas(zoo):
     run1 = _cli([*first, *COMMON, "--ablate", "--output-dir", str(out)], env)
     assert run1.returncode == 0, run1.stderr[-3000:]
     mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "parts").iterdir()}
-    run2 = _cli([*first, str(f["zoo-llama"]), *COMMON, "--ablate", "--output-dir", str(out), "--push-to-hub", "acme/iter-atlas", "--dry-run"], env)
+    run2 = _cli(
+        [
+            *first,
+            str(f["zoo-llama"]),
+            *COMMON,
+            "--ablate",
+            "--output-dir",
+            str(out),
+            "--push-to-hub",
+            "acme/iter-atlas",
+            "--dry-run",
+        ],
+        env,
+    )
     assert run2.returncode == 0, run2.stderr[-3000:]
     return out, run1, run2, mtimes
 
@@ -79,12 +99,32 @@ def test_parquet_schema_rows_and_failure(atlas):
     assert "scanned 14 of 14" in run1.stdout and "2 failed" in run1.stdout
     ds = Dataset.from_parquet(str(out / "results.parquet"))
     f = ds.features
-    for col, kind in {"model": "string", "revision": "string", "task": "string", "layer": "int64", "head": "int64",
-                      "iteration_score": "float64", "baseline": "float64", "prev_score": "float64", "next_score": "float64",
-                      "eoi_score": "float64", "peakiness": "float64", "detected": "bool", "clean_token_accuracy": "float64",
-                      "chance_token_accuracy": "float64", "ablated": "bool", "ablation_zero_top_token_accuracy": "float64",
-                      "rendering": "string", "template": "string", "tool_version": "string", "date": "string",
-                      "n_params": "int64", "step": "int64", "status": "string", "error": "string"}.items():
+    for col, kind in {
+        "model": "string",
+        "revision": "string",
+        "task": "string",
+        "layer": "int64",
+        "head": "int64",
+        "iteration_score": "float64",
+        "baseline": "float64",
+        "prev_score": "float64",
+        "next_score": "float64",
+        "eoi_score": "float64",
+        "peakiness": "float64",
+        "detected": "bool",
+        "clean_token_accuracy": "float64",
+        "chance_token_accuracy": "float64",
+        "ablated": "bool",
+        "ablation_zero_top_token_accuracy": "float64",
+        "rendering": "string",
+        "template": "string",
+        "tool_version": "string",
+        "date": "string",
+        "n_params": "int64",
+        "step": "int64",
+        "status": "string",
+        "error": "string",
+    }.items():
         assert f[col].dtype == kind, col
     rows = ds.to_list()
     failed = [r for r in rows if r["status"] == "failed"]
@@ -93,7 +133,10 @@ def test_parquet_schema_rows_and_failure(atlas):
     ok = [r for r in rows if r["status"] == "ok"]
     # per task: 3 bundled (2 layers x 1 head) + zoo-gpt2, tiny-iter at 2 revisions, zoo-llama (2 layers x 4 heads)
     assert len(ok) == 2 * (3 * 2 + 4 * 8)
-    assert {(r["model"], r["layer"], r["head"]) for r in ok if r["task"] == "parity" and r["model"] == "parity-cot"} == {("parity-cot", 0, 0), ("parity-cot", 1, 0)}
+    assert {(r["model"], r["layer"], r["head"]) for r in ok if r["task"] == "parity" and r["model"] == "parity-cot"} == {
+        ("parity-cot", 0, 0),
+        ("parity-cot", 1, 0),
+    }
     best = next(r for r in ok if r["model"] == "parity-cot" and r["task"] == "parity" and r["rank"] == 1)
     assert (best["layer"], best["head"], best["detected"], best["ablated"]) == (1, 0, True, True)
     assert best["clean_token_accuracy"] > 0.9 and best["tool_version"] and best["rendering"] == "native"
@@ -104,7 +147,10 @@ def test_hub_revisions_by_repo_id(atlas):
 
     out = atlas[0]
     rows = [r for r in Dataset.from_parquet(str(out / "results.parquet")).to_list() if r["model"] == "tiny-org/tiny-iter"]
-    assert {(r["revision"], r["commit"], r["step"]) for r in rows} == {("main", COMMITS["main"], None), ("step100", COMMITS["step100"], 100)}
+    assert {(r["revision"], r["commit"], r["step"]) for r in rows} == {
+        ("main", COMMITS["main"], None),
+        ("step100", COMMITS["step100"], 100),
+    }
     by_rev = {r["revision"]: r["iteration_score"] for r in rows if (r["task"], r["layer"], r["head"]) == ("parity", 0, 0)}
     assert by_rev["main"] != by_rev["step100"]  # two snapshots, two different models
 
@@ -121,18 +167,28 @@ def test_resume_skips_finished_and_adds_new(atlas):
 def test_other_settings_and_bad_input_are_one_line(atlas, zoo):
     out, env = atlas[0], zoo[2]
     cases = [
-        (["parity-cot", "--tasks", "parity,polynomial", "--n", "7", "--lengths", "4-5", "--output-dir", str(out)], "other settings"),
+        (
+            ["parity-cot", "--tasks", "parity,polynomial", "--n", "7", "--lengths", "4-5", "--output-dir", str(out)],
+            "other settings",
+        ),
         (["parity-cot", "--tasks", "sorting", "--output-dir", str(out / "x")], "unknown task 'sorting'"),
         (["parity-cot@main", "--output-dir", str(out / "x")], "has no revisions"),
         (["--output-dir", str(out / "x")], "no models to scan"),
         (["parity-cot", "--dry-run", "--output-dir", str(out / "x")], "--dry-run goes with --push-to-hub"),
     ]
-    proc = subprocess.run([sys.executable, "-c", CLI_SCRIPT, json.dumps([["scan", *a] for a, _ in cases])],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", CLI_SCRIPT, json.dumps([["scan", *a] for a, _ in cases])],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     for run, (_, needle) in zip(json.loads(proc.stdout.strip().splitlines()[-1]), cases):
         lines = run["stderr"].strip().splitlines()
-        assert run["rc"] == 2 and len(lines) == 1 and lines[0].startswith("hf-iterheads scan: error:") and needle in lines[0], run["stderr"]
+        assert run["rc"] == 2 and len(lines) == 1 and lines[0].startswith("hf-iterheads scan: error:") and needle in lines[0], (
+            run["stderr"]
+        )
     assert not (out / "x").exists()
 
 
@@ -161,7 +217,11 @@ def test_dry_run_folder_loads_with_load_dataset(atlas):
     assert len(summary) == 16 and {"best_score", "best_baseline", "detected", "causal"} <= set(summary.column_names)
     card = DatasetCard.load(hub / "README.md")
     assert [c["config_name"] for c in card.data.configs] == ["heads", "summary"]
-    assert "arxiv.org/abs/2406.02128" in card.text and "`iteration_score` (float64)" in card.text and "hf-iterheads 0.1.0" in card.text
+    assert (
+        "arxiv.org/abs/2406.02128" in card.text
+        and "`iteration_score` (float64)" in card.text
+        and "hf-iterheads 0.1.0" in card.text
+    )
 
 
 def _free_port() -> int:
@@ -175,10 +235,37 @@ def test_accelerate_launch_two_cpu_processes_share_and_merge(zoo):
     out = tmp / "sharded"
     # accelerate's torchrun-based launcher (--multi_gpu) starts 2 processes; on CPUs they join a gloo group
     # (`--cpu` alone would need mpirun for several processes)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           "-m", "hf_iterheads.cli", "scan", str(f["zoo-gpt2"]), str(f["zoo-llama"]), "--tasks", "parity",
-           "--n", "4", "--lengths", "4", "--maps", "1", "--output-dir", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "hf_iterheads.cli",
+        "scan",
+        str(f["zoo-gpt2"]),
+        str(f["zoo-llama"]),
+        "--tasks",
+        "parity",
+        "--n",
+        "4",
+        "--lengths",
+        "4",
+        "--maps",
+        "1",
+        "--output-dir",
+        str(out),
+    ]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("scanned 2 of 2") == 1 and "on 2 process(es)" in run.stdout  # the main process merges

@@ -90,8 +90,8 @@ def _flat(prefix: str, value: Any, out: dict[str, Any]) -> None:
 
 def part_rows(part: dict) -> list[dict[str, Any]]:
     """The Parquet rows of one triple: one per head, or one failure row."""
-    common = {k: part.get(k) for k in ("model", "revision", "commit", "step", "task", "status", "error", "architecture", "n_params",
-                                       "tool_version", "date", "worker")}
+    keys = ("model", "revision", "commit", "step", "task", "status", "error", "architecture", "n_params")
+    common = {k: part.get(k) for k in (*keys, "tool_version", "date", "worker")}
     if part["status"] != "ok":
         return [common]
     d = part["result"]
@@ -112,7 +112,8 @@ def part_rows(part: dict) -> list[dict[str, Any]]:
     rows = []
     for layer in range(L):
         for head in range(H):
-            row = {**common, **scalars, "layer": layer, "head": head, "rank": rank[layer][head], "eoi_rank": eoi_rank[layer][head]}
+            row = {**common, **scalars, "layer": layer, "head": head}
+            row.update(rank=rank[layer][head], eoi_rank=eoi_rank[layer][head])
             row.update({k: g[layer][head] for k, g in grids.items()})
             row["ablated"] = (layer, head) in ablated if d.get("ablation") else None
             rows.append(row)
@@ -120,10 +121,10 @@ def part_rows(part: dict) -> list[dict[str, Any]]:
 
 
 def _ranks(grid: list[list[float]]) -> list[list[int]]:
-    cells = sorted(((-v, l, h) for l, row in enumerate(grid) for h, v in enumerate(row)))
+    cells = sorted((-v, layer, h) for layer, row in enumerate(grid) for h, v in enumerate(row))
     out = [[0] * len(grid[0]) for _ in grid]
-    for r, (_, l, h) in enumerate(cells, 1):
-        out[l][h] = r
+    for r, (_, layer, h) in enumerate(cells, 1):
+        out[layer][h] = r
     return out
 
 
@@ -184,7 +185,8 @@ def summary_rows(parts: list[dict]) -> list[dict[str, Any]]:
             clean = p.get("clean") or {}
             row.update(
                 n_layers=d["n_layers"], n_heads=d["n_heads"], best_layer=best["layer"], best_head=best["head"],
-                best_score=best["score"], best_baseline=best["baseline"], best_prev=best["prev_score"], best_next=best["next_score"],
+                best_score=best["score"], best_baseline=best["baseline"],
+                best_prev=best["prev_score"], best_next=best["next_score"],
                 best_peakiness=best["peakiness"], detected=bool(best["detected"]),
                 n_detected=sum(bool(v) for r in d.get("detected", []) for v in r),
                 eoi_layer=eoi["layer"], eoi_head=eoi["head"], eoi_score=eoi["score"], eoi_detected=bool(eoi.get("detected")),
@@ -214,14 +216,16 @@ def summary_md(parts: list[dict]) -> str:
     for r in ok:
         acc = "-" if r["clean_token_accuracy"] is None else f"{r['clean_token_accuracy']:.2f} ({r['chance_token_accuracy']:.2f})"
         lines.append(
-            f"| {_label(r)} | {r['task']} | L{r['best_layer']}H{r['best_head']} | {r['best_score']:.3f} | {r['best_baseline']:.3f} | "
+            f"| {_label(r)} | {r['task']} | L{r['best_layer']}H{r['best_head']} | {r['best_score']:.3f} | "
+            f"{r['best_baseline']:.3f} | "
             f"{r['best_score'] / max(r['best_baseline'], 1e-9):.1f} | {r['best_prev']:.3f} / {r['best_next']:.3f} | {acc} | "
             f"{'yes' if r['detected'] else 'no'} | {r['causal']} |"
         )
     lines += ["", "## How to read it", "",
               "Layers and heads are 0-based. A head is *detected* when its iteration score is at least 0.25, three times the "
               "uniform-attention chance and twice either neighbour control (x_t-1, x_t+1). *Causal*: zero-ablating the found "
-              f"heads (--ablate) lowers the teacher-forced accuracy by at least {CAUSAL_DROP} and at least {CAUSAL_RATIO:g} times "
+              f"heads (--ablate) lowers the teacher-forced accuracy by at least {CAUSAL_DROP} and at least "
+              f"{CAUSAL_RATIO:g} times "
               "what ablating as many random heads does; `n/a` where the model is at chance on the task.",
               f"The iteration head: Cabannes et al., \"Iteration Head: A Mechanistic Study of Chain-of-Thought\", {PAPER}."]
     failed = [r for r in rows if r["status"] != "ok"]
@@ -250,7 +254,8 @@ def report_html(parts: list[dict]) -> str:
 
             rows.append(f'<tr><td class="l">{escape(_label(p))}</td><td class="l">{p["task"]}</td>'
                         f'<td class="l fail" colspan="6">failed: {escape(str(p["error"]))}</td></tr>')
-    head = "<tr>" + "".join(f"<th>{h}</th>" for h in ("model", "task", "parameters", "best head", "score", "chance", "detected", "causal")) + "</tr>"
+    titles = ("model", "task", "parameters", "best head", "score", "chance", "detected", "causal")
+    head = "<tr>" + "".join(f"<th>{h}</th>" for h in titles) + "</tr>"
     body = f"<h2>Models</h2><table>{head}{''.join(rows)}</table>" + "".join(sections)
     return page("Iteration-head atlas", body)
 
@@ -321,6 +326,13 @@ output projection and compares with as many random heads.
 """
 
 
+def _size_category(n: int) -> str:
+    for limit, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
+        if n < limit:
+            return name
+    return "1M<n<10M"
+
+
 def publish(out: Path, repo_id: str, dry_run: bool = False) -> str:
     """Write the Hub dataset folder ``DIR/hub`` (Parquet per config + card); upload it unless ``dry_run``."""
     from huggingface_hub import DatasetCard, DatasetCardData
@@ -338,7 +350,7 @@ def publish(out: Path, repo_id: str, dry_run: bool = False) -> str:
             license="mit",
             pretty_name=f"Iteration-head atlas ({repo_id})",
             tags=["interpretability", "attention-heads", "iteration-head", "chain-of-thought", "hf-iterheads"],
-            size_categories=["n<1K" if n_rows < 1000 else "1K<n<10K" if n_rows < 10_000 else "10K<n<100K" if n_rows < 100_000 else "100K<n<1M"],
+            size_categories=[_size_category(n_rows)],
             configs=[
                 {"config_name": "heads", "data_files": [{"split": "train", "path": "heads/train-*.parquet"}], "default": True},
                 {"config_name": "summary", "data_files": [{"split": "train", "path": "summary/train-*.parquet"}]},
@@ -362,5 +374,6 @@ def publish(out: Path, repo_id: str, dry_run: bool = False) -> str:
         info = api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=str(folder),
                                  commit_message=f"hf-iterheads {__version__} scan")
     except (HfHubHTTPError, OfflineModeIsEnabled, OSError, ValueError) as err:
-        raise IterHeadsError(f"cannot push to {repo_id}: {str(err).strip().splitlines()[0]} (the folder is ready: {folder})") from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise IterHeadsError(f"cannot push to {repo_id}: {first} (the folder is ready: {folder})") from None
     return f"pushed {folder} to https://huggingface.co/datasets/{repo_id} ({getattr(info, 'oid', '')})"

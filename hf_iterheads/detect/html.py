@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import html
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,12 +65,12 @@ def _color(v: float, lo: float, hi: float) -> str:
     a, b = _VIRIDIS[i], _VIRIDIS[i + 1]
     f = pos - i
     mix = [round(int(a[k : k + 2], 16) * (1 - f) + int(b[k : k + 2], 16) * f) for k in (1, 3, 5)]
-    return "#%02x%02x%02x" % tuple(mix)
+    return "#" + "".join(f"{c:02x}" for c in mix)
 
 
 def _blue(v: float) -> str:
     t = min(1.0, max(0.0, float(v)))
-    return "#%02x%02x%02x" % (round(255 - 247 * t), round(255 - 207 * t), round(255 - 148 * t))
+    return f"#{round(255 - 247 * t):02x}{round(255 - 207 * t):02x}{round(255 - 148 * t):02x}"
 
 
 def is_grid(value: Any, n_layers: int, n_heads: int) -> bool:
@@ -103,13 +104,14 @@ def heatmap(name: str, grid: Sequence[Sequence[float]], outline: Sequence[Sequen
     step = max(1, (L + 15) // 16)
     parts = [f'<svg width="{w}" height="{h}" data-name="{_esc(name)}" data-cell="{cell}" data-x0="{x0}" data-y0="{y0}">']
     parts += [f'<text x="{x0}" y="10">head 0..{H - 1}</text>']
-    parts += [f'<text x="0" y="{y0 + l * cell + cell - 2}">{l}</text>' for l in range(0, L, step)]
-    for (l, hh), v in np.ndenumerate(arr):
-        parts.append(f'<rect x="{x0 + hh * cell}" y="{y0 + l * cell}" width="{cell}" height="{cell}" fill="{_color(v, lo, hi)}" data-v="{v:.3f}"/>')
+    parts += [f'<text x="0" y="{y0 + r * cell + cell - 2}">{r}</text>' for r in range(0, L, step)]
+    box = f'width="{cell}" height="{cell}"'
+    for (r, c), v in np.ndenumerate(arr):
+        parts.append(f'<rect x="{x0 + c * cell}" y="{y0 + r * cell}" {box} fill="{_color(v, lo, hi)}" data-v="{v:.3f}"/>')
     if outline is not None:
-        for (l, hh), on in np.ndenumerate(np.asarray(outline, dtype=bool)):
+        for (r, c), on in np.ndenumerate(np.asarray(outline, dtype=bool)):
             if on:
-                parts.append(f'<rect x="{x0 + hh * cell}" y="{y0 + l * cell}" width="{cell}" height="{cell}" fill="none" stroke="red" stroke-width="2"/>')
+                parts.append(f'<rect x="{x0 + c * cell}" y="{y0 + r * cell}" {box} fill="none" stroke="red" stroke-width="2"/>')
     parts.append("</svg>")
     scale = f"{lo:.2g}..{hi:.2g}"
     return f'<figure><figcaption>{_esc(name)} <span class="note">({scale})</span></figcaption>{"".join(parts)}</figure>'
@@ -157,12 +159,13 @@ def attention_map(m: dict) -> str:
         parts.append(f'<text x="{x0 - 4}" y="{y0 + i * cell + cell - 3}" text-anchor="end"{weight}>{_esc(lab)}</text>')
         cx = x0 + i * cell + cell - 3
         parts.append(f'<text x="{cx}" y="{y0 - 4}" transform="rotate(-90 {cx} {y0 - 4})"{weight}>{_esc(lab)}</text>')
+    box = f'width="{cell}" height="{cell}"'
     for (q, k), v in np.ndenumerate(pat):
         if k <= q:  # causal: keys after the query are never attended
-            parts.append(f'<rect x="{x0 + k * cell}" y="{y0 + q * cell}" width="{cell}" height="{cell}" fill="{_blue(v)}" data-v="{v:.3f}"/>')
+            parts.append(f'<rect x="{x0 + k * cell}" y="{y0 + q * cell}" {box} fill="{_blue(v)}" data-v="{v:.3f}"/>')
     for q, k in expected_cells(m):
         if 0 <= q < T and 0 <= k < T:
-            parts.append(f'<rect x="{x0 + k * cell}" y="{y0 + q * cell}" width="{cell}" height="{cell}" fill="none" stroke="red" stroke-width="1.5"/>')
+            parts.append(f'<rect x="{x0 + k * cell}" y="{y0 + q * cell}" {box} fill="none" stroke="red" stroke-width="1.5"/>')
     parts.append("</svg>")
     what = "s_t -> EoI" if m.get("circuit") == "eoi" else "pred s_t -> x_t"
     cap = f"layer {m['layer']} head {m['head']} ({_esc(m.get('why', 'top head'))}): red boxes = the circuit's cells ({what})"
@@ -183,9 +186,11 @@ def ablation_table(ab: dict) -> str:
             if ab[mode].get("matched"):
                 rows.append((f"{mode}-ablate same-layer random", ab[mode]["matched"]))
             if ab[mode].get("random_mean"):
-                rows.append((f"{mode}-ablate random heads (mean of {len(ab[mode].get('random') or [])})", ab[mode]["random_mean"]))
-    heads = ", ".join(f"L{l}H{h}" for l, h in ab.get("heads", []))
-    body = "".join(f'<tr><td class="l">{_esc(n)}</td>' + "".join(f"<td>{_num(r.get(c, ''))}</td>" for c in cols) + "</tr>" for n, r in rows)
+                draws = len(ab[mode].get("random") or [])
+                rows.append((f"{mode}-ablate random heads (mean of {draws})", ab[mode]["random_mean"]))
+    heads = ", ".join(f"L{layer}H{h}" for layer, h in ab.get("heads", []))
+    cells = lambda r: "".join(f"<td>{_num(r.get(c, ''))}</td>" for c in cols)
+    body = "".join(f'<tr><td class="l">{_esc(n)}</td>{cells(r)}</tr>' for n, r in rows)
     head = '<tr><th class="l">heads ' + _esc(heads) + "</th>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>"
     note = f'<p class="note">{_esc(ab["note"])}</p>' if ab.get("note") else ""
     return f"<table>{head}{body}</table>{note}"
@@ -209,7 +214,9 @@ def generic_table(d: Any, prefix: str = "") -> str:
     return "<table>" + "".join(f'<tr><td class="l">{_esc(k)}</td><td>{_num(v)}</td></tr>' for k, v in rows) + "</table>"
 
 
-META_KEYS = ("revision", "commit", "rendering", "template", "n", "lengths_spec", "seed", "dtype", "device", "n_params", "example_probe")
+META_KEYS = (
+    "revision", "commit", "rendering", "template", "n", "lengths_spec", "seed", "dtype", "device", "n_params", "example_probe",
+)
 
 
 def section(d: dict, maps: Sequence[dict] = (), anchor: str = "s0", heading: str | None = None) -> str:
@@ -217,7 +224,8 @@ def section(d: dict, maps: Sequence[dict] = (), anchor: str = "s0", heading: str
     heading = heading or f"{d['model']} on {d['task']}"
     out = [f'<section id="{_esc(anchor)}"><h2>{_esc(heading)}</h2>']
     meta = [(k, d[k]) for k in META_KEYS if d.get(k) not in (None, "")]
-    out.append("<table>" + "".join(f'<tr><th class="l">{_esc(k)}</th><td class="l">{_esc(v)}</td></tr>' for k, v in meta) + "</table>")
+    rows = "".join(f'<tr><th class="l">{_esc(k)}</th><td class="l">{_esc(v)}</td></tr>' for k, v in meta)
+    out.append(f"<table>{rows}</table>")
     best = (d.get("top_heads") or [{}])[0]
     if best:
         verdict = '<span class="yes">detected</span>' if best.get("detected") else "not detected"
@@ -260,8 +268,10 @@ def result_maps(result) -> list[dict]:
     if result.pattern is None or result.pattern_marks is None:
         return []
     m = result.pattern_marks
-    return [{"layer": m["layer"], "head": m["head"], "pattern": np.round(result.pattern, 3).tolist(), "tokens": result.pattern_tokens,
-             "x_pos": list(m["x_pos"]), "pred_pos": list(m["pred_pos"]), "circuit": "iteration", "why": "best iteration score"}]
+    return [{
+        "layer": m["layer"], "head": m["head"], "pattern": np.round(result.pattern, 3).tolist(), "tokens": result.pattern_tokens,
+        "x_pos": list(m["x_pos"]), "pred_pos": list(m["pred_pos"]), "circuit": "iteration", "why": "best iteration score",
+    }]
 
 
 @torch.no_grad()
@@ -279,15 +289,15 @@ def head_maps(model, tokenizer, result, k: int = 3) -> list[dict]:
     ids = tokenizer.convert_tokens_to_ids(list(result.pattern_tokens))
     if any(i is None for i in ids):
         return base
-    wanted = [(l, h, "iteration", f"iteration rank {r}") for r, (l, h) in enumerate(result.ranked()[:k], 1)]
+    wanted = [(layer, h, "iteration", f"iteration rank {r}") for r, (layer, h) in enumerate(result.ranked()[:k], 1)]
     el, eh = result.ranked("eoi_score")[0]
     wanted.append((el, eh, "eoi", "best EoI score"))
     kept: dict[tuple[int, int], np.ndarray] = {}
 
     def on_layer(layer, module, weights):
-        for l, h, _, _ in wanted:
-            if l == layer:
-                kept[(l, h)] = weights[0, h].float().cpu().numpy()
+        for at, h, _, _ in wanted:
+            if at == layer:
+                kept[(at, h)] = weights[0, h].float().cpu().numpy()
 
     device = next(model.parameters()).device
     x = torch.tensor([ids], device=device)
@@ -296,8 +306,8 @@ def head_maps(model, tokenizer, result, k: int = 3) -> list[dict]:
     first = kept.get(tuple(base[0][k] for k in ("layer", "head")))
     if first is None or first.shape != np.shape(base[0]["pattern"]) or not np.allclose(first, base[0]["pattern"], atol=2e-3):
         return base
-    return [{**base[0], "layer": l, "head": h, "pattern": np.round(kept[(l, h)], 3).tolist(), "circuit": c, "why": why}
-            for l, h, c, why in wanted]
+    return [{**base[0], "layer": at, "head": h, "pattern": np.round(kept[(at, h)], 3).tolist(), "circuit": c, "why": why}
+            for at, h, c, why in wanted]
 
 
 def write_report(result, path: str | Path, maps: Sequence[dict] | None = None) -> None:

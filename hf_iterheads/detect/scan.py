@@ -47,7 +47,7 @@ FORWARDED: tuple[tuple[str, dict[str, Any]], ...] = (
     ("--batch-size", dict(type=int, default=16, help="probes per forward pass (default 16)")),
     ("--ablate", dict(action="store_true", help="zero- and mean-ablate the top-k heads of each triple vs random heads")),
     ("--top-k", dict(type=int, default=1, help="heads to ablate (default 1)")),
-    ("--dtype", dict(choices=("auto", "float32", "float16", "bfloat16"), default="float32", help="weights dtype (default float32)")),
+    ("--dtype", dict(choices=("auto", "float32", "float16", "bfloat16"), default="float32", help="weights dtype")),
     ("--device", dict(default="cpu", help="cpu, cuda, mps, auto (auto under accelerate launch: each process its own device)")),
     ("--device-map", dict(default=None, help="passed to from_pretrained, e.g. auto for big models (needs accelerate)")),
     ("--trust-remote-code", dict(action="store_true", help="allow repos' own modeling code (off by default)")),
@@ -277,7 +277,8 @@ def run_scan(
     done = load_parts(out / PARTS)
     for key, part in done.items():
         if part.get("settings") != wanted:
-            diff = sorted(k for k in set(wanted) | set(part.get("settings") or {}) if wanted.get(k) != (part.get("settings") or {}).get(k))
+            had = part.get("settings") or {}
+            diff = sorted(k for k in set(wanted) | set(had) if wanted.get(k) != had.get(k))
             raise IterHeadsError(
                 f"{out} was scanned with other settings ({', '.join(diff)} differ, e.g. in {key}.json); "
                 "use the same options or another --output-dir"
@@ -330,9 +331,9 @@ def add_cli(subparsers) -> None:
     for flag, kwargs in FORWARDED:
         p.add_argument(flag, **kwargs)
     p.add_argument("--maps", type=int, default=3, help="top heads whose attention map goes in report.html (default 3)")
-    p.add_argument("--retry-failed", action="store_true", help="rerun triples that failed before (finished ones are always skipped)")
+    p.add_argument("--retry-failed", action="store_true", help="rerun the triples that failed before (finished ones are skipped)")
     p.add_argument("--push-to-hub", default=None, metavar="ORG/NAME", help="publish the atlas as a Hub dataset (with a card)")
-    p.add_argument("--dry-run", action="store_true", help="with --push-to-hub: write the dataset folder (DIR/hub) but upload nothing")
+    p.add_argument("--dry-run", action="store_true", help="with --push-to-hub: write the dataset folder DIR/hub, upload nothing")
     p.add_argument("--output-dir", required=True, help="the atlas folder (created; an existing scan folder is resumed)")
     p.set_defaults(func=_run_cli)
 
