@@ -140,7 +140,9 @@ def expected_cells(m: dict) -> list[tuple[int, int]]:
 
 
 def attention_map(m: dict) -> str:
-    """One head's (T, T) attention on a probe; rows are queries, columns keys; circuit cells outlined red."""
+    """One head's (T, T) attention on a probe; rows are queries, columns keys; circuit cells outlined red.
+
+    Cells under 0.005 are left out (white, no read-out): a probe of 35 tokens then costs a few kB, not 50."""
     pat = np.asarray(m["pattern"], dtype=float)
     T = len(pat)
     tokens = [str(t) for t in m["tokens"]][:T]
@@ -160,8 +162,12 @@ def attention_map(m: dict) -> str:
         cx = x0 + i * cell + cell - 3
         parts.append(f'<text x="{cx}" y="{y0 - 4}" transform="rotate(-90 {cx} {y0 - 4})"{weight}>{_esc(lab)}</text>')
     box = f'width="{cell}" height="{cell}"'
+    # the attendable (causal) triangle in white, then only the cells with visible mass: the file stays small
+    corners = ((0, 0), (cell, 0), (T * cell, (T - 1) * cell), (T * cell, T * cell), (0, T * cell))
+    tri = " ".join(f"{x0 + x},{y0 + y}" for x, y in corners)
+    parts.append(f'<polygon points="{tri}" fill="#fff" stroke="#ddd"/>')
     for (q, k), v in np.ndenumerate(pat):
-        if k <= q:  # causal: keys after the query are never attended
+        if k <= q and v >= 0.005:
             parts.append(f'<rect x="{x0 + k * cell}" y="{y0 + q * cell}" {box} fill="{_blue(v)}" data-v="{v:.3f}"/>')
     for q, k in expected_cells(m):
         if 0 <= q < T and 0 <= k < T:

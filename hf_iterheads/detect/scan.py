@@ -170,7 +170,7 @@ def scan_model(
     import torch
 
     from .detection import IterationHeadDetector
-    from .html import head_maps
+    from .html import head_maps, result_maps
 
     load_kw, detect_kw = split_options(options)
     base = {"model": model, "revision": revision, "step": step_of(revision), "settings": settings(n, lengths, options),
@@ -194,8 +194,11 @@ def scan_model(
                 d = result.to_dict()
                 d.setdefault("eoi_detected", [[bool(v) for v in row] for row in result.eoi_detected()])
                 clean = _clean_metrics(detector, result, d, task, lengths, n, detect_kw)
-                _save(parts, {**base, "task": task, "status": "ok", "error": None, "clean": clean, "result": d,
-                              "maps": head_maps(detector.model, detector.tokenizer, result, maps)})
+                try:
+                    pictures = head_maps(detector.model, detector.tokenizer, result, maps) if maps else []
+                except Exception:  # noqa: BLE001 -- the pictures are extra: keep the best head's map, keep the scores
+                    pictures = result_maps(result)
+                _save(parts, {**base, "task": task, "status": "ok", "error": None, "clean": clean, "result": d, "maps": pictures})
                 statuses.append("ok")
             except Exception as err:  # noqa: BLE001 -- recorded with its reason, the scan goes on
                 _save(parts, {**base, "task": task, "status": "failed", "error": failure_reason(err)})
