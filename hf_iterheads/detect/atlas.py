@@ -21,10 +21,11 @@ from .. import __version__
 from ..errors import IterHeadsError
 from .html import PAPER, is_grid, page, section
 
-# Zero-ablating the found heads counts as causal when token accuracy drops by at least this much and at
-# least twice as much as ablating the same number of random heads.
-CAUSAL_DROP = 0.1
-CAUSAL_RATIO = 2.0
+# Zero-ablating the found heads counts as causal when it removes at least CAUSAL_SHARE of the model's accuracy
+# above chance, and more of it than ablating as many random heads (in a 2-head model the random head is the
+# circuit's other head, which matters too: a fixed ratio to it would call the paper's own head not causal).
+CAUSAL_SHARE = 0.5
+AT_CHANCE = 0.1  # clean accuracy within this of chance: nothing to remove, no verdict
 
 COLUMNS: dict[str, tuple[str, str]] = {
     "model": ("string", "the model as given to scan: a local folder, a bundled checkpoint name or a Hub repo id"),
@@ -160,17 +161,17 @@ def to_dataset(rows: list[dict[str, Any]], typed: dict[str, tuple[str, str]] = C
 
 
 def causal_verdict(part: dict) -> tuple[str, float | None, float | None]:
-    """(verdict, accuracy drop from zero-ablating the found heads, drop from random heads)."""
+    """(verdict, share of the above-chance accuracy that zero-ablating the found heads removes, same for random heads)."""
     ab = (part.get("result") or {}).get("ablation")
     if not ab:
         return "not asked", None, None
-    clean = ab["clean"]
-    if clean["token_accuracy"] < clean["chance_token_accuracy"] + CAUSAL_DROP:
+    clean, chance = ab["clean"]["token_accuracy"], ab["clean"]["chance_token_accuracy"]
+    if clean < chance + AT_CHANCE:
         return "n/a (model at chance)", None, None
-    top = clean["token_accuracy"] - ab["zero"]["top"]["token_accuracy"]
-    rnd = clean["token_accuracy"] - ab["zero"]["random_mean"]["token_accuracy"] if ab["zero"].get("random_mean") else 0.0
-    ok = top >= CAUSAL_DROP and top >= CAUSAL_RATIO * max(rnd, 0.0)
-    return ("yes" if ok else "no"), round(top, 6), round(rnd, 6)
+    share = lambda acc: (clean - acc) / (clean - chance)  # noqa: E731
+    top = share(ab["zero"]["top"]["token_accuracy"])
+    rnd = share(ab["zero"]["random_mean"]["token_accuracy"]) if ab["zero"].get("random_mean") else 0.0
+    return ("yes" if top >= CAUSAL_SHARE and top > rnd else "no"), round(top, 6), round(rnd, 6)
 
 
 def summary_rows(parts: list[dict]) -> list[dict[str, Any]]:
@@ -191,7 +192,7 @@ def summary_rows(parts: list[dict]) -> list[dict[str, Any]]:
                 n_detected=sum(bool(v) for r in d.get("detected", []) for v in r),
                 eoi_layer=eoi["layer"], eoi_head=eoi["head"], eoi_score=eoi["score"], eoi_detected=bool(eoi.get("detected")),
                 clean_token_accuracy=clean.get("token_accuracy"), chance_token_accuracy=clean.get("chance_token_accuracy"),
-                ablation_drop=drop, random_drop=rnd, causal=verdict,
+                removed_share=drop, random_removed_share=rnd, causal=verdict,
             )
         out.append(row)
     return out
@@ -224,9 +225,9 @@ def summary_md(parts: list[dict]) -> str:
     lines += ["", "## How to read it", "",
               "Layers and heads are 0-based. A head is *detected* when its iteration score is at least 0.25, three times the "
               "uniform-attention chance and twice either neighbour control (x_t-1, x_t+1). *Causal*: zero-ablating the found "
-              f"heads (--ablate) lowers the teacher-forced accuracy by at least {CAUSAL_DROP} and at least "
-              f"{CAUSAL_RATIO:g} times "
-              "what ablating as many random heads does; `n/a` where the model is at chance on the task.",
+              f"heads (--ablate) removes at least {CAUSAL_SHARE:.0%} of the teacher-forced accuracy above chance, and more "
+              "than ablating as many random heads does; `n/a` where the model is within "
+              f"{AT_CHANCE} of chance on the task.",
               f"The iteration head: Cabannes et al., \"Iteration Head: A Mechanistic Study of Chain-of-Thought\", {PAPER}."]
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
