@@ -274,3 +274,29 @@ def test_accelerate_launch_two_cpu_processes_share_and_merge(zoo):
     from datasets import Dataset
 
     assert len(Dataset.from_parquet(str(out / "results.parquet"))) == 2 * 8
+
+
+def test_model_specs_files_revisions_and_options(tmp_path):
+    from hf_iterheads.detect.scan import model_specs, part_key, split_options, step_of
+    from hf_iterheads.errors import IterHeadsError
+
+    listing = tmp_path / "models.txt"
+    listing.write_text("# the atlas\nEleutherAI/pythia-160m@step1000,main  # two steps\n\nparity-cot\ngpt2\n")
+    specs = model_specs(["Qwen/Qwen2.5-0.5B"], str(listing), revisions="main,step8000")
+    assert specs == [
+        ("Qwen/Qwen2.5-0.5B", "main"),
+        ("Qwen/Qwen2.5-0.5B", "step8000"),
+        ("EleutherAI/pythia-160m", "step1000"),
+        ("EleutherAI/pythia-160m", "main"),
+        ("parity-cot", None),  # bundled: no revisions
+        ("gpt2", "main"),
+        ("gpt2", "step8000"),
+    ]
+    assert (step_of("step143000"), step_of("main"), step_of("ckpt-step_20")) == (143000, None, 20)
+    assert part_key("a/b", "main", "parity") != part_key("a_b", "main", "parity")
+    load, det = split_options({"dtype": "float32", "trust_remote_code": False, "top_k": 2, "rendering": "auto"})
+    assert set(load) == {"dtype", "trust_remote_code"} and set(det) == {"top_k", "rendering"}
+    with pytest.raises(IterHeadsError, match="no option --warp-speed"):
+        split_options({"warp_speed": 9})
+    with pytest.raises(IterHeadsError, match="not a file"):
+        model_specs([], str(tmp_path / "missing.txt"))
