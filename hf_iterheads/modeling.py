@@ -161,7 +161,8 @@ def _block(block, h: torch.Tensor, start: int) -> torch.Tensor:
     return h + block.mlp(block.ln_2(h))
 
 
-def loss_after_eoi(model: GPT2LMHeadModel, input_ids: torch.Tensor, labels: torch.Tensor):
+def loss_after_eoi(model: GPT2LMHeadModel, input_ids: torch.Tensor, labels: torch.Tensor,
+                   position_ids: torch.Tensor | None = None):
     """``model(input_ids, labels=labels).loss`` for right-padded batches, without the work the loss ignores.
 
     The loss is only on the tokens after EoI (the states and EoS), so in the last layer nothing but the keys
@@ -174,7 +175,8 @@ def loss_after_eoi(model: GPT2LMHeadModel, input_ids: torch.Tensor, labels: torc
     start = int(scored.int().argmax(1).min())  # the first position whose next token is scored (EoI)
     ids, targets = input_ids[:, :-1], labels[:, start + 1 :]
     tr = model.transformer
-    h = tr.drop(tr.wte(ids) + tr.wpe(torch.arange(ids.shape[1], device=ids.device)))
+    positions = torch.arange(ids.shape[1], device=ids.device) if position_ids is None else position_ids[:, :-1]
+    h = tr.drop(tr.wte(ids) + tr.wpe(positions))
     for i, block in enumerate(tr.h):
         h = _block(block, h, start if i == len(tr.h) - 1 else 0)
     logits = model.lm_head(tr.ln_f(h))

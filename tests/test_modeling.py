@@ -73,8 +73,9 @@ def test_load_checkpoint_refuses_non_checkpoints(tmp_path):
         load_checkpoint(tmp_path)
 
 
-@pytest.mark.parametrize("preset, cot, attn", [("paper", True, "sdpa"), ("4head", True, "eager"), ("3layer", False, "sdpa")])
-def test_loss_after_eoi_matches_the_stock_loss_and_gradients(tok, preset, cot, attn):
+@pytest.mark.parametrize("preset, cot, attn, offsets", [("paper", True, "sdpa", False), ("4head", True, "eager", False),
+                                                      ("3layer", False, "sdpa", False), ("paper", True, "sdpa", True)])
+def test_loss_after_eoi_matches_the_stock_loss_and_gradients(tok, preset, cot, attn, offsets):
     # Training computes the loss without the last layer's work before EoI; it must be the stock loss exactly,
     # on a right-padded batch of mixed lengths too (eval mode: the embedding dropout is the only random part).
     import numpy as np
@@ -82,7 +83,7 @@ def test_loss_after_eoi_matches_the_stock_loss_and_gradients(tok, preset, cot, a
     from hf_iterheads.modeling import loss_after_eoi
     from hf_iterheads.tasks import get_task
     from hf_iterheads.tokenizer import Layout
-    from hf_iterheads.training.data import assemble
+    from hf_iterheads.training.data import assemble, position_offsets
 
     model = build_model(build_config(tok, n_len=8, preset=preset, cot=cot, n_embd=32), seed=1).eval()
     model.set_attn_implementation(attn)
@@ -93,9 +94,12 @@ def test_loss_after_eoi_matches_the_stock_loss_and_gradients(tok, preset, cot, a
         groups.append((layout, x, task.run(x)))
     batch = assemble(groups, layout.pad_id)
     assert (batch["attention_mask"] == 0).any()  # padding present
+    if offsets:  # --position-offsets: every row shifted inside the context
+        batch["position_ids"] = position_offsets(batch["attention_mask"], model.config.n_positions, rng)
+        assert (batch["position_ids"][:, 0] > 0).any() and int(batch["position_ids"].max()) < model.config.n_positions
     params = [p for p in model.parameters()]
     stock = model(**batch).loss
-    ours, logits, targets = loss_after_eoi(model, batch["input_ids"], batch["labels"])
+    ours, logits, targets = loss_after_eoi(model, batch["input_ids"], batch["labels"], batch.get("position_ids"))
     assert torch.allclose(stock, ours, atol=1e-6)
     assert logits.shape[:2] == targets.shape and (targets != -100).sum() == (batch["labels"] != -100).sum()
     for a, b in zip(torch.autograd.grad(stock, params), torch.autograd.grad(ours, params)):

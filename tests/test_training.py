@@ -15,7 +15,7 @@ from hf_iterheads.cli import main
 from hf_iterheads.errors import IterHeadsError
 from hf_iterheads.tasks import get_task
 from hf_iterheads.tokenizer import Layout, build_tokenizer
-from hf_iterheads.training import FAST, PAPER, Callback, TrainConfig, resolve_config, train
+from hf_iterheads.training import FAST, PAPER, Callback, TrainConfig, resolve_config, train_with_restarts
 from hf_iterheads.training.callbacks import head_formed
 from hf_iterheads.training.config import parse_curriculum
 from hf_iterheads.training.data import AdaptiveLengths, FixedSampler, OnlineData, TaskSchedule, _row_codes
@@ -44,7 +44,7 @@ def interrupted_train(out: Path, stop: int, *extra: str, task: str = "polynomial
 
     args = build_parser().parse_args(["train", "--task", task, "--output-dir", str(out), *TINY, *extra])
     with pytest.raises(KeyboardInterrupt):
-        train(resolve_config(args), callbacks=[InterruptAt(stop)])
+        train_with_restarts(resolve_config(args), callbacks=[InterruptAt(stop)])
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_end_to_end_run_writes_a_loadable_checkpoint(run):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_4", "step_8"]
 
 
-@pytest.mark.parametrize("data", ["online", "fixed", "adaptive"])
+@pytest.mark.parametrize("data", ["online", "fixed", "adaptive", "offsets"])
 def test_resume_after_interruption_gives_the_same_weights(tmp_path, data):
     # An epoch is 8 (online) or 9 (fixed) batches: the run is killed at step 12, resumes from the step-10
     # checkpoint in the middle of its second epoch, and must end exactly where the straight run ends.
@@ -92,6 +92,9 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path, data):
         # by step 20 some lengths are learned
         common = ["--data", "online", "--length-sampling", "adaptive", "--max-steps", "30", "--eval-every", "10",
                   "--checkpoint-every", "10", "--lr", "1e-2", "--schedule", "constant", "--n-len", "3", "--no-cot"]
+    if data == "offsets":  # every row shifted by a random position offset (lengths 1..3 in a 13-position context)
+        common = ["--data", "online", "--position-offsets", "--max-train-len", "3", "--max-steps", "14", "--eval-every", "5",
+                  "--checkpoint-every", "5"]
     task, stop = ("binary_copy", "27") if data == "adaptive" else ("polynomial", "12")
     assert run_train(tmp_path / "straight", *common, task=task) == 0
     interrupted_train(tmp_path / "broken", int(stop), *common, task=task)
@@ -317,3 +320,24 @@ def test_formed_cosine_waits_for_the_head_then_decays_and_survives_a_checkpoint(
     per = {str(L): {"attn1_peakiness": 0.95 if L <= 12 else 0.1} for L in range(1, 17)}
     assert head_formed([{"per_length": per}], max_len=12) and not head_formed([{"per_length": per}], max_len=16)
     assert not head_formed([{"per_length": {str(L): {"attn1_peakiness": None} for L in range(1, 17)}}], 16)
+
+
+def test_restart_at_a_plateau_starts_a_fresh_attempt_and_resumes_into_it(tmp_path):
+    # A threshold above any attention mass: every evaluation at --restart-at is a plateau. Attempt 0 stops there,
+    # its records move to attempts/0/, and attempt 1 (another seed) trains to the end; a kill inside attempt 1
+    # resumes into attempt 1 and ends with the same weights.
+    common = ["--max-steps", "10", "--eval-every", "4", "--checkpoint-every", "4", "--restart-at", "4",
+              "--restart-below", "1.01", "--max-restarts", "1"]
+    assert run_train(tmp_path / "r", *common) == 0
+    run = tmp_path / "r"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    failed = [json.loads(line) for line in (run / "attempts" / "0" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in failed if r["kind"] == "plateau"] == [4] and not (run / "attempts" / "1").exists()
+    assert not [r for r in records if r["kind"] == "plateau"]  # attempt 1 is the last one allowed: no restart
+    assert json.loads((run / "run_config.json").read_text())["attempt"] == 1
+    assert json.loads((run / "eval_results.json").read_text())["step"] == 10
+    interrupted_train(tmp_path / "k", 6, *common)  # killed in attempt 1, between checkpoints
+    assert main(["train", "--resume", "--output-dir", str(tmp_path / "k")]) == 0
+    a, b = load_file(run / "model.safetensors"), load_file(tmp_path / "k" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert TrainConfig(seed=3).run_seed == 3 and TrainConfig(seed=3, attempt=1).run_seed != 3

@@ -15,6 +15,9 @@ Weights are captured inside each model's own eager attention and reduced to thes
 A head is ``detected`` when its iteration score is at least ``MIN_SCORE``, ``CHANCE_RATIO`` times the
 uniform baseline and ``CONTROL_RATIO`` times either neighbour control. Layers and heads are 0-based:
 the paper's "layer-2 head" of a 2-layer model is layer 1.
+
+Scores are also split by whether the model's own greedy ``s_t`` is right (:mod:`.competence`), so a readout on a
+model that cannot do the task says so; with several templates the tables are means and ``by_template`` keeps each.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +41,7 @@ from ..errors import IterHeadsError
 from ..modeling import bundled_path
 from ..tasks import get_task
 from .attention import AttentionCapture, find_attention_modules, head_counts
-from .probes import Probes, make_probes, parse_lengths
+from .probes import Probes, concat_probes, make_probes, parse_lengths
 
 MIN_SCORE = 0.25
 CHANCE_RATIO = 3.0
@@ -252,6 +256,8 @@ class DetectionResult:
     pattern: np.ndarray | None = field(default=None, repr=False)
     pattern_tokens: list[str] | None = field(default=None, repr=False)
     pattern_marks: dict | None = field(default=None, repr=False)
+    competence: dict | None = field(default=None, repr=False)  # competence.competence_scores (pooled over templates)
+    by_template: list[dict] | None = field(default=None, repr=False)  # score_heads per template, when several
 
     @property
     def n_layers(self) -> int:
@@ -292,8 +298,30 @@ class DetectionResult:
                 )
             else:
                 row.update(baseline=float(s["eoi_baseline"][layer, head]), detected=bool(self.eoi_detected()[layer, head]))
+            if key == "iteration_score":
+                row.update(self._extra_columns(layer, head))
             out.append(row)
         return out
+
+    def _extra_columns(self, layer: int, head: int) -> dict[str, Any]:
+        """Per-head spread over templates and the score split by the model's own right/wrong s_t."""
+        row: dict[str, Any] = {}
+        if self.by_template:
+            row["spread"] = float(self.scores["iteration_score_spread"][layer, head])
+            row["templates_passed"] = int(self.templates_passed()[layer, head])
+        if self.competence:
+            for o in ("correct", "wrong"):
+                arr = self.competence["scores"][f"iteration_score_{o}"]
+                row[f"score_{o}"] = None if arr is None else float(arr[layer, head])
+        return row
+
+    def templates_passed(self) -> np.ndarray:
+        """How many templates each head is detected under on its own (all heads 1 with one template)."""
+        if not self.by_template:
+            return self.detected().astype(int)
+        if "_passed" not in self.__dict__:  # top_heads asks once per head
+            self._passed = sum(DetectionResult(self.model, self.task, t, {}).detected().astype(int) for t in self.by_template)
+        return self._passed
 
     def to_dict(self) -> dict[str, Any]:
         s = self.scores
@@ -308,6 +336,17 @@ class DetectionResult:
         out["eoi_top_heads"] = self.top_heads(key="eoi_score")
         out["criteria"] = {"min_score": MIN_SCORE, "chance_ratio": CHANCE_RATIO, "control_ratio": CONTROL_RATIO}
         out.update(self.meta)
+        if self.by_template:
+            out["iteration_score_spread"] = grid(s["iteration_score_spread"])
+            out["iteration_score_by_template"] = [grid(t["iteration_score"]) for t in self.by_template]
+            out["detected_by_template"] = [
+                [[bool(v) for v in row] for row in DetectionResult(self.model, self.task, t, {}).detected()] for t in self.by_template
+            ]
+            out["templates_passed"] = [[int(v) for v in row] for row in self.templates_passed()]
+        if self.competence:
+            from .competence import to_json
+
+            out.update(to_json(self.competence))
         if self.ablation is not None:
             out["ablation"] = self.ablation
         return out
@@ -319,23 +358,58 @@ class DetectionResult:
             f"iteration heads of {self.model} on {self.task} ({self.meta.get('rendering')} rendering, "
             f"{self.meta.get('n')} probes, lengths {self.meta.get('lengths_spec')}); layers/heads 0-based",
             f"{'rank':>4} {'layer':>5} {'head':>4} {'kv':>3} {'iter':>6} {'peak':>6} {'x_t-1':>6} {'x_t+1':>6} "
-            f"{'chance':>6} {'eoi':>6}  detected",
+            f"{'chance':>6} {'eoi':>6}  detected{self._extra_header()}",
         ]
         for rank, row in enumerate(self.top_heads(k), 1):
             l, h = row["layer"], row["head"]
             lines.append(
                 f"{rank:>4} {l:>5} {h:>4} {row['kv_group']:>3} {row['score']:>6.3f} {row['peakiness']:>6.3f} "
                 f"{row['prev_score']:>6.3f} {row['next_score']:>6.3f} {row['baseline']:>6.3f} {s['eoi_score'][l, h]:>6.3f}  "
-                f"{'yes' if row['detected'] else '-'}"
+                f"{'yes' if row['detected'] else '-'}{self._extra_cells(row)}"
             )
         best = self.top_heads(1, key="eoi_score")[0]
         lines.append(
             f"best EoI head: layer {best['layer']} head {best['head']} eoi {best['score']:.3f} "
             f"(chance {best['baseline']:.3f}){' detected' if best['detected'] else ''}"
         )
+        lines.extend(self._competence_lines())
         if self.ablation:
             lines.extend(_ablation_lines(self.ablation))
         return "\n".join(lines)
+
+    def _extra_header(self) -> str:
+        head = f" {'right':>6} {'wrong':>6}" if self.competence else ""
+        return head + (f" {'spread':>6} {'pass':>5}" if self.by_template else "")
+
+    def _extra_cells(self, row: dict[str, Any]) -> str:
+        def cell(v: float | None) -> str:
+            return f" {'n/a':>6}" if v is None else f" {v:>6.3f}"
+
+        out = " " * (8 - (3 if row["detected"] else 1))
+        if self.competence:
+            out += cell(row["score_correct"]) + cell(row["score_wrong"])
+        if self.by_template:
+            out += f" {row['spread']:>6.3f} {row['templates_passed']:>2}/{len(self.by_template):<2}"
+        return out.rstrip() if out.strip() else ""
+
+    def _competence_lines(self) -> list[str]:
+        """Clean accuracy per length next to chance; what right/wrong and spread mean."""
+        out = []
+        if self.by_template:
+            out.append(f"spread: max - min iteration score over {len(self.by_template)} templates; pass: templates it is detected under")
+        if not self.competence:
+            return out
+        c, n = self.competence["clean_accuracy"], self.competence["counts"]["iteration"]
+        per = " ".join(f"L{L}:{a:.2f}" for L, a in c["per_length"].items())
+        out.append(
+            f"right/wrong: iteration score where the model's own greedy s_t is right ({n['correct']} steps) / wrong "
+            f"({n['wrong']} steps)"
+        )
+        out.append(
+            f"clean accuracy on the probes: {c['token_accuracy']:.3f} (chance {c['chance_token_accuracy']:.3f}) per length {per}"
+            + (f"; {c['note']}" if c["at_chance"] else "")
+        )
+        return out
 
 
 def _ablation_lines(ab: dict) -> list[str]:
@@ -344,6 +418,8 @@ def _ablation_lines(ab: dict) -> list[str]:
         f"ablation of {', '.join(f'L{l}H{h}' for l, h in ab['heads'])}: clean token acc {clean['token_accuracy']:.3f} "
         f"chain acc {clean['sequence_accuracy']:.3f} log-prob {clean['log_prob']:.3f} (chance acc {clean['chance_token_accuracy']:.3f})"
     ]
+    if ab.get("note"):
+        out.append(f"  note: {ab['note']}")
     for mode in ("zero", "mean"):
         if mode in ab:
             top, rnd = ab[mode]["top"], ab[mode]["random_mean"]
@@ -388,12 +464,15 @@ class IterationHeadDetector:
         self.revision = revision
         self.model.eval()
 
-    def probes(self, task="parity", lengths="4-16", n=64, seed=0, rendering="auto", template=None, multi_token="first") -> Probes:
-        probes = make_probes(self.tokenizer, task, lengths, n, seed, rendering, template, multi_token)
+    def probes(
+        self, task="parity", lengths="4-16", n=64, seed=0, rendering="auto", template=None, multi_token="first", shots=0, chat=False
+    ) -> Probes:
+        probes = make_probes(self.tokenizer, task, lengths, n, seed, rendering, template, multi_token, shots, chat)
         limit = context_length(self.model)
         if limit is not None and probes.max_tokens > limit:
             raise IterHeadsError(
                 f"the longest probe has {probes.max_tokens} tokens but the model's context is {limit}; use shorter --lengths"
+                + (" or fewer --shots" if probes.shots else "")
             )
         vocab = getattr(getattr(self.model, "get_input_embeddings", lambda: None)(), "num_embeddings", None)
         if vocab is not None and int(probes.input_ids.max()) >= vocab:
@@ -408,25 +487,44 @@ class IterationHeadDetector:
         *,
         seed: int = 0,
         rendering: str = "auto",
-        template: str | None = None,
+        template: str | list[str] | None = None,
         multi_token: str = "first",
         batch_size: int = 16,
         ablate: bool = False,
         top_k: int = 1,
         n_random: int = 3,
+        shots: int = 0,
+        chat: bool = False,
+        competence: bool = True,
     ) -> DetectionResult:
+        """Score every head; with several templates, scores are their mean and ``by_template`` keeps each.
+
+        ``shots`` worked examples precede each probe, ``chat`` uses the tokenizer's chat template, and
+        ``competence`` (one more forward pass) splits scores by the model's own right/wrong ``s_t``.
+        """
         task_obj = get_task(task)
         if int(top_k) < 1:
             raise IterHeadsError(f"--top-k must be at least 1, got {top_k}")
-        probes = self.probes(task_obj, lengths, n, seed, rendering, template, multi_token)
-        scores = score_heads(self.model, probes, batch_size)
+        templates = _templates(template)
+        sets = [self.probes(task_obj, lengths, n, seed, rendering, t, multi_token, shots, chat) for t in templates]
+        per_template = [score_heads(self.model, p, batch_size) for p in sets]
+        scores = per_template[0] if len(sets) == 1 else _mean_over_templates(per_template)
+        probes = concat_probes(sets)
+        comp = None
+        if competence:
+            from .competence import competence_scores, pool
+
+            comp = pool([competence_scores(self.model, p, batch_size) for p in sets], sets)
         meta = {
             "revision": self.revision,
             "rendering": probes.rendering,
             "template": probes.template,
+            "templates": [p.template for p in sets],
+            "shots": int(probes.shots),
+            "chat": bool(probes.chat),
             "lengths": parse_lengths(lengths),
             "lengths_spec": lengths if isinstance(lengths, str) else ",".join(map(str, parse_lengths(lengths))),
-            "n": len(probes),
+            "n": len(sets[0]),
             "seed": int(seed),
             "bos": bool(probes.bos),
             "multi_token_values": bool(probes.multi_token),
@@ -436,12 +534,17 @@ class IterationHeadDetector:
             "example_probe": probes.texts[0] if probes.texts else None,
             "informative_share": round(float(probes.informative[probes.x_pos.numpy() >= 0].mean()), 6),
         }
-        result = DetectionResult(self.name, task_obj.name, scores, meta)
+        result = DetectionResult(self.name, task_obj.name, scores, meta, competence=comp,
+                                 by_template=per_template if len(sets) > 1 else None)
         if ablate:
             from .ablation import run_ablation
+            from .competence import CANNOT, at_chance
 
             heads = [(r["layer"], r["head"]) for r in result.top_heads(int(top_k))]
             result.ablation = run_ablation(self.model, probes, heads, seed, batch_size, n_random)
+            clean = result.ablation["clean"]
+            if at_chance(clean["token_accuracy"], clean["chance_token_accuracy"], int((probes.pred_pos >= 0).sum())):
+                result.ablation["note"] = CANNOT
         # the best head's attention map on one probe (the shortest of the longest length, readable)
         layer, head = result.ranked()[0]
         index = int(np.argmax(probes.lengths))
@@ -457,12 +560,35 @@ class IterationHeadDetector:
         return result
 
 
+def _templates(template: str | Sequence[str] | None) -> list[str | None]:
+    """One entry per rendering: ``None`` (the default), a template, or several (``--template`` repeated)."""
+    if template is None or isinstance(template, str):
+        return [template]
+    out = list(template)
+    if not out or not all(isinstance(t, str) for t in out):
+        raise IterHeadsError("template must be a string or a non-empty list of strings")
+    if len(set(out)) != len(out):
+        raise IterHeadsError("the same --template is given twice")
+    return out
+
+
+def _mean_over_templates(per: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean of every float score over templates (same chains, so the same counts), plus the iteration spread."""
+    out = {}
+    for key, value in per[0].items():
+        floats = isinstance(value, np.ndarray) and value.dtype.kind == "f"
+        out[key] = np.mean([p[key] for p in per], axis=0) if floats else value
+    its = np.stack([p["iteration_score"] for p in per])
+    out["iteration_score_spread"] = its.max(0) - its.min(0)
+    return out
+
+
 def detect_iteration_heads(model, tokenizer=None, task: str = "parity", lengths="4-16", n: int = 64, **kwargs) -> DetectionResult:
     """One call: load (if given a name), probe, score, optionally ablate (``ablate=True``).
 
     Loading keywords (``revision``, ``dtype``, ``device``, ``device_map``, ``trust_remote_code``) go to the
-    loader; the rest (``seed``, ``rendering``, ``template``, ``batch_size``, ``ablate``, ``top_k`` ...) to
-    :meth:`IterationHeadDetector.detect`.
+    loader; the rest (``seed``, ``rendering``, ``template`` (one or a list), ``shots``, ``chat``, ``batch_size``,
+    ``ablate``, ``top_k``, ``competence`` ...) to :meth:`IterationHeadDetector.detect`.
     """
     load_keys = ("revision", "dtype", "device", "device_map", "trust_remote_code")
     load = {k: kwargs.pop(k) for k in load_keys if k in kwargs}
@@ -515,7 +641,13 @@ def add_cli(subparsers) -> None:
     p.add_argument("--lengths", default="4-16", help="chain lengths, e.g. 4-16 (default), 8 or 4,8,12")
     p.add_argument("--n", type=int, default=64, help="number of probes (default 64)")
     p.add_argument("--rendering", choices=("auto", "native", "text"), default="auto", help="native layout or text (default: auto)")
-    p.add_argument("--template", default=None, help='text template, e.g. "{inputs} -> {states}"; {inputs:SEP} joins values with SEP')
+    p.add_argument(
+        "--template", action="append", default=None,
+        help='text template, e.g. "{inputs} -> {states}"; {inputs:SEP} joins values with SEP; repeat it to score '
+        "each head under several wordings (mean and spread)",
+    )
+    p.add_argument("--shots", type=int, default=0, help="worked examples of the task before each probe (text rendering; default 0)")
+    p.add_argument("--chat", action="store_true", help="wrap the examples and the probe in the tokenizer's chat template")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="weights dtype (default float32)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, auto (default cpu)")
     p.add_argument("--device-map", default=None, help="passed to from_pretrained (e.g. auto: needs accelerate)")
@@ -534,6 +666,8 @@ def _run_cli(args: argparse.Namespace) -> int:
     parse_lengths(args.lengths)
     if args.n < 1 or args.batch_size < 1 or args.top_k < 1:
         raise IterHeadsError("--n, --batch-size and --top-k must be at least 1")
+    if args.shots < 0:
+        raise IterHeadsError(f"--shots must be 0 or more, got {args.shots}")
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise IterHeadsError(f"--output-dir {out} exists and is not a folder")
@@ -545,6 +679,7 @@ def _run_cli(args: argparse.Namespace) -> int:
         revision=args.revision, dtype=args.dtype, device=args.device, device_map=args.device_map,
         trust_remote_code=args.trust_remote_code, seed=args.seed, rendering=args.rendering,
         template=args.template, batch_size=args.batch_size, ablate=args.ablate, top_k=args.top_k,
+        shots=args.shots, chat=args.chat,
     )
     for note in write_outputs(result, out):
         print(note, file=sys.stderr)

@@ -23,8 +23,8 @@ iteration head; bits repeat a lot, so a head that matches content cannot either.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -64,6 +64,8 @@ class Probes:
     texts: list[str] | None = None
     bos: bool = False
     multi_token: bool = False
+    shots: int = 0  # worked examples before each probe (text rendering)
+    chat: bool = False  # wrapped in the tokenizer's chat template
     seq_lens: np.ndarray = field(default=None)  # tokens per probe
     informative: np.ndarray = field(default=None)  # (N, L_max) True where s_t depends on x_t
 
@@ -99,6 +101,33 @@ class Probes:
         """
         return circuit_pairs(self.x_pos[idx], self.state_pos[idx], self.pred_pos[idx], self.eoi_pos[idx],
                              torch.from_numpy(self.informative[idx]))
+
+
+def concat_probes(parts: Sequence[Probes]) -> Probes:
+    """Several renderings (e.g. one per template) as one batch, so ablation runs once over all of them."""
+    if len(parts) == 1:
+        return parts[0]
+    width = max(p.input_ids.shape[1] for p in parts)
+
+    def widen(t: torch.Tensor) -> torch.Tensor:  # right padding is masked out; id 0 exists in every vocabulary
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]))
+
+    def cat(name: str) -> torch.Tensor:
+        return torch.cat([getattr(p, name) for p in parts])
+
+    def stack(name: str) -> np.ndarray:
+        return np.concatenate([getattr(p, name) for p in parts])
+
+    first = parts[0]
+    return Probes(
+        task=first.task, rendering=first.rendering,
+        input_ids=torch.cat([widen(p.input_ids) for p in parts]), attention_mask=torch.cat([widen(p.attention_mask) for p in parts]),
+        lengths=stack("lengths"), inputs=stack("inputs"), states=stack("states"), x_pos=cat("x_pos"), state_pos=cat("state_pos"),
+        pred_pos=cat("pred_pos"), eoi_pos=cat("eoi_pos"), target_ids=cat("target_ids"), template=first.template,
+        texts=[t for p in parts for t in (p.texts or [])] or None, bos=any(p.bos for p in parts),
+        multi_token=any(p.multi_token for p in parts), shots=first.shots, chat=first.chat,
+        seq_lens=stack("seq_lens"), informative=stack("informative"),
+    )
 
 
 def _pad(rows: list[np.ndarray], width: int, fill: int = -1) -> np.ndarray:
@@ -191,10 +220,37 @@ def render(template: str, inputs: Sequence[int], states: Sequence[int]) -> tuple
     return text, spans["inputs"], spans["states"]
 
 
-def _locate(text: str, offsets: list[tuple[int, int]], special: list[int], span: tuple[int, int], unk: int | None, ids) -> tuple[int, int]:
-    """(first token index, number of tokens) of the value at ``span``; refuses values merged with neighbours."""
+class _Visible:
+    """Whether a token, decoded on its own, shows any character (cached per id).
+
+    SentencePiece tokenizers (Mistral, Llama, Phi-3, Gemma) prepend a lone ``▁`` token whose offset is the
+    first character's, the same as the digit after it: by offsets alone it looks like part of the value.
+    It decodes to nothing, so it carries no character of the value and must never be the value's token.
+    """
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.cache = tokenizer, {}
+
+    def __call__(self, token_id: int) -> bool:
+        if token_id not in self.cache:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            self.cache[token_id] = bool(text.strip())
+        return self.cache[token_id]
+
+
+def _locate(
+    text: str, offsets: list[tuple[int, int]], special: list[int], span: tuple[int, int], unk: int | None, ids,
+    visible=None,
+) -> tuple[int, int]:
+    """(first token index, number of tokens) of the value at ``span``; refuses values merged with neighbours.
+
+    A token counts only if its offsets overlap the value and (given ``visible``) it decodes to some character.
+    """
     a, b = span
-    hits = [i for i, (s, e) in enumerate(offsets) if not special[i] and e > s and e > a and s < b]
+    hits = [
+        i for i, (s, e) in enumerate(offsets)
+        if not special[i] and e > s and e > a and s < b and (visible is None or visible(int(ids[i])))
+    ]
     value = text[a:b]
     if not hits:
         raise IterHeadsError(f"the tokenizer gives value {value!r} no token of its own (offset mapping) in {text!r}")
@@ -219,9 +275,21 @@ def text_probes(
     seed: int = 0,
     template: str | None = None,
     multi_token: str = "first",
+    shots: int = 0,
+    chat: bool = False,
 ) -> Probes:
-    """Probes rendered as text for any fast tokenizer, positions aligned through the offset mapping."""
+    """Probes rendered as text for any fast tokenizer, positions aligned through the offset mapping.
+
+    ``shots`` worked examples of the task come before each probe, and ``chat`` wraps them all in the
+    tokenizer's chat template (:mod:`hf_iterheads.detect.prompts`); only the probe's own values are scored.
+    """
+    from . import prompts
+
     task = get_task(task)
+    if int(shots) < 0:
+        raise IterHeadsError(f"--shots must be 0 or more, got {shots}")
+    if chat and not prompts.has_chat_template(tokenizer):
+        prompts.chat(tokenizer, DEFAULT_TEMPLATE, [], [0], [0])  # raises the one-line error
     template = template or DEFAULT_TEMPLATE
     if multi_token not in ("first", "refuse"):
         raise IterHeadsError(f"multi_token must be 'first' or 'refuse', got {multi_token!r}")
@@ -234,17 +302,23 @@ def text_probes(
     if not between.strip():
         raise IterHeadsError(f"template {template!r} needs a marker between {{inputs}} and {{states}} (it plays EoI), e.g. ' -> '")
     chains = sample_chains(task, parse_lengths(lengths), n, seed)
+    examples = prompts.shot_chains(task, parse_lengths(lengths), chains, int(shots), seed)
     unk = getattr(tokenizer, "unk_token_id", None)
+    visible = _Visible(tokenizer)
     ids, xp, sp, tg, texts = [], [], [], [], []
     bos = split = False
-    for xs, ss in chains:
-        text, in_spans, st_spans = render(template, xs.tolist(), ss.tolist())
-        enc = tokenizer(text, return_offsets_mapping=True, return_special_tokens_mask=True, add_special_tokens=True)
+    for (xs, ss), shot in zip(chains, examples):
+        if chat:
+            text, in_spans, st_spans = prompts.chat(tokenizer, template, shot, xs.tolist(), ss.tolist())
+        else:
+            text, in_spans, st_spans = prompts.few_shot(template, shot, xs.tolist(), ss.tolist())
+        # a chat template writes its own special tokens (BOS included), as apply_chat_template(tokenize=True) does
+        enc = tokenizer(text, return_offsets_mapping=True, return_special_tokens_mask=True, add_special_tokens=not chat)
         row, offsets, special = enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]], enc["special_tokens_mask"]
         x_first, s_first = [], []
         for spans, out in ((in_spans, x_first), (st_spans, s_first)):
             for span in spans:
-                first, count = _locate(text, offsets, special, span, unk, row)
+                first, count = _locate(text, offsets, special, span, unk, row, visible)
                 if count > 1:
                     split = True
                     if multi_token == "refuse":
@@ -260,7 +334,10 @@ def text_probes(
         tg.append(np.asarray(row)[s_first])
         texts.append(text)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    return _assemble(task, "text", chains, ids, xp, sp, tg, pad, template=template, texts=texts, bos=bos, multi_token=split)
+    return _assemble(
+        task, "text", chains, ids, xp, sp, tg, pad, template=template, texts=texts, bos=bos, multi_token=split,
+        shots=int(shots), chat=bool(chat),
+    )
 
 
 def make_probes(
@@ -272,17 +349,20 @@ def make_probes(
     rendering: str = "auto",
     template: str | None = None,
     multi_token: str = "first",
+    shots: int = 0,
+    chat: bool = False,
 ) -> Probes:
     """Native probes for the project's tokenizer, text probes otherwise (or as forced by ``rendering``)."""
     task = get_task(task)
     if int(n) < 1:
         raise IterHeadsError(f"--n must be at least 1, got {n}")
+    textual = template is not None or int(shots) != 0 or bool(chat)
     if rendering == "auto":
-        rendering = "native" if template is None and is_native_tokenizer(tokenizer) else "text"
+        rendering = "native" if not textual and is_native_tokenizer(tokenizer) else "text"
     if rendering == "native":
-        if template is not None:
-            raise IterHeadsError("--template applies to the text rendering only")
+        if textual:
+            raise IterHeadsError("--template, --shots and --chat apply to the text rendering only")
         return native_probes(tokenizer, task, lengths, n, seed)
     if rendering == "text":
-        return text_probes(tokenizer, task, lengths, n, seed, template, multi_token)
+        return text_probes(tokenizer, task, lengths, n, seed, template, multi_token, shots, chat)
     raise IterHeadsError(f"unknown rendering {rendering!r}: use auto, native or text")

@@ -10,6 +10,9 @@ from .artifacts import read_metrics
 from .callbacks import Callback, Run
 from .cli import add_cli
 from .config import FAST, PAPER, RECIPES, TrainConfig, resolve_config
-from .loop import train
+from .loop import train, train_with_restarts
 
-__all__ = ["FAST", "PAPER", "RECIPES", "Callback", "Run", "TrainConfig", "add_cli", "read_metrics", "resolve_config", "train"]
+__all__ = [
+    "FAST", "PAPER", "RECIPES", "Callback", "Run", "TrainConfig", "add_cli", "read_metrics", "resolve_config", "train",
+    "train_with_restarts",
+]

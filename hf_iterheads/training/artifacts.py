@@ -53,6 +53,21 @@ def start_run(run, resume: bool) -> None:
         run.accelerator.init_trackers("iterheads", config=hparams)
 
 
+def archive_attempt(out: Path, attempt: int) -> None:
+    """Move a restarted attempt's metrics and checkpoints to ``attempts/N/``: the next attempt starts clean, and
+    the record of what failed (and the time it cost) stays."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.is_main_process:
+        dest = out / "attempts" / str(attempt)
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in ("metrics.jsonl", "checkpoints"):
+            if (out / name).exists():
+                os.replace(out / name, dest / name)
+    state.wait_for_everyone()
+
+
 def restore_checkpoint(run) -> None:
     """Load the latest ``save_state`` checkpoint (model, optimizer, scheduler, RNGs, adaptive lengths), if any."""
     ckpt = latest_checkpoint(run.out)

@@ -46,6 +46,10 @@ class Run:
         return self.accelerator.is_main_process
 
 
+class Plateau(Exception):
+    """Raised by ``HeadWatch`` at ``--restart-at`` when the iteration head is not forming: the run starts again."""
+
+
 class Callback:
     def on_start(self, run: Run) -> None: ...
 
@@ -107,7 +111,10 @@ class LengthFeedback(Callback):
 
     def on_batch(self, run: Run, batch: dict, loss: torch.Tensor, correct: torch.Tensor) -> None:
         length = (batch["labels"][:, 1:] != -100).int().argmax(1) - 1  # EoI sits at L + 1
-        rows = torch.stack([self.task_index[batch["input_ids"][:, 0]], length, correct.long()], 1)
+        ids = batch["input_ids"][:, 0]
+        if self.task_index.device != ids.device:  # on a GPU the batch is there: index on its device
+            self.task_index = self.task_index.to(ids.device)
+        rows = torch.stack([self.task_index[ids], length, correct.long()], 1)
         rows = run.accelerator.gather(rows).cpu().numpy()
         self.lengths.observe(rows[:, 0], rows[:, 1], rows[:, 2])
 
@@ -153,6 +160,15 @@ class HeadWatch(Callback):
             solved &= s["accuracy"] >= SOLVED and (head is None or head >= FORMED)
         return solved
 
+    def check_plateau(self, run: Run, results: list[dict] | None) -> None:
+        """Restart (raise Plateau) when the head is not forming at ``restart_at``; the main process decides."""
+        from accelerate.utils import broadcast_object_list
+
+        if broadcast_object_list([_plateau(results, self.cfg.restart_below)])[0]:
+            self.event(run, "plateau", f"attn1 mass below {self.cfg.restart_below}: the iteration head is not forming; "
+                                       f"restarting from a fresh initialisation (attempt {self.cfg.attempt + 2})")
+            raise Plateau(run.step)
+
     def event(self, run: Run, kind: str, message: str) -> None:
         run.log.write({"kind": kind, "step": run.step, "time": round(run.time, 2)})
         tqdm.write(f"step {run.step}: {message}")
@@ -176,6 +192,8 @@ class HeadWatch(Callback):
                     accelerator.set_trigger()
         if self.cfg.stop_when_solved and accelerator.check_trigger():
             run.stop = True  # every process stops at the same step (the trigger is all-reduced)
+        if run.step == self.cfg.restart_at and self.cfg.attempt < self.cfg.max_restarts:
+            self.check_plateau(run, results)
         lengths = self.data.lengths
         waiting = (self.formed is not None and self.formed.decay_start is None, lengths is not None and lengths.wait)
         if not any(waiting):
@@ -190,6 +208,11 @@ class HeadWatch(Callback):
         if waiting[1] and flags[1]:
             self.event(run, "adapting", "the iteration head is forming; the failing lengths are drawn more often")
             lengths.wait = False
+
+
+def _plateau(results: list[dict] | None, below: float) -> bool:
+    """The layer-2 attention mass on x_t (mean L = 4..n_len) is under ``below`` for some task."""
+    return results is not None and any((r["summary"].get("attn1_mass") or 0.0) < below for r in results)
 
 
 class Checkpointer(Callback):

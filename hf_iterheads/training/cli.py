@@ -52,7 +52,7 @@ def _shown(value) -> str:
 def run_train(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
-    from .loop import train
+    from .loop import train_with_restarts
 
     if args.resume:
         cfg = resume_config(args)
@@ -60,7 +60,7 @@ def run_train(args: argparse.Namespace) -> int:
         cfg = resolve_config(args)
         prepare_output_dir(cfg, resume=False, overwrite=args.overwrite)
     hf_logging.disable_progress_bar()
-    train(cfg, resume=args.resume)
+    train_with_restarts(cfg, resume=args.resume)
     return 0
 
 

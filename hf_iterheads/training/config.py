@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Literal, NamedTuple
 
+import numpy as np
+
 from ..errors import IterHeadsError
 from ..tasks import get_task
 
@@ -101,6 +103,9 @@ class TrainConfig:
     length_sampling: LengthSampling = field(default="adaptive", metadata=_help(
         "online data: lengths uniform, or adaptive (once attn1 peakiness reaches 0.5, the lengths the model still "
         "gets wrong are drawn more often)"))
+    position_offsets: bool = field(default=False, metadata=_help(
+        "online data: shift each training sequence by a random number of positions within the context, so every "
+        "position is trained and the look-up must be relative to EoI (for length generalisation)"))
     # --- optimisation ----------------------------------------------------------------------------------------
     lr: float = field(default=1e-3, metadata=_help("Adam learning rate after warmup"))
     betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=_help("Adam betas, e.g. 0.9,0.99"))
@@ -124,6 +129,14 @@ class TrainConfig:
     keep_checkpoints: int = field(default=2, metadata=_help("checkpoints kept"))
     report_to: str = field(default="auto", metadata=_help("Accelerate tracker: auto (tensorboard if installed), none, ..."))
     stop_when_solved: bool = field(default=False, metadata=_help("stop once accuracy >= 0.99 and attn1 >= 0.9"))
+    # A run heading for another circuit shows it early: the layer-2 attention to x_t stays low
+    # (benchmarks/results/seed_sweep_notes.md). Starting again from a fresh initialisation is cheaper than waiting.
+    restart_at: int = field(default=0, metadata=_help(
+        "at this step's evaluation, restart from a fresh initialisation if the iteration head is not forming "
+        "(attn1 mass below --restart-below); 0 = never"))
+    restart_below: float = field(default=0.22, metadata=_help("attn1 mass under which --restart-at restarts"))
+    max_restarts: int = field(default=2, metadata=_help("restarts at most (the wall time of every attempt counts)"))
+    attempt: int = 0  # which attempt of the run this is (restarts); not a flag
     # On a busy 2-core CPU one thread can be many times faster than two (OpenMP spinning); results differ in
     # the last bits with the thread count, so a resumed run uses the stored one.
     threads: int = field(default=0, metadata=_help("CPU threads for torch (0 = torch's default)"))
@@ -131,6 +144,13 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
         self.helpers = parse_curriculum(self.curriculum)  # parsed once; not a field, so not saved
+
+    @property
+    def run_seed(self) -> int:
+        """The seed of this attempt: ``seed`` itself, then one derived from (seed, attempt) after each restart."""
+        if not self.attempt:
+            return self.seed
+        return int(np.random.SeedSequence([self.seed, self.attempt]).generate_state(1)[0])
 
     @property
     def longest_trained(self) -> int:
@@ -286,11 +306,14 @@ def check_config(cfg: TrainConfig) -> None:
         raise IterHeadsError(f"--betas needs two numbers in [0, 1), e.g. 0.9,0.999; got {','.join(map(str, cfg.betas))}")
     if (cfg.max_steps is None) == (cfg.epochs is None) or (cfg.max_steps or cfg.epochs) < 1:
         raise IterHeadsError("give a positive --epochs or --max-steps (not both)")
-    for name in ("seed", "data_seed", "warmup_steps", "length_warmup", "threads"):
+    if cfg.restart_at and cfg.restart_at % cfg.eval_every:
+        raise IterHeadsError(f"--restart-at ({cfg.restart_at}) must be a multiple of --eval-every ({cfg.eval_every}): "
+                             "the decision reads that step's evaluation")
+    for name in ("seed", "data_seed", "warmup_steps", "length_warmup", "threads", "restart_at", "max_restarts"):
         if getattr(cfg, name) < 0:
             raise IterHeadsError(f"{flag_name(name)} must be 0 or more, got {getattr(cfg, name)}")
     if len(set(cfg.tasks)) != len(cfg.tasks):
         raise IterHeadsError(f"--task names a task twice: {','.join(cfg.tasks)}")
-    if (cfg.helpers or cfg.length_warmup or cfg.length_sampling != "uniform") and cfg.data != "online":
-        raise IterHeadsError("--curriculum, --length-warmup and --length-sampling adaptive need --data online "
-                             "(the fixed dataset is fixed)")
+    if (cfg.helpers or cfg.length_warmup or cfg.length_sampling != "uniform" or cfg.position_offsets) and cfg.data != "online":
+        raise IterHeadsError("--curriculum, --length-warmup, --length-sampling adaptive and --position-offsets need "
+                             "--data online (the fixed dataset is fixed)")

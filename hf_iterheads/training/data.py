@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data import build_dataset
 from ..evaluation import split_by_length
+from ..modeling import max_sequence_length
 from ..tasks import IterativeTask, get_task
 from ..tokenizer import Layout
 from .config import TrainConfig
@@ -138,7 +139,7 @@ class OnlineData(Dataset):
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         batch_no = indices[0] // self.cfg.batch_size
-        rng = np.random.default_rng([self.cfg.seed, batch_no, 0x1CE])
+        rng = np.random.default_rng([self.cfg.run_seed, batch_no, 0x1CE])
         step = batch_no // self.cfg.grad_accum
         names, weights = self.schedule.weights(step)
         max_len = self.schedule.max_len(step)
@@ -160,7 +161,18 @@ class OnlineData(Dataset):
         for name, length, count in picks:
             x, s = self._draw(get_task(name), count, length, rng)
             groups.append((self.layouts[name], x, s))
-        return assemble(groups, self.pad_id)
+        batch = assemble(groups, self.pad_id)
+        if self.cfg.position_offsets:
+            batch["position_ids"] = position_offsets(batch["attention_mask"], max_sequence_length(self.cfg.n_len), rng)
+        return batch
+
+
+def position_offsets(mask: torch.Tensor, n_positions: int, rng: np.random.Generator) -> torch.Tensor:
+    """Position ids shifted per row by a random offset that keeps the row inside ``n_positions``: every position
+    gets trained, and since x_t no longer sits at an absolute position, the look-up has to be relative to EoI."""
+    room = n_positions - mask.sum(1).numpy()
+    offsets = torch.from_numpy(rng.integers(0, room + 1))
+    return (torch.arange(mask.shape[1])[None] + offsets[:, None]).clamp(max=n_positions - 1)  # padding: unread
 
 
 class OnlineSampler:
@@ -314,7 +326,7 @@ def build_train_data(cfg: TrainConfig, tokenizer, wait_for_head: bool) -> TrainD
     if cfg.data == "fixed":
         keep = range(1, cfg.longest_trained + 1)
         dataset = FixedData([(layouts[n], split_by_length(splits[n]["train"], keep)) for n in cfg.tasks], pad_id)
-        sampler = FixedSampler(dataset.groups, cfg.batch_size, cfg.seed, cfg.bucket)
+        sampler = FixedSampler(dataset.groups, cfg.batch_size, cfg.run_seed, cfg.bucket)
     else:
         epoch_len = max(1, math.ceil(len(cfg.tasks) * cfg.n_len * cfg.per_length / cfg.batch_size))  # paper: 64
         if cfg.length_sampling == "adaptive":
@@ -327,5 +339,5 @@ def build_train_data(cfg: TrainConfig, tokenizer, wait_for_head: bool) -> TrainD
     # Own generator: a DataLoader iterator otherwise draws its base seed from the global RNG, so a resumed
     # run (one extra iterator) would get other dropout masks than an uninterrupted one.
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=lambda batch: batch,
-                        generator=torch.Generator().manual_seed(cfg.seed))
+                        generator=torch.Generator().manual_seed(cfg.run_seed))
     return TrainData(loader, sampler, test, eval_data, lengths, task_index)

@@ -7,14 +7,15 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from ..modeling import loss_after_eoi, supports_loss_after_eoi
 from ..tokenizer import Layout, build_tokenizer, check_vocabulary
-from .artifacts import restore_checkpoint, save_run, start_run
-from .callbacks import Callback, Checkpointer, HeadWatch, LengthFeedback, Progress, Run, clock
+from .artifacts import archive_attempt, restore_checkpoint, save_run, start_run
+from .callbacks import Callback, Checkpointer, HeadWatch, LengthFeedback, Plateau, Progress, Run, clock
 from .config import TrainConfig
 from .data import build_train_data
 from .schedule import make_scheduler
@@ -36,7 +37,7 @@ def make_model(cfg: TrainConfig):
             n_embd=cfg.n_embd, n_inner=cfg.n_inner, freeze_positions=cfg.freeze_positions or None,
             initializer_range=cfg.init_range, embed_init_std=cfg.embed_init_std,
         )
-        model = build_model(config, cfg.seed)
+        model = build_model(config, cfg.run_seed)
     for name in cfg.all_tasks:
         check_vocabulary(tokenizer, name)
     check_fits(model.config, Layout(tokenizer, cfg.tasks[0], cfg.cot).seq_len(cfg.n_len), f"length-{cfg.n_len} sequence")
@@ -67,7 +68,7 @@ def loss_function(accelerator, model, cfg: TrainConfig):
     if accelerator.num_processes == 1 and not cfg.compile and supports_loss_after_eoi(model):
         def fast(batch):
             with accelerator.autocast():
-                return loss_after_eoi(model, batch["input_ids"], batch["labels"])
+                return loss_after_eoi(model, batch["input_ids"], batch["labels"], batch.get("position_ids"))
 
         return fast
 
@@ -87,7 +88,7 @@ def train(cfg: TrainConfig, resume: bool = False, callbacks: Sequence[Callback] 
     out = Path(cfg.output_dir)
     model, tokenizer = make_model(cfg)  # may raise: nothing written yet
     accelerator = make_accelerator(cfg, out)
-    set_seed(cfg.seed)
+    set_seed(cfg.run_seed)
     can_form_head = cfg.cot and model.config.n_layer >= 2  # the circuit needs the CoT states and a second layer
     data = build_train_data(cfg, tokenizer, wait_for_head=can_form_head)
 
@@ -146,3 +147,14 @@ def train(cfg: TrainConfig, resume: bool = False, callbacks: Sequence[Callback] 
                   f"attn1 peakiness {head if head is None else round(head, 3)} -> {out}", file=sys.stderr)
     accelerator.end_training()
     return out
+
+
+def train_with_restarts(cfg: TrainConfig, resume: bool = False, callbacks: Sequence[Callback] = ()) -> Path:
+    """``train``, started again from a fresh initialisation (the next attempt's seed) each time ``HeadWatch``
+    sees a plateau at ``--restart-at``; the failed attempt's records move to ``attempts/N/``."""
+    while True:
+        try:
+            return train(cfg, resume, callbacks)
+        except Plateau:
+            archive_attempt(Path(cfg.output_dir), cfg.attempt)
+            cfg, resume = replace(cfg, attempt=cfg.attempt + 1), False

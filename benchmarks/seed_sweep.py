@@ -1,0 +1,560 @@
+#!/usr/bin/env python
+"""Seed sweep (issue 12): does the plain ``hf-iterheads train --task T --seed S`` form the iteration head every time?
+
+Runs the plain training command for a grid of recipes x tasks x seeds with N worker processes, and appends one
+JSON line per finished run to ``--jsonl`` as soon as it finishes (resumable: finished (recipe, task, seed) triples
+are skipped). Per run it records:
+
+* steps and seconds until the head formed (first evaluation with attn1 peakiness >= 0.9) and until accuracy 0.99;
+* the final accuracy (mean over L = 4..16, full test split) and attn1 peakiness, from ``eval_results.json``;
+* which circuit formed: ``detect_iteration_heads`` on the final model (is the top head in layer 1, 0-based, i.e. the
+  paper's layer 2, and flagged?) plus, per layer, where the positions that predict s_t put their attention
+  (x_t, another input, EoI, the chain), so "no head" runs say what they do instead;
+* the evaluation curve (step, accuracy, attn0/attn1 peakiness and mass), for the early-signal analysis.
+
+Why a separate script and not a test: emergence is a property of seeds, measured over many minutes of training.
+
+    python benchmarks/seed_sweep.py --tasks polynomial,parity --seeds 0-9 --workers 2      # CPU, 2 at a time
+    python benchmarks/seed_sweep.py --recipe 'poly-helper:parity,binary_copy=--curriculum binary_copy:0.5:3000,polynomial:0.3:0'
+    python benchmarks/seed_sweep.py --render          # benchmarks/results/seed_sweep.md from the JSONL
+
+A recipe is ``NAME[:TASK,TASK...]=EXTRA FLAGS`` (no flags = the default recipe, the plain command); the task list
+restricts it to those tasks. Each run gets ``--threads 1`` (the issue's setting). ``--cuda-workers K`` runs K of
+the workers on the GPU (several processes share it), the rest on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ["binary_copy", "parity", "polynomial", "cumsum", "s3_product"]
+FORMED, SOLVED = 0.9, 0.99  # hf_iterheads.evaluation's thresholds (not imported: the manager stays light)
+DETECT_GRACE = 25.0  # seconds past --deadline that a finished run's detection may take
+CURVE_KEYS = ("step", "time", "accuracy", "attn0_peakiness", "attn1_peakiness", "attn0_mass", "attn1_mass")
+EARLY_STEPS = (500, 1000, 1500, 2000, 2500, 3000, 4000)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named set of extra ``train`` flags, optionally restricted to some tasks."""
+
+    name: str
+    flags: tuple[str, ...]
+    tasks: tuple[str, ...] | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> Recipe:
+        head, _, flags = spec.partition("=")
+        name, _, tasks = head.partition(":")
+        if not name.strip():
+            raise SystemExit(f"recipe {spec!r}: write NAME[:TASK,...]=FLAGS")
+        return cls(name.strip(), tuple(shlex.split(flags)), tuple(t for t in tasks.split(",") if t) or None)
+
+
+@dataclass(frozen=True)
+class Job:
+    recipe: Recipe
+    task: str
+    seed: int
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return (self.recipe.name, self.task, self.seed)
+
+    def run_dir(self, runs: Path) -> Path:
+        return runs / self.recipe.name / f"{self.task}-s{self.seed}"
+
+
+def last_json(text: str) -> dict | None:
+    """The last line of ``text`` that is a JSON object (warnings may follow it on stderr)."""
+    for line in reversed(text.splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue
+    return None
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``0-9`` or ``0,3,7`` or ``0-4,11``."""
+    out: list[int] = []
+    for part in filter(None, text.split(",")):
+        a, _, b = part.partition("-")
+        out.extend(range(int(a), int(b) + 1) if b else [int(a)])
+    return out
+
+
+# --- reading a run --------------------------------------------------------------------------------------------
+
+
+def read_curve(run_dir: Path, task: str) -> list[dict[str, Any]]:
+    """The run's periodic evaluations of ``task`` (``metrics.jsonl`` ``eval`` records), compacted."""
+    path = run_dir / "metrics.jsonl"
+    curve = []
+    if not path.is_file():
+        return curve
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+        if r.get("kind") == "eval" and r.get("task") == task:
+            curve.append({k: (round(r[k], 4) if isinstance(r.get(k), float) else r.get(k)) for k in CURVE_KEYS})
+    # a resumed/restarted log may repeat steps: keep the last record per step
+    return list({r["step"]: r for r in curve}.values())
+
+
+def first(curve: list[dict], test) -> tuple[int | None, float | None]:
+    for r in curve:
+        if test(r):
+            return r["step"], r["time"]
+    return None, None
+
+
+def summarize_run(run_dir: Path, task: str) -> dict[str, Any]:
+    """Milestones from the curve, final numbers from ``eval_results.json`` (None where the run has none)."""
+    curve = read_curve(run_dir, task)
+    periodic = [r for r in curve if r["step"] > 0]
+    formed = first(periodic, lambda r: (r["attn1_peakiness"] or 0) >= FORMED)
+    acc99 = first(periodic, lambda r: (r["accuracy"] or 0) >= SOLVED)
+    solved = first(periodic, lambda r: (r["attn1_peakiness"] or 0) >= FORMED and (r["accuracy"] or 0) >= SOLVED)
+    out: dict[str, Any] = {"formed_step": formed[0], "formed_s": formed[1], "acc99_step": acc99[0], "acc99_s": acc99[1],
+                           "solved_step": solved[0], "solved_s": solved[1], "curve": curve}
+    path = run_dir / "eval_results.json"
+    if path.is_file():
+        final = json.loads(path.read_text())
+        res = next(r for r in final["results"] if r["task"] == task)
+        s = res["summary"]
+        out.update(steps=final["step"], train_s=final["seconds"], accuracy=s["accuracy"],
+                   generation_accuracy=s.get("generation_accuracy"), attn0=s.get("attn0_peakiness"),
+                   attn1=s.get("attn1_peakiness"), summary_lengths=res.get("summary_lengths"),
+                   worst_length=min(((int(L), m["accuracy"]) for L, m in res["per_length"].items()
+                                     if 4 <= int(L)), key=lambda p: p[1], default=None))
+    return out
+
+
+# --- which circuit formed (runs in its own process, on the CPU) -------------------------------------------------
+
+
+def describe_attention(model, tokenizer, task: str, length: int = 12, n: int = 64) -> list[dict[str, Any]]:
+    """Per layer (head 0..H-1), where the positions that predict s_t attend: the most common argmax target and the
+    mass on x_t, other inputs, EoI and the chain. Layout: ``<task> x_1..x_L <eoi> s_1..s_L <eos>``; the query that
+    predicts s_t sits at L + t and holds s_(t-1) (EoI for t = 1)."""
+    import numpy as np
+    import torch
+
+    from hf_iterheads.circuit import eager_attentions
+    from hf_iterheads.tasks import get_task
+    from hf_iterheads.tokenizer import Layout
+
+    t_obj = get_task(task)
+    rng = np.random.default_rng(12345)
+    x = t_obj.sample_inputs(n, length, rng)
+    ids = torch.from_numpy(Layout(tokenizer, task, True).ids(x, t_obj.run(x)))
+    with torch.no_grad():
+        atts = eager_attentions(model, input_ids=ids, attention_mask=torch.ones_like(ids))
+    eoi = length + 1
+    t = torch.arange(1, length + 1)
+    q = t + length  # the query that predicts s_t: EoI (L + 1) for s_1, then s_(t-1) at L + t
+    out = []
+    for layer, a in enumerate(atts):
+        for head in range(a.shape[1]):
+            w = a[:, head, q, :].float()  # (n, L, T)
+            top = w.argmax(-1)  # (n, L)
+            labels: dict[str, int] = {}
+            for k, tt, qq in zip(top.flatten().tolist(), t.repeat(n).tolist(), q.repeat(n).tolist()):
+                if k == 0:
+                    lab = "task token"
+                elif k <= length:
+                    lab = "x_t" if k == tt else f"x_t{k - tt:+d}"
+                elif k == eoi:
+                    lab = "EoI"
+                else:
+                    lab = "self (s_t-1)" if k == qq else f"chain s_t-1{k - qq:+d}"
+                labels[lab] = labels.get(lab, 0) + 1
+            top_lab, count = max(labels.items(), key=lambda kv: kv[1])
+            mass_xt = w[:, torch.arange(length), t].mean().item()  # query row i predicts s_(i+1): key x_(i+1)
+            mass_inputs = w[:, :, 1 : length + 1].sum(-1).mean().item()
+            out.append({"layer": layer, "head": head, "top_target": top_lab, "top_share": round(count / (n * length), 3),
+                        "mass_x_t": round(mass_xt, 3), "mass_inputs": round(mass_inputs, 3),
+                        "mass_eoi": round(w[:, :, eoi].mean().item(), 3),
+                        "mass_chain": round(w[:, :, eoi + 1 :].sum(-1).mean().item(), 3)})
+    return out
+
+
+def detect_run(run_dir: Path, task: str) -> dict[str, Any]:
+    """The detector's verdict on the final model plus the attention description; the circuit in one label."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_iterheads.detect.detection import detect_iteration_heads
+
+    model = AutoModelForCausalLM.from_pretrained(str(run_dir)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(run_dir))
+    n_len = int(getattr(model.config, "iterheads", {}).get("n_len", 16))
+    res = detect_iteration_heads(model, tokenizer, task=task, lengths=f"{min(4, n_len)}-{n_len}")
+    top = res.top_heads(1)[0]
+    eoi = res.top_heads(1, key="eoi_score")[0]
+    heads = describe_attention(model, tokenizer, task, length=min(12, n_len))
+    paper = top["layer"] == res.n_layers - 1 and top["detected"]
+    if paper:
+        circuit = "iteration head (layer 1)"
+    elif top["detected"]:
+        circuit = f"look-up of x_t in layer {top['layer']}"
+    else:
+        circuit = "other: " + "; ".join(f"L{h['layer']} -> {h['top_target']} ({h['top_share']:.0%})" for h in heads)
+    return {"paper_head": bool(paper), "circuit": circuit,
+            "top_head": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in top.items()},
+            "eoi_head": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in eoi.items()},
+            "attention": heads}
+
+
+# --- the sweep ------------------------------------------------------------------------------------------------
+
+
+class Sweep:
+    """Worker threads, each running one subprocess at a time on its own device; the JSONL is the only state."""
+
+    def __init__(self, args: argparse.Namespace, jobs: list[Job]) -> None:
+        self.args, self.jobs, self.lock = args, list(jobs), threading.Lock()
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.deadline = time.time() + args.deadline if args.deadline else None
+        self.durations: list[float] = []
+        self.stopping = False
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=len(jobs), desc="runs", dynamic_ncols=True)
+
+    def next_job(self) -> Job | None:
+        with self.lock:
+            if self.stopping or not self.jobs:
+                return None
+            left = None if self.deadline is None else self.deadline - time.time()
+            if left is not None and left < 30:
+                return None  # a run started now could not even get past its first evaluations
+            if left is not None and self.durations and self.args.skip_unfinishable:
+                if left < 0.8 * statistics.median(self.durations):
+                    return None  # it would be killed before it ends: leave the cores to the runs in flight
+            return self.jobs.pop(0)
+
+    def write(self, record: dict) -> None:
+        with self.lock:
+            with open(self.args.jsonl, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            self.bar.update(1)
+            s = record
+            self.bar.write(f"{s['recipe']:>14} {s['task']:>12} s{s['seed']:<3} {s['status']:>10} "
+                           f"acc {s.get('accuracy')} attn1 {s.get('attn1')} formed {s.get('formed_step')} "
+                           f"circuit {(s.get('detection') or {}).get('circuit')} ({s['wall_s']:.0f} s, {s['device']})")
+
+    def call(self, cmd: list[str], env: dict, log: Path | None, timeout: float | None) -> int | None:
+        """Run ``cmd`` in its own process group; None when the deadline killed it."""
+        out = open(log, "w") if log else subprocess.DEVNULL
+        try:
+            p = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+            with self.lock:
+                self.procs[p.pid] = p
+            try:
+                return p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+                return None
+            finally:
+                with self.lock:
+                    self.procs.pop(p.pid, None)
+        finally:
+            if log:
+                out.close()
+
+    def worker(self, device: str) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        if device == "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        while (job := self.next_job()) is not None:
+            try:
+                self.run_job(job, device, env)
+            except Exception as err:  # one broken run must not stop the worker (nor lose the job silently)
+                self.write({"recipe": job.recipe.name, "task": job.task, "seed": job.seed, "status": "error",
+                            "error": repr(err), "device": device, "wall_s": 0.0, "success": False})
+
+    def run_job(self, job: Job, device: str, env: dict) -> None:
+        """Train, summarise, detect, and write the run's record."""
+        out = job.run_dir(self.args.runs_dir)
+        cmd = [sys.executable, "-m", "hf_iterheads.cli", "train", "--task", job.task, "--seed", str(job.seed),
+               "--output-dir", str(out), *job.recipe.flags, "--threads", "1", *self.args.train_flags]
+        if (out / "run_config.json").is_file():
+            cmd.append("--overwrite")  # a run killed earlier: start it again from scratch
+        out.parent.mkdir(parents=True, exist_ok=True)
+        start = time.time()
+        left = None if self.deadline is None else self.deadline - start
+        rc = self.call(cmd, env, out.parent / f"{out.name}.log", left)
+        record: dict[str, Any] = {"recipe": job.recipe.name, "task": job.task, "seed": job.seed,
+                                  "flags": " ".join(job.recipe.flags), "device": device,
+                                  "command": " ".join(["hf-iterheads", *cmd[3:]])}
+        if rc is None:
+            record["status"] = "incomplete"
+        elif rc != 0:
+            record["status"] = "failed"
+            record["error"] = (out.parent / f"{out.name}.log").read_text()[-800:]
+        else:
+            record["status"] = "ok"
+            with self.lock:
+                self.durations.append(time.time() - start)
+        record.update(summarize_run(out, job.task))
+        if rc == 0:
+            det_env = dict(env, CUDA_VISIBLE_DEVICES="")
+            left = None if self.deadline is None else max(1.0, self.deadline + DETECT_GRACE - time.time())
+            det_log = out.parent / f"{out.name}.detect.json"
+            drc = self.call([sys.executable, str(Path(__file__).resolve()), "--detect", str(out), job.task],
+                            det_env, det_log, left)
+            record["detection"] = last_json(det_log.read_text()) if drc == 0 else None
+            if record["detection"] is None:
+                record["detection_error"] = det_log.read_text()[-500:] if det_log.is_file() else "killed"
+        record["wall_s"] = round(time.time() - start, 1)
+        record["success"] = bool(rc == 0 and (record.get("accuracy") or 0) >= SOLVED
+                                 and (record.get("attn1") or 0) >= FORMED
+                                 and (record.get("detection") or {}).get("paper_head", False))
+        self.write(record)
+
+    def run(self, devices: list[str]) -> None:
+        threads = [threading.Thread(target=self.worker, args=(d,), daemon=True) for d in devices]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.bar.close()
+
+
+def done_keys(path: Path) -> set[tuple[str, str, int]]:
+    """(recipe, task, seed) of the runs already recorded as finished (ok or failed; incomplete ones run again)."""
+    keys = set()
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if r.get("status") in ("ok", "failed"):
+                keys.add((r["recipe"], r["task"], r["seed"]))
+    return keys
+
+
+def make_jobs(recipes: list[Recipe], tasks: list[str], seeds: list[int], done: set) -> list[Job]:
+    """Recipe by recipe (the first, the baseline, finishes first); within a recipe seed-major, so a cut sweep
+    still has the same seeds for every task."""
+    return [Job(r, t, s) for r in recipes for s in seeds for t in tasks
+            if (r.tasks is None or t in r.tasks) and (r.name, t, s) not in done]
+
+
+def pack_runs(runs: Path, target: Path) -> None:
+    """The compact per-run files (metrics, config, final evaluation, detection, log) in one tar.gz."""
+    import io
+
+    with tarfile.open(target, "w:gz") as tar:
+        for p in sorted(runs.rglob("*")):
+            if p.is_file() and p.suffix == ".log":  # the progress bar's redraws: the end is what matters
+                data = p.read_bytes()[-4000:]
+                info = tarfile.TarInfo(str(p.relative_to(runs)))
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            elif p.is_file() and (p.name in ("metrics.jsonl", "run_config.json", "eval_results.json")
+                                  or p.name.endswith(".detect.json")):
+                tar.add(p, arcname=str(p.relative_to(runs)))
+
+
+# --- the report -----------------------------------------------------------------------------------------------
+
+
+def load_records(path: Path) -> list[dict]:
+    """The last record per (recipe, task, seed)."""
+    latest: dict[tuple, dict] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            latest[(r["recipe"], r["task"], r["seed"])] = r
+    return list(latest.values())
+
+
+def _f(v, digits: int = 3) -> str:
+    return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
+
+
+def circuit_class(r: dict) -> str:
+    """One of four circuits, from the detector and the per-layer attention (why: "no head" hides what formed).
+
+    * ``iteration head``: the detector flags a layer-1 head, attn1 peakiness >= 0.9;
+    * ``partial iteration head``: the same head, attn1 peakiness < 0.9;
+    * ``EoI head, no look-up``: layer 0 attends EoI most (the circuit's first half), layer 1 does not look x_t up;
+    * ``no EoI head``: layer 0 reads the inputs (x_t+k) and layer 1 the task token or the chain.
+    """
+    det = r.get("detection")
+    if not det:
+        return "unknown (no detection)"
+    if det.get("paper_head"):
+        return "iteration head" if (r.get("attn1") or 0) >= FORMED else "partial iteration head"
+    layer0 = next((h for h in det.get("attention", []) if h["layer"] == 0), None)
+    if layer0 is not None and layer0["top_target"] == "EoI":
+        return "EoI head, no look-up"
+    return "no EoI head"
+
+
+def _top(top: dict) -> str:
+    """``L1 0.93 yes``: the detector's top head's layer, iteration score and whether it is flagged."""
+    if not top:
+        return "-"
+    return f"L{top['layer']} {top['score']:.2f} {'yes' if top['detected'] else 'no'}"
+
+
+def _at(curve: list[dict], step: int, key: str) -> float | None:
+    return next((r[key] for r in curve if r["step"] == step), None)
+
+
+def render(records: list[dict], notes: Path | None) -> str:
+    recipes = list(dict.fromkeys(r["recipe"] for r in records))
+    order = {t: i for i, t in enumerate(TASKS)}
+    lines = ["# Seed sweep (issue 12): does the plain training command form the iteration head every time?", "",
+             "Generated by `python benchmarks/seed_sweep.py --render` from `benchmarks/results/seed_sweep.jsonl`; "
+             "every number below is from a run recorded there. Success = final accuracy >= 0.99 (mean L = 4..16, full "
+             "test split) AND final attn1 peakiness >= 0.9 AND the detector ranks a layer-1 (0-based; the paper's "
+             "layer 2) head first and flags it.", ""]
+    if notes is not None and notes.is_file():
+        lines += [notes.read_text().rstrip(), ""]
+    lines += ["## Success counts", "", "| recipe | flags | task | runs finished | success | acc >= 0.99 | attn1 >= 0.9 "
+              "| layer-1 head detected | head formed at step (median) | circuits |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for rec in recipes:
+        for task in sorted({r["task"] for r in records if r["recipe"] == rec}, key=order.get):
+            rs = [r for r in records if r["recipe"] == rec and r["task"] == task and r["status"] == "ok"]
+            if not rs:
+                continue
+            steps = [r["formed_step"] for r in rs if r.get("formed_step") is not None]
+            circuits: dict[str, int] = {}
+            for r in rs:
+                c = circuit_class(r)
+                circuits[c] = circuits.get(c, 0) + 1
+            n_acc = sum((r.get("accuracy") or 0) >= SOLVED for r in rs)
+            n_head = sum((r.get("attn1") or 0) >= FORMED for r in rs)
+            n_det = sum((r.get("detection") or {}).get("paper_head", False) for r in rs)
+            n_ok = sum(r["success"] for r in rs)
+            lines.append(f"| {rec} | `{rs[0]['flags'] or '(default)'}` | {task} | {len(rs)} | **{n_ok}** "
+                         f"| {n_acc} | {n_head} | {n_det} "
+                         f"| {_f(statistics.median(steps) if steps else None, 0)} ({len(steps)} formed) "
+                         f"| {', '.join(f'{k}: {v}' for k, v in circuits.items())} |")
+    lines += ["", "## Every run", "", "Formed = first evaluation (every 500 steps, 256 test sequences per length) with "
+              "attn1 peakiness >= 0.9; 0.99 = first with accuracy >= 0.99. Seconds are the run's own training clock. "
+              "Circuit: the class (`circuit_class`), then `iteration head (layer 1)` = the detector's top head is in "
+              "layer 1 and flagged, or `other:` per layer, the most common argmax target of the positions that "
+              "predict s_t (x_t = the iteration head's target; x_t+k = another input; EoI; chain s_t-1-k = the CoT "
+              "states before the query's own) and its share.", "",
+              "| recipe | task | seed | status | head formed: step (s) | acc 0.99: step (s) | final acc | worst L (acc) "
+              "| final attn1 | top head (layer, score, flagged) | circuit | device | wall s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(records, key=lambda r: (recipes.index(r["recipe"]), order.get(r["task"], 99), r["seed"])):
+        det = r.get("detection") or {}
+        top = det.get("top_head") or {}
+        worst = r.get("worst_length")
+        lines.append(
+            f"| {r['recipe']} | {r['task']} | {r['seed']} | {r['status']}{' **ok**' if r.get('success') else ''} "
+            f"| {_f(r.get('formed_step'))} ({_f(r.get('formed_s'), 0)}) | {_f(r.get('acc99_step'))} ({_f(r.get('acc99_s'), 0)}) "
+            f"| {_f(r.get('accuracy'))} | {f'L={worst[0]} ({worst[1]:.2f})' if worst else '-'} | {_f(r.get('attn1'))} "
+            f"| {_top(top)} "
+            f"| {circuit_class(r)}: {det.get('circuit', '-')} | {r['device']} | {r['wall_s']:.0f} |")
+    lines += ["", "## Early signals: attn0 / attn1 peakiness (and attn0 mass) at steps 500-4,000, formed vs not", "",
+              "Mean over the runs of each group (finished runs; formed = attn1 peakiness >= 0.9 at some evaluation).", "",
+              "| recipe | task | group | runs | " + " | ".join(f"step {s}" for s in EARLY_STEPS) + " |",
+              "|---|---|---|---|" + "---|" * len(EARLY_STEPS)]
+    for rec in recipes:
+        for task in sorted({r["task"] for r in records if r["recipe"] == rec}, key=order.get):
+            rs = [r for r in records if r["recipe"] == rec and r["task"] == task and r["status"] == "ok"]
+            for name, group in (("formed", [r for r in rs if r.get("formed_step") is not None]),
+                                ("not formed", [r for r in rs if r.get("formed_step") is None])):
+                if not group:
+                    continue
+                cells = []
+                for s in EARLY_STEPS:
+                    vals = [(_at(r["curve"], s, "attn0_peakiness"), _at(r["curve"], s, "attn1_peakiness"),
+                             _at(r["curve"], s, "attn0_mass")) for r in group]
+                    vals = [v for v in vals if None not in v]
+                    cells.append("-" if not vals else "/".join(f"{statistics.mean(v[i] for v in vals):.2f}" for i in range(3)))
+                lines.append(f"| {rec} | {task} | {name} | {len(group)} | " + " | ".join(cells) + " |")
+    lines += ["", "Cells: attn0 peakiness / attn1 peakiness / attn0 mass.", "",
+              "### attn1 mass by final circuit (all tasks of a recipe)", "",
+              "attn1 mass = mean attention from the position that predicts s_t to x_t in layer 1. Cells: min - max over "
+              "the runs (mean).", "", "| recipe | final circuit | runs | " + " | ".join(f"step {s}" for s in EARLY_STEPS) + " |",
+              "|---|---|---|" + "---|" * len(EARLY_STEPS)]
+    for rec in recipes:
+        rs = [r for r in records if r["recipe"] == rec and r["status"] == "ok"]
+        for cls in ("iteration head", "partial iteration head", "EoI head, no look-up", "no EoI head"):
+            group = [r for r in rs if circuit_class(r) == cls]
+            if not group:
+                continue
+            cells = []
+            for step in EARLY_STEPS:
+                vals = [v for v in (_at(r["curve"], step, "attn1_mass") for r in group) if v is not None]
+                cells.append("-" if not vals else f"{min(vals):.2f} - {max(vals):.2f} ({statistics.mean(vals):.2f})")
+            lines.append(f"| {rec} | {cls} | {len(group)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --- CLI ------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--tasks", default=",".join(TASKS), help="tasks, comma separated (default: all five)")
+    p.add_argument("--seeds", default="0-9", help="seeds, e.g. 0-9 or 0,3,7 (default 0-9)")
+    p.add_argument("--recipe", action="append", default=None, metavar="NAME[:TASKS]=FLAGS",
+                   help="a recipe to run (repeatable, run in this order); default: 'default=' (the plain command)")
+    p.add_argument("--train-flags", default="", help="flags added to every run, e.g. '--max-steps 2000' (smoke tests)")
+    p.add_argument("--workers", type=int, default=2, help="parallel runs (default 2: the issue's 2-core setting)")
+    p.add_argument("--cuda-workers", type=int, default=0, help="how many of the workers train on the GPU (default 0)")
+    p.add_argument("--jsonl", type=Path, default=ROOT / "benchmarks/results/seed_sweep.jsonl")
+    p.add_argument("--runs-dir", type=Path, default=ROOT / "runs/seed_sweep")
+    p.add_argument("--deadline", type=float, default=None, help="seconds: kill what still runs then (recorded incomplete)")
+    p.add_argument("--skip-unfinishable", action="store_true",
+                   help="with --deadline: start no run that the median run time says cannot finish")
+    p.add_argument("--pack", type=Path, default=None, help="at the end, a tar.gz of every run's compact files")
+    p.add_argument("--render", action="store_true", help="write --out (markdown) from --jsonl and exit")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/seed_sweep.md")
+    p.add_argument("--notes", type=Path, default=ROOT / "benchmarks/results/seed_sweep_notes.md",
+                   help="hand-written analysis included by --render")
+    p.add_argument("--detect", nargs=2, metavar=("RUN_DIR", "TASK"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.detect:
+        print(json.dumps(detect_run(Path(args.detect[0]), args.detect[1])))
+        return
+    if args.render:
+        args.out.write_text(render(load_records(args.jsonl), args.notes))
+        print(f"wrote {args.out}")
+        return
+    recipes = [Recipe.parse(s) for s in (args.recipe or ["default="])]
+    args.train_flags = shlex.split(args.train_flags)
+    args.jsonl.parent.mkdir(parents=True, exist_ok=True)
+    jobs = make_jobs(recipes, args.tasks.split(","), parse_seeds(args.seeds), done_keys(args.jsonl))
+    devices = ["cuda"] * min(args.cuda_workers, args.workers) + ["cpu"] * max(0, args.workers - args.cuda_workers)
+    print(f"{len(jobs)} runs to do, {len(devices)} workers ({', '.join(sorted(set(devices)))})", file=sys.stderr)
+    try:
+        Sweep(args, jobs).run(devices)
+    finally:
+        if args.pack is not None and args.runs_dir.is_dir():
+            pack_runs(args.runs_dir, args.pack)
+
+
+if __name__ == "__main__":
+    main()

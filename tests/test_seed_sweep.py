@@ -1,0 +1,79 @@
+"""benchmarks/seed_sweep.py: the grid, resuming, a run's summary, the circuit verdict and the report, without training
+(one detection on the bundled checkpoint)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("seed_sweep", ROOT / "benchmarks" / "seed_sweep.py")
+sweep = importlib.util.module_from_spec(spec)
+sys.modules["seed_sweep"] = sweep  # dataclasses look their module up there
+spec.loader.exec_module(sweep)
+
+
+def test_recipe_and_seeds_parse():
+    r = sweep.Recipe.parse("helper:parity,binary_copy=--curriculum binary_copy:0.5:3000,polynomial:0.3:0 --stop-when-solved")
+    assert r.name == "helper" and r.tasks == ("parity", "binary_copy")
+    assert r.flags == ("--curriculum", "binary_copy:0.5:3000,polynomial:0.3:0", "--stop-when-solved")
+    assert sweep.Recipe.parse("default=") == sweep.Recipe("default", ())
+    assert sweep.Recipe.parse("single=--curriculum ''").flags == ("--curriculum", "")
+    assert sweep.parse_seeds("0-2,7") == [0, 1, 2, 7]
+
+
+def test_jobs_baseline_first_seed_major_and_resumable(tmp_path):
+    base, helper = sweep.Recipe("default", ()), sweep.Recipe("helper", ("--x",), ("parity",))
+    jsonl = tmp_path / "s.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in [
+        {"recipe": "default", "task": "parity", "seed": 0, "status": "ok"},
+        {"recipe": "default", "task": "polynomial", "seed": 0, "status": "incomplete"},  # killed: runs again
+    ]) + "\n")
+    jobs = sweep.make_jobs([base, helper], ["parity", "polynomial"], [0, 1], sweep.done_keys(jsonl))
+    assert [j.key for j in jobs] == [("default", "polynomial", 0), ("default", "parity", 1), ("default", "polynomial", 1),
+                                     ("helper", "parity", 0), ("helper", "parity", 1)]
+
+
+def _fake_run(run: Path) -> None:
+    run.mkdir(parents=True)
+    evals = [(0, 0.0, 0.1), (500, 0.5, 0.95), (1000, 0.995, 0.96)]
+    lines = [{"kind": "eval", "step": s, "time": s / 10, "task": "parity", "accuracy": a, "attn0_peakiness": 0.5,
+              "attn1_peakiness": p, "attn0_mass": 0.4, "attn1_mass": 0.8} for s, a, p in evals]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n{\"kind\": \"ev")  # a cut last line
+    per_length = {str(L): {"accuracy": 1.0 if L != 9 else 0.98} for L in range(1, 17)}
+    (run / "eval_results.json").write_text(json.dumps({"step": 1000, "seconds": 100.0, "results": [
+        {"task": "parity", "summary": {"accuracy": 0.998, "attn1_peakiness": 0.97, "attn0_peakiness": 0.9},
+         "per_length": per_length, "summary_lengths": list(range(4, 17))}]}))
+
+
+def test_summary_render_and_circuit_classes(tmp_path):
+    _fake_run(tmp_path / "run")
+    s = sweep.summarize_run(tmp_path / "run", "parity")
+    assert (s["formed_step"], s["acc99_step"], s["solved_step"]) == (500, 1000, 1000)
+    assert s["accuracy"] == 0.998 and s["steps"] == 1000 and s["worst_length"] == (9, 0.98)
+    head = {"paper_head": True, "circuit": "iteration head (layer 1)", "top_head": {"layer": 1, "score": 0.9, "detected": True},
+            "attention": [{"layer": 0, "top_target": "EoI"}, {"layer": 1, "top_target": "x_t"}]}
+    eoi_only = {"paper_head": False, "circuit": "other", "attention": [{"layer": 0, "top_target": "EoI"}]}
+    rec = {"recipe": "default", "task": "parity", "seed": 0, "flags": "", "status": "ok", "device": "cpu", "wall_s": 1.0,
+           "success": True, "detection": head, **s}
+    assert sweep.circuit_class(rec) == "iteration head"
+    assert sweep.circuit_class({**rec, "attn1": 0.5}) == "partial iteration head"
+    assert sweep.circuit_class({**rec, "detection": eoi_only}) == "EoI head, no look-up"
+    assert sweep.circuit_class({**rec, "detection": None}) == "unknown (no detection)"
+    md = sweep.render([rec, {**rec, "seed": 1, "success": False, "detection": eoi_only}], None)
+    assert "| default | `(default)` | parity | 2 | **1** |" in md and "EoI head, no look-up: 1" in md
+
+
+def test_detect_run_on_the_bundled_polynomial_model():
+    """The bundled polynomial-cot checkpoint has the paper's circuit: layer 0 -> EoI, layer 1 -> x_t."""
+    path = ROOT / "hf_iterheads" / "checkpoints" / "polynomial-cot"
+    if not (path / "model.safetensors").is_file():
+        pytest.skip("bundled checkpoint not present")
+    det = sweep.detect_run(path, "polynomial")
+    assert det["paper_head"] and det["circuit"] == "iteration head (layer 1)"
+    layer0, layer1 = det["attention"]
+    assert layer0["top_target"] == "EoI" and layer1["top_target"] == "x_t" and layer1["mass_x_t"] > 0.8
