@@ -42,7 +42,9 @@ RUN_ONLY = {"device", "device_map", "batch_size"}
 # detect options that apply to a scan: (flag, add_argument keywords). The dest is the keyword the detector takes.
 FORWARDED: tuple[tuple[str, dict[str, Any]], ...] = (
     ("--rendering", dict(choices=("auto", "native", "text"), default="auto", help="native layout or text (default: auto)")),
-    ("--template", dict(default=None, help='text template, e.g. "{inputs} -> {states}" (text rendering)')),
+    ("--template", dict(action="append", default=None, help='text template, e.g. "{inputs} -> {states}"; repeat it for several')),
+    ("--shots", dict(type=int, default=0, help="worked examples of the task before each probe (text rendering; default 0)")),
+    ("--chat", dict(action="store_true", help="wrap the examples and the probe in the tokenizer's chat template")),
     ("--seed", dict(type=int, default=0, help="probe seed (default 0)")),
     ("--batch-size", dict(type=int, default=16, help="probes per forward pass (default 16)")),
     ("--ablate", dict(action="store_true", help="zero- and mean-ablate the top-k heads of each triple vs random heads")),
@@ -265,6 +267,8 @@ def run_scan(
     out = Path(output_dir)
     if n < 1 or int(options.get("batch_size", 1)) < 1 or int(options.get("top_k", 1)) < 1 or maps < 0:
         raise IterHeadsError("--n, --batch-size and --top-k must be at least 1, --maps 0 or more")
+    if int(options.get("shots") or 0) < 0:
+        raise IterHeadsError(f"--shots must be 0 or more, got {options['shots']}")
     parse_lengths(lengths)
     split_options(options)
     if out.exists() and not out.is_dir():
