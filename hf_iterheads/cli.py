@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "hf_iterheads.evaluation",
     "hf_iterheads.plots",
     "hf_iterheads.detect.detection",
+    "hf_iterheads.detect.scan",
     "hf_iterheads.paper.reproduce",
     "hf_iterheads.paper.release",
 )

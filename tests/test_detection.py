@@ -209,7 +209,7 @@ def test_write_outputs_files(tmp_path, native_tok):
     result = detect_iteration_heads(tiny_model("llama_gqa"), native_tok, task="parity", lengths="4-6", n=6, ablate=True)
     write_outputs(result, tmp_path / "out")
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert names == ["best_head_attention.png", "heads.png", "scores.json"]
+    assert names == ["best_head_attention.png", "heads.png", "report.html", "scores.json"]
     d = json.loads((tmp_path / "out" / "scores.json").read_text())
     assert {"model", "task", "n_layers", "n_heads", "iteration_score", "eoi_score", "peakiness", "top_heads", "ablation"} <= set(d)
     assert set(d["top_heads"][0]) >= {"layer", "head", "score"}
@@ -330,7 +330,7 @@ def test_without_matplotlib_scores_json_still_written(tmp_path, monkeypatch, nat
     monkeypatch.delitem(sys.modules, "hf_iterheads.detect.plots", raising=False)
     notes = write_outputs(result, tmp_path / "out")
     assert len(notes) == 1 and "matplotlib" in notes[0] and "pip install" in notes[0]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["scores.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.html", "scores.json"]  # no matplotlib needed
 
 
 def test_only_steps_where_x_t_matters_count_for_the_iteration_score(native_tok):

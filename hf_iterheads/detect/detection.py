@@ -766,6 +766,9 @@ def write_outputs(result: DetectionResult, output_dir: str | Path) -> list[str]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=parent))
     try:
         (tmp / "scores.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+        from .html import write_report  # report.html: self-contained, no matplotlib needed
+
+        write_report(result, tmp / "report.html")
         try:
             from . import plots as plots_heads
 
