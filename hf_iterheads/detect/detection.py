@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -42,7 +43,8 @@ import torch
 
 from ..circuit import PEAK_THRESHOLD, mass_on
 from ..errors import IterHeadsError
-from ..modeling import bundled_path
+from ..outputs import check_output_dir
+from ..modeling import bundled_path, is_load_error, load_error_message
 from ..tasks import get_task
 from .attention import AttentionCapture, find_attention_modules, head_counts
 from .patterns import HeadPattern, registered_patterns, resolve_patterns
@@ -68,7 +70,12 @@ def resolve_model_name(name: str) -> str:
         return str(Path(name).expanduser())
     if bundled_path(name):
         return str(bundled_path(name))
+    if not _HUB_ID.fullmatch(name):
+        raise IterHeadsError(f"{name!r}: no such folder, not a bundled checkpoint, and not a valid Hub id (ORG/NAME)")
     return name
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 def _resolve_device(device: str | None) -> str:
@@ -123,8 +130,10 @@ def load_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path, **common)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise IterHeadsError(f"cannot load {name!r}: {str(err).strip().splitlines()[0]}") from None
+    except Exception as err:  # noqa: BLE001 -- every broken checkpoint is one line; anything else is re-raised
+        if not (isinstance(err, RuntimeError) or is_load_error(err)):
+            raise
+        raise IterHeadsError(load_error_message(name, err)) from None
     if device_map is None:
         model.to(_resolve_device(device))
     model.eval()
@@ -580,6 +589,23 @@ def _ablation_lines(ab: dict) -> list[str]:
 # --- the detector ----------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
+def check_causal(model, name: str) -> None:
+    """Refuse a model whose earlier positions see later tokens (e.g. BERT loaded as a bidirectional
+    ``BertLMHeadModel``): the iteration head is a causal mechanism, and scores would mean nothing."""
+    vocab = int(model.get_input_embeddings().num_embeddings)
+    device = next(model.parameters()).device
+    ids = (torch.arange(3, 11, device=device) % vocab)[None]
+    changed = ids.clone()
+    changed[0, 4:] = (changed[0, 4:] + 1) % vocab  # the later half changes; a causal model's first half cannot see it
+    a, b = (model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0, :4].float() for x in (ids, changed))
+    dtype = next(model.parameters()).dtype
+    noise = 64 * torch.finfo(dtype if dtype.is_floating_point else torch.float32).eps * (1 + a.abs().max())
+    if (a - b).abs().max() > noise:
+        raise IterHeadsError(f"{name!r} is not a causal LM: its predictions at earlier positions change with a later "
+                             "token (a bidirectional encoder?); the detector needs a decoder-only causal LM")
+
+
 class IterationHeadDetector:
     """Detector bound to one model and tokenizer: ``detector.detect(task=..., lengths=...)``.
 
@@ -610,6 +636,7 @@ class IterationHeadDetector:
         self.tokenizer = tokenizer
         self.revision = revision
         self.model.eval()
+        check_causal(self.model, self.name)
 
     def probes(
         self, task="parity", lengths="4-16", n=64, seed=0, rendering="auto", template=None, multi_token="first", shots=0, chat=False
@@ -656,6 +683,10 @@ class IterationHeadDetector:
         task_obj = get_task(task)
         if int(top_k) < 1:
             raise IterHeadsError(f"--top-k must be at least 1, got {top_k}")
+        total = len(find_attention_modules(self.model)) * head_counts(self.model)[0]
+        if (ablate or patch) and int(top_k) >= total:
+            raise IterHeadsError(f"--top-k {top_k}: the model has {total} attention heads in all; use at most {total - 1} "
+                                 "so that other heads remain for the random control")
         templates = _templates(template)
         patterns = resolve_patterns(patterns)
         sets = [self.probes(task_obj, lengths, n, seed, rendering, t, multi_token, shots, chat) for t in templates]
@@ -822,7 +853,9 @@ def add_cli(subparsers) -> None:
                    "auto (default): rows, eager where rows cannot work")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--output-dir", required=True, help="folder for scores.json, heads.png, best_head_attention.png")
+    p.add_argument("--output-dir", required=True,
+                   help="folder for scores.json, report.html, heads.png, best_head_attention.png (must be new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --output-dir")
     p.set_defaults(func=_run_cli)
 
 
@@ -833,9 +866,7 @@ def _run_cli(args: argparse.Namespace) -> int:
         raise IterHeadsError("--n, --batch-size and --top-k must be at least 1")
     if args.shots < 0:
         raise IterHeadsError(f"--shots must be 0 or more, got {args.shots}")
-    out = Path(args.output_dir)
-    if out.exists() and not out.is_dir():
-        raise IterHeadsError(f"--output-dir {out} exists and is not a folder")
+    out = check_output_dir(args.output_dir, args.overwrite, "--output-dir")
     from .patterns import load_pattern_spec
 
     extra = [p for spec in args.pattern for p in load_pattern_spec(spec)]
@@ -854,5 +885,5 @@ def _run_cli(args: argparse.Namespace) -> int:
     for note in write_outputs(result, out):
         print(note, file=sys.stderr)
     print(result.table())
-    print(f"wrote {out / 'scores.json'}")
+    print("wrote " + ", ".join(str(out / name) for name in sorted(os.listdir(out))))
     return 0

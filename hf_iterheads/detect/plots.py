@@ -61,18 +61,26 @@ def plot_attention(
     queries: Sequence[int] = (),
     keys: Sequence[int] = (),
 ) -> None:
-    """A (T, T) attention map; red boxes mark the cells an iteration head should fill (pred s_t -> x_t)."""
+    """A (T, T) attention map with a colour bar; red boxes mark the cells an iteration head should fill
+    (the position predicting s_t -> x_t), said in a legend. Token labels are shown whole (the task token too)."""
+    from matplotlib.patches import Patch
+
     T = len(pattern)
-    fig, ax = plt.subplots(figsize=(2 + 0.28 * T, 1.5 + 0.28 * T))
-    ax.imshow(pattern, vmin=0, vmax=1, cmap="Blues")
-    labels = [t if len(t) <= 8 else t[:7] + "~" for t in tokens[:T]]
+    fig, ax = plt.subplots(figsize=(3 + 0.3 * T, 2 + 0.28 * T))
+    im = ax.imshow(pattern, vmin=0, vmax=1, cmap="Blues")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="attention probability")
+    labels = [t if len(t) <= 14 else t[:13] + "~" for t in tokens[:T]]
     ax.set_xticks(range(T), labels, rotation=90, fontsize=7)
     ax.set_yticks(range(T), labels, fontsize=7)
     ax.set_xlabel("key")
     ax.set_ylabel("query")
     for q, k in zip(queries, keys):
         ax.add_patch(plt.Rectangle((k - 0.5, q - 0.5), 1, 1, fill=False, ec="red", lw=1))
+    if len(queries):
+        # upper right: above the diagonal a causal model's attention is empty
+        ax.legend(handles=[Patch(fill=False, edgecolor="red", label="expected: position predicting s_t -> x_t")],
+                  loc="upper right", fontsize=7)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

@@ -304,7 +304,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise IterHeadsError(f"--lr must be > 0, got {cfg.lr}")
     if not all(0 <= b < 1 for b in cfg.betas) or len(cfg.betas) != 2:
         raise IterHeadsError(f"--betas needs two numbers in [0, 1), e.g. 0.9,0.999; got {','.join(map(str, cfg.betas))}")
-    if (cfg.max_steps is None) == (cfg.epochs is None) or (cfg.max_steps or cfg.epochs) < 1:
+    length = cfg.max_steps if cfg.max_steps is not None else cfg.epochs
+    if (cfg.max_steps is None) == (cfg.epochs is None) or length < 1:
         raise IterHeadsError("give a positive --epochs or --max-steps (not both)")
     if cfg.restart_at and cfg.restart_at % cfg.eval_every:
         raise IterHeadsError(f"--restart-at ({cfg.restart_at}) must be a multiple of --eval-every ({cfg.eval_every}): "
