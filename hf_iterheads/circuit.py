@@ -14,8 +14,8 @@ Peakiness is the share of valid pairs whose attention exceeds 0.5; the mean mass
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 

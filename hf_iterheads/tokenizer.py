@@ -14,8 +14,8 @@ model can be trained on a mixture and transferred from task to task. The tokeniz
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 from tokenizers import Tokenizer

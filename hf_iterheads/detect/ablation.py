@@ -15,8 +15,8 @@ log-probability of the true ``s_t``. The found heads are compared with the same 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch

@@ -121,7 +121,7 @@ class AttentionCapture:
 
         return hook
 
-    def __enter__(self) -> "AttentionCapture":
+    def __enter__(self) -> AttentionCapture:
         self._eager.__enter__()
         for layer, (_, module, index) in enumerate(self.modules):
             self._handles.append(module.register_forward_hook(self._hook(layer, index)))

@@ -43,8 +43,8 @@ import torch
 
 from ..circuit import PEAK_THRESHOLD, mass_on
 from ..errors import IterHeadsError
-from ..outputs import check_output_dir
 from ..modeling import bundled_path, is_load_error, load_error_message
+from ..outputs import check_output_dir
 from ..tasks import get_task
 from .attention import AttentionCapture, find_attention_modules, head_counts
 from .patterns import HeadPattern, registered_patterns, resolve_patterns
@@ -576,12 +576,14 @@ def _ablation_lines(ab: dict) -> list[str]:
     for mode in ("zero", "mean"):
         if mode in ab:
             top, rnd = ab[mode]["top"], ab[mode]["random_mean"]
-            line = f"  {mode:>4}-ablate found: token acc {top['token_accuracy']:.3f} chain {top['sequence_accuracy']:.3f} log-prob {top['log_prob']:.3f}"
+            line = (f"  {mode:>4}-ablate found: token acc {top['token_accuracy']:.3f} chain {top['sequence_accuracy']:.3f} "
+                    f"log-prob {top['log_prob']:.3f}")
             same = ab[mode].get("matched")
             if same:
                 line += f" | same-layer random: token acc {same['token_accuracy']:.3f} log-prob {same['log_prob']:.3f}"
             if rnd:
-                line += f" | {len(ab[mode]['random'])} random draws: token acc {rnd['token_accuracy']:.3f} chain {rnd['sequence_accuracy']:.3f} log-prob {rnd['log_prob']:.3f}"
+                line += (f" | {len(ab[mode]['random'])} random draws: token acc {rnd['token_accuracy']:.3f} "
+                         f"chain {rnd['sequence_accuracy']:.3f} log-prob {rnd['log_prob']:.3f}")
             out.append(line)
     return out
 
@@ -811,7 +813,8 @@ def write_outputs(result: DetectionResult, output_dir: str | Path) -> list[str]:
                 queries=m["pred_pos"], keys=m["x_pos"],
             )
         except ImportError as err:
-            notes.append(f"matplotlib is not installed ({err.name}): skipped heads.png and best_head_attention.png (pip install 'hf-iterheads[plots]')")
+            notes.append(f"matplotlib is not installed ({err.name}): skipped heads.png and best_head_attention.png "
+                         "(pip install 'hf-iterheads[plots]')")
         output_dir.mkdir(parents=True, exist_ok=True)
         for f in tmp.iterdir():
             os.replace(f, output_dir / f.name)

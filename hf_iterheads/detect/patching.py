@@ -55,7 +55,8 @@ def _value_tokens(probes: Probes) -> tuple[dict, dict]:
 def counterfactuals(probes: Probes, seed: int = 0) -> dict[str, np.ndarray]:
     """Per probe: the changed step, the counterfactual ids, and the clean / counterfactual s_t tokens (-1 = skipped)."""
     if probes.multi_token:
-        raise IterHeadsError("--patch needs every value to be one token; this tokenizer splits some values (use a template or tokenizer that does not)")
+        raise IterHeadsError("--patch needs every value to be one token; this tokenizer splits some values "
+                             "(use a template or tokenizer that does not)")
     task = get_task(probes.task)
     x_tok, s_tok = _value_tokens(probes)
     rng = np.random.default_rng(seed)
@@ -234,7 +235,8 @@ def patch_lines(p: dict) -> list[str]:
             f"logit diff clean {p['clean_logit_diff']:.3f}, counterfactual {p['counterfactual_logit_diff']:.3f}; share moved:"
         ),
         "  found: " + ", ".join(f"L{r['layer']}H{r['head']} {_fmt(r['share'])}" for r in p["heads"]),
-        "  random same layer: " + (", ".join(f"L{r['layer']}H{r['head']} {_fmt(r['share'])}" for r in p["random"]) or "none (one head per layer)"),
+        "  random same layer: "
+        + (", ".join(f"L{r['layer']}H{r['head']} {_fmt(r['share'])}" for r in p["random"]) or "none (one head per layer)"),
     ]
     if p.get("contrast"):
         r = p["contrast"]

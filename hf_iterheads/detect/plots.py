@@ -6,8 +6,8 @@ without it, and the detector then says so in one line and still writes scores.js
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 
@@ -32,7 +32,8 @@ def plot_scores(scores: dict, path: str | Path) -> None:
     n_layers, n_heads = scores["n_layers"], scores["n_heads"]
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 + 1.2 * cols * max(2, min(n_heads, 16)) / 2, rows * (1.5 + 0.45 * max(2, n_layers))), squeeze=False)
+    size = (4 + 1.2 * cols * max(2, min(n_heads, 16)) / 2, rows * (1.5 + 0.45 * max(2, n_layers)))
+    fig, axes = plt.subplots(rows, cols, figsize=size, squeeze=False)
     for ax in axes.ravel()[len(panels):]:
         ax.axis("off")
     for ax, (key, title) in zip(axes.ravel(), panels):

@@ -69,7 +69,9 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def chat(tokenizer, template: str, shots: Sequence[Chain], inputs: Sequence[int], states: Sequence[int]) -> tuple[str, list[Span], list[Span]]:
+def chat(
+    tokenizer, template: str, shots: Sequence[Chain], inputs: Sequence[int], states: Sequence[int]
+) -> tuple[str, list[Span], list[Span]]:
     """The conversation as the tokenizer's chat template writes it; spans are the probe's values only.
 
     Raises when the tokenizer has no chat template, or when the template rewrites the messages so that
