@@ -144,3 +144,10 @@ def test_the_no_cot_control_checkpoint_has_no_iteration_head():
     result = detect_iteration_heads(str(CHECKPOINTS / "polynomial-nocot"), task="polynomial", n=64)
     assert not result.detected()[-1].any(), result.table()
     assert result.top_heads(1)[0]["score"] < 0.5, result.table()
+
+
+def test_ablating_every_head_says_there_is_no_random_control():
+    from hf_iterheads.detect.detection import NO_CONTROL, detect_iteration_heads
+
+    result = detect_iteration_heads("polynomial-cot", task="polynomial", lengths="4-6", n=8, ablate=True, top_k=2)
+    assert result.ablation["control_note"] == NO_CONTROL and f"note: {NO_CONTROL}" in result.table()

@@ -54,6 +54,7 @@ from .rows import RowCapture, RowsUnavailable
 MIN_SCORE = 0.25
 CHANCE_RATIO = 3.0
 CONTROL_RATIO = 2.0
+NO_CONTROL = "every head of the model is ablated: no other head remains for a random control"
 DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -571,8 +572,9 @@ def _ablation_lines(ab: dict) -> list[str]:
         f"ablation of {', '.join(f'L{l}H{h}' for l, h in ab['heads'])}: clean token acc {clean['token_accuracy']:.3f} "
         f"chain acc {clean['sequence_accuracy']:.3f} log-prob {clean['log_prob']:.3f} (chance acc {clean['chance_token_accuracy']:.3f})"
     ]
-    if ab.get("note"):
-        out.append(f"  note: {ab['note']}")
+    for key in ("note", "control_note"):
+        if ab.get(key):
+            out.append(f"  note: {ab[key]}")
     for mode in ("zero", "mean"):
         if mode in ab:
             top, rnd = ab[mode]["top"], ab[mode]["random_mean"]
@@ -686,9 +688,9 @@ class IterationHeadDetector:
         if int(top_k) < 1:
             raise IterHeadsError(f"--top-k must be at least 1, got {top_k}")
         total = len(find_attention_modules(self.model)) * head_counts(self.model)[0]
-        if (ablate or patch) and int(top_k) >= total:
-            raise IterHeadsError(f"--top-k {top_k}: the model has {total} attention heads in all; use at most {total - 1} "
-                                 "so that other heads remain for the random control")
+        if (ablate or patch) and int(top_k) > total:
+            raise IterHeadsError(f"--top-k {top_k}: the model has {total} attention head(s) in all; use at most {total} "
+                                 f"(at most {total - 1} to keep other heads for the random control)")
         templates = _templates(template)
         patterns = resolve_patterns(patterns)
         sets = [self.probes(task_obj, lengths, n, seed, rendering, t, multi_token, shots, chat) for t in templates]
@@ -729,6 +731,8 @@ class IterationHeadDetector:
             from .competence import CANNOT, at_chance
 
             result.ablation = run_ablation(self.model, probes, heads, seed, batch_size, n_random)
+            if int(top_k) == total:
+                result.ablation["control_note"] = NO_CONTROL
             clean = result.ablation["clean"]
             if at_chance(clean["token_accuracy"], clean["chance_token_accuracy"], int((probes.pred_pos >= 0).sum())):
                 result.ablation["note"] = CANNOT
