@@ -23,6 +23,12 @@ def _tasks(parts: list[dict]) -> list[str]:
     return list(dict.fromkeys(p["task"] for p in parts))
 
 
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _axes(n: int, width: float = 4.8, height: float = 3.6):
     fig, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False)
     return fig, axes[0]
@@ -45,9 +51,7 @@ def best_vs_params(parts: list[dict], path: Path) -> None:
         ax.set_xlabel("parameters")
         ax.set_ylabel("best iteration score")
         ax.set_title(f"{task}: filled = detected, x = chance", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def layer_profiles(parts: list[dict], path: Path) -> None:
@@ -65,9 +69,7 @@ def layer_profiles(parts: list[dict], path: Path) -> None:
         ax.set_ylabel("best iteration score in the layer")
         ax.set_title(task, fontsize=9)
         ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def emergence(parts: list[dict], path: Path) -> bool:
@@ -98,9 +100,7 @@ def emergence(parts: list[dict], path: Path) -> bool:
         ax.set_ylabel("best iteration score (dotted: chance)")
         ax.set_title(task, fontsize=9)
         ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 

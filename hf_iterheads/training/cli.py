@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import IterHeadsError
 from .artifacts import prepare_output_dir
-from .config import RECIPES, TrainConfig, add_config_arguments, check_config, flag_name, given_flags, resolve_config
+from .config import RECIPES, TrainConfig, add_config_arguments, check_config, flag_name, given_flags, resolve_config, shown
 
 # Options a resumed run may change without changing its weights.
 SAFE_ON_RESUME = ("checkpoint_every", "keep_checkpoints", "report_to", "stop_when_solved")
@@ -34,19 +34,15 @@ def resume_config(args: argparse.Namespace) -> TrainConfig:
             continue
         longer = name in ("max_steps", "epochs") and old is not None and value > old
         if not (longer or name in SAFE_ON_RESUME):
-            raise IterHeadsError(f"{flag_name(name)} {_shown(value)} contradicts the run in {out} ({flag_name(name)} "
-                                 f"{_shown(old)}); resume without it to continue the same run")
+            raise IterHeadsError(f"{flag_name(name)} {shown(value)} contradicts the run in {out} ({flag_name(name)} "
+                                 f"{shown(old)}); resume without it to continue the same run")
         changes[name] = value
         extra = " (the learning-rate schedule now ends there)" if longer and stored.schedule != "constant" else ""
-        print(f"hf-iterheads train: resuming with {flag_name(name)} {_shown(value)} instead of {_shown(old)}{extra}",
+        print(f"hf-iterheads train: resuming with {flag_name(name)} {shown(value)} instead of {shown(old)}{extra}",
               file=sys.stderr)
     cfg = replace(stored, output_dir=str(out), **changes)
     check_config(cfg)
     return cfg
-
-
-def _shown(value) -> str:
-    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -191,7 +191,8 @@ def _comma(kind: type):
     return parse
 
 
-def _shown(value) -> str:
+def shown(value) -> str:
+    """A field's value as a flag takes it: lists comma-joined, none for no value."""
     if isinstance(value, (list, tuple)):
         return ",".join(map(str, value))
     return "none" if value in (None, "") else str(value)
@@ -199,7 +200,7 @@ def _shown(value) -> str:
 
 def _recipe_note(name: str) -> str:
     """`` (default X)``, or `` (fast: X; paper: Y)`` where the recipes differ; nothing for an empty default."""
-    values = {recipe: _shown(getattr(cfg, name)) for recipe, cfg in RECIPES.items()}
+    values = {recipe: shown(getattr(cfg, name)) for recipe, cfg in RECIPES.items()}
     if len(set(values.values())) > 1:
         return " (" + "; ".join(f"{recipe}: {v}" for recipe, v in values.items()) + ")"
     return "" if values["fast"] in ("none", "") else f" (default {values['fast']})"
