@@ -178,11 +178,25 @@ def test_planted_iteration_head_ranks_first(planted_gpt2, native_tok):
     assert result.detected().sum() == 1
     assert (result.pattern_marks["layer"], result.pattern_marks["head"]) == (1, 2)
     assert "   1     1    2" in result.table()
+    circuit = result.circuit()
+    assert circuit["label"] == "iteration head" and "EoI head layer 0 head 3, iteration head layer 1 head 2" in circuit["text"]
+    assert result.to_dict()["circuit"] == circuit and f"circuit: {circuit['text']}" in result.table()
+    # the same scores without the look-up, then without either half: named for what is left
+    import dataclasses
+
+    no_lookup = dataclasses.replace(result, scores={**result.scores, "iteration_score": 0 * result.scores["iteration_score"]})
+    assert no_lookup.circuit()["label"] == "EoI head, no look-up"
+    neither = dataclasses.replace(no_lookup, scores={**no_lookup.scores, "eoi_score": 0 * result.scores["eoi_score"]})
+    other = neither.circuit()
+    assert other["label"] == "other circuit" and other["text"].startswith("other circuit: strongest pattern per layer: layer 0")
+    late_eoi = {**result.scores, "eoi_score": result.scores["eoi_score"][::-1].copy()}  # EoI head after the look-up
+    assert dataclasses.replace(result, scores=late_eoi).circuit()["label"] == "look-up without an EoI head"
 
 
 def test_random_model_detects_nothing(native_tok):
     result = detect_iteration_heads(tiny_model("gpt2", init=0.02), native_tok, task="parity", n=32)
     assert not result.detected().any() and not result.eoi_detected().any()
+    assert result.circuit()["label"] == "other circuit"
     s = result.scores
     assert (s["iteration_score"] < 2 * s["baseline"]).all()
 

@@ -17,9 +17,14 @@ def test_plan_covers_every_experiment_of_the_issue():
     assert "--no-cot" in jobs["parity-nocot-2L"].train_args and "--no-cot" not in jobs["parity-cot-2L"].train_args
     assert jobs["polynomial-cot-1L"].train_args[jobs["polynomial-cot-1L"].train_args.index("--n-layer") + 1] == "1"
     transfer = [j for j in jobs.values() if j.meta["kind"] == "transfer"]
-    scratch = [j for j in jobs.values() if j.task == "parity" and j.meta.get("cot") and j.meta["layers"] == 2
-               and j.meta["kind"] in ("grid", "scratch")]
-    assert len(transfer) == len(scratch) == QUICK.seeds
+    assert len(transfer) == QUICK.transfer_seeds and QUICK.seeds >= 3
+    for task in ("binary_copy", "parity", "polynomial"):  # from scratch, at least 3 seeds per task, the full budget
+        scratch = [j for j in jobs.values() if j.task == task and j.meta.get("cot") and j.meta["layers"] == 2
+                   and j.meta["kind"] in ("grid", "seed")]
+        assert sorted(j.meta["seed"] for j in scratch) == list(range(QUICK.seeds))
+        assert all(j.steps == QUICK.main_steps and "--stop-when-solved" in j.train_args and "--init-from" not in j.train_args
+                   for j in scratch)
+        assert [f"--seed {j.meta['seed']}" in " ".join(j.train_args) for j in scratch] == [True] * QUICK.seeds
     assert all(j.deps == ("polynomial-cot-2L",) and "@polynomial-cot-2L" in j.train_args for j in transfer)
     assert {j.meta["width"] for j in jobs.values() if j.meta["kind"] == "width"} == set(QUICK.widths)
     assert jobs["polynomial-cot-2L"].detect_tasks == ("polynomial", "parity")  # scores before transfer
@@ -41,15 +46,28 @@ def _verdicts(rows):
     return {f["finding"].split(" ")[0] + f["finding"].split(" ")[1]: f["verdict"] for f in found}
 
 
+def _seeds(task, accs):
+    rows = [_row(f"{task}-cot-2L" + (f"-seed{s}" if s else ""), a, kind="grid" if s == 0 else "seed", seed=s)
+            for s, a in enumerate(accs)]
+    for r in rows:
+        r["formed_step"] = 50 if r["summary"]["accuracy"] >= 0.9 else None
+    return rows
+
+
 def test_verdicts_follow_the_numbers():
-    good = [_row(f"{t}-cot-2L", 1.0) for t in ("binary_copy", "parity", "polynomial")]
+    good = [r for t in ("binary_copy", "parity", "polynomial") for r in _seeds(t, [1.0, 1.0, 0.95])]
     collapse = [_row(f"{t}-{v}", 0.1) for t in ("parity", "polynomial") for v in ("nocot-2L", "cot-1L")]
     v = _verdicts(good + collapse)
     assert v["2layers"] == "reproduced" and v["withoutCoT,"] == "reproduced"
-    bad = [_row("parity-cot-2L", 0.2)] + [r for r in good if r["name"] != "parity-cot-2L"]
-    assert _verdicts(bad + collapse)["2layers"] == "not reproduced at this budget"
-    rescued = bad + [_row("transfer-parity-seed0", 1.0, kind="transfer", solved_step=300)]
-    assert _verdicts(rescued + collapse)["2layers"].startswith("partly")
+    others = [r for r in good if r["task"] != "parity"]
+    # the verdict rests on the seeds from scratch: a transfer run does not rescue parity
+    bad = others + _seeds("parity", [0.2, 0.3, 0.1]) + [_row("transfer-parity-seed0", 1.0, kind="transfer", solved_step=300)]
+    assert _verdicts(bad + collapse)["2layers"] == "not reproduced at this budget: parity learned by no seed"
+    minority = others + _seeds("parity", [1.0, 0.3, 0.1])
+    assert _verdicts(minority + collapse)["2layers"].startswith("partly")
+    assert "parity 1/3 seeds" in findings({r["name"]: r for r in minority + collapse}, {})[0]["measured"]
+    assert _verdicts(minority + collapse)["parityhas"] == "reproduced"  # polynomial formed in 3/3, parity in 1/3
+    assert _verdicts(good + collapse)["parityhas"] == "not reproduced"  # the same share: no difference shown
     no_collapse = collapse[:-1] + [_row("polynomial-cot-1L", 0.9)]
     assert _verdicts(good + no_collapse)["withoutCoT,"].startswith("partly")
 
@@ -61,7 +79,7 @@ def test_transfer_verdict_uses_steps_to_accuracy_on_the_curves():
         return row
 
     scratch = [run("parity-cot-2L", "grid", 0, [(500, 0.1), (1000, 0.2)]),
-               run("parity-cot-2L-seed1", "scratch", 1, [(500, 0.1), (1000, 0.3)])]
+               run("parity-cot-2L-seed1", "seed", 1, [(500, 0.1), (1000, 0.3)])]
     fast = [run(f"transfer-parity-seed{s}", "transfer", s, [(250, 0.95), (500, 0.995)]) for s in range(2)]
     assert _verdicts(scratch + fast)["transfer:pretrained"] == "reproduced"
     slow = [run(f"transfer-parity-seed{s}", "transfer", s, [(250, 0.95), (500, 0.96)]) for s in range(2)]

@@ -141,6 +141,7 @@ def test_paper_recipe_is_exact_and_flags_override():
     assert (cfg.data, cfg.lr, cfg.batch_size, cfg.warmup_steps, cfg.schedule, cfg.epochs, cfg.max_steps) == (
         "fixed", 3e-4, 256, 0, "constant", 1000, None)
     assert PAPER.betas == (0.9, 0.999) and PAPER.recipe == "paper"
+    assert cfg.bucket and not FAST.bucket  # the paper's loader: one length per batch; ours mixes them (issue 12)
     args = build_parser().parse_args(["train", "--task", "polynomial", "--output-dir", "x", "--recipe", "paper",
                                       "--lr", "1e-3", "--max-steps", "50"])
     cfg = resolve_config(args)
@@ -160,20 +161,24 @@ def test_bucketed_fixed_batches_hold_one_length_and_cover_every_row():
     assert list(sampler) == first  # ... deterministically (resume relies on it)
 
 
-def test_online_batches_never_contain_test_sequences():
+@pytest.mark.parametrize("bucket", [True, False])
+def test_online_batches_never_contain_test_sequences(bucket):
     task = get_task("binary_copy")
     tok = build_tokenizer()
     test_rows = np.array([[0, 0, 0], [0, 1, 1], [1, 0, 1], [1, 1, 1]])
     exclude = {("binary_copy", 3): np.unique(_row_codes(test_rows, 2))}
-    cfg = TrainConfig(tasks=["binary_copy"], output_dir="x", n_len=3, batch_size=64, length_warmup=0)
+    cfg = TrainConfig(tasks=["binary_copy"], output_dir="x", n_len=3, batch_size=64, length_warmup=0, bucket=bucket)
     data = OnlineData(cfg, {"binary_copy": Layout(tok, task)}, exclude, 0, epoch_len=4)
-    seen = set()
+    seen, widths = set(), set()
     for b in range(30):
         batch = data.__getitems__(list(range(b * 64, (b + 1) * 64)))
-        ids = batch["input_ids"]
-        if ids.shape[1] == 9:  # length 3
-            seen |= {tuple(r) for r in (ids[:, 1:4] - int(tok.convert_tokens_to_ids("0"))).tolist()}
-        assert (batch["labels"][:, : ids.shape[1] // 2 + 1] == -100).all()  # no loss up to EoI
+        ids, lengths = batch["input_ids"], (batch["attention_mask"].sum(1) - 3) // 2
+        widths.add(len(set(lengths.tolist())))
+        rows = ids[lengths == 3]
+        seen |= {tuple(r) for r in (rows[:, 1:4] - int(tok.convert_tokens_to_ids("0"))).tolist()}
+        for row, length in zip(batch["labels"], lengths.tolist()):
+            assert (row[: length + 2] == -100).all() and (row[length + 2 : 2 * length + 3] != -100).all()  # loss after EoI
+    assert widths == ({1} if bucket else {3})  # one length per batch, or every length in every batch
     assert seen and not seen & {tuple(r) for r in test_rows.tolist()}
 
 
@@ -287,7 +292,11 @@ def test_curriculum_and_adaptive_lengths_are_defaults_of_online_training_only():
         assert isinstance(args, argparse.Namespace)
         return resolve_config(args)
 
-    assert cfg().curriculum == FAST.curriculum == "binary_copy:0.5:3000"
+    assert FAST.curriculum == "auto"  # resolved per task: polynomial rows for tasks with few distinct inputs
+    assert cfg().curriculum == "binary_copy:0.5:3000,polynomial:0.3:0"  # parity: 8 training inputs at L = 4
+    assert cfg("--task", "cumsum").curriculum == "binary_copy:0.5:3000"
+    assert cfg("--task", "cumsum", "--n-len", "2").curriculum == "binary_copy:0.5:3000,polynomial:0.3:0"  # 121 inputs
+    assert cfg("--task", "cumsum", "--curriculum", "auto").curriculum == "binary_copy:0.5:3000"
     assert cfg("--init-from", "polynomial-cot").curriculum == ""
     assert cfg("--data", "fixed").curriculum == ""
     assert cfg("--init-from", "polynomial-cot", "--curriculum", "binary_copy:0.2:10").curriculum == "binary_copy:0.2:10"

@@ -56,6 +56,10 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "eoi_baseline": ("float64", "chance for eoi_score"),
     "detected": ("bool", "iteration_score >= min_score, >= chance_ratio x baseline and >= control_ratio x each control"),
     "eoi_detected": ("bool", "eoi_score >= min_score and >= chance_ratio x eoi_baseline"),
+    "circuit_label": ("string", "the circuit formed (detect.circuits): iteration head, look-up without an EoI head, "
+                                "EoI head, no look-up, or other circuit"),
+    "circuit_text": ("string", "that label with its heads, or each layer's strongest pattern for another circuit"),
+    "circuit_layers": ("string", "JSON: per layer, the head and pattern with the largest attention mass"),
     "clean_token_accuracy": ("float64", "teacher-forced accuracy of the model's s_t on the probes (per step)"),
     "clean_sequence_accuracy": ("float64", "share of probes whose every s_t is right"),
     "clean_log_prob": ("float64", "mean log-probability of the true s_t"),
@@ -193,6 +197,7 @@ def summary_rows(parts: list[dict]) -> list[dict[str, Any]]:
                 eoi_layer=eoi["layer"], eoi_head=eoi["head"], eoi_score=eoi["score"], eoi_detected=bool(eoi.get("detected")),
                 clean_token_accuracy=clean.get("token_accuracy"), chance_token_accuracy=clean.get("chance_token_accuracy"),
                 removed_share=drop, random_removed_share=rnd, causal=verdict,
+                circuit=(d.get("circuit") or {}).get("label"),
             )
         out.append(row)
     return out
@@ -211,8 +216,8 @@ def summary_md(parts: list[dict]) -> str:
         f"{len({_label(p) for p in parts})} model revisions x {len({p['task'] for p in parts})} tasks = {len(parts)} triples "
         f"({len(rows) - len(ok)} failed); {settings.get('n')} probes per task, lengths {settings.get('lengths')}; "
         f"hf-iterheads {__version__}, merged {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}.", "",
-        "| model | task | best head | score | chance | x/chance | x_t-1 / x_t+1 | clean acc (chance) | detected | causal |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | task | best head | score | chance | x/chance | x_t-1 / x_t+1 | clean acc (chance) | detected | causal | circuit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in ok:
         acc = "-" if r["clean_token_accuracy"] is None else f"{r['clean_token_accuracy']:.2f} ({r['chance_token_accuracy']:.2f})"
@@ -220,7 +225,7 @@ def summary_md(parts: list[dict]) -> str:
             f"| {_label(r)} | {r['task']} | L{r['best_layer']}H{r['best_head']} | {r['best_score']:.3f} | "
             f"{r['best_baseline']:.3f} | "
             f"{r['best_score'] / max(r['best_baseline'], 1e-9):.1f} | {r['best_prev']:.3f} / {r['best_next']:.3f} | {acc} | "
-            f"{'yes' if r['detected'] else 'no'} | {r['causal']} |"
+            f"{'yes' if r['detected'] else 'no'} | {r['causal']} | {r['circuit'] or '-'} |"
         )
     lines += ["", "## How to read it", "",
               "Layers and heads are 0-based. A head is *detected* when its iteration score is at least 0.25, three times the "

@@ -461,6 +461,7 @@ class DetectionResult:
                 out[p.key("detected")] = [[bool(v) for v in row] for row in self.pattern_detected(p.name)]
         out["top_heads"] = self.top_heads()
         out["eoi_top_heads"] = self.top_heads(key="eoi_score")
+        out["circuit"] = self.circuit()
         out["criteria"] = {"min_score": MIN_SCORE, "chance_ratio": CHANCE_RATIO, "control_ratio": CONTROL_RATIO}
         out["patterns"] = {p.name: p.describe() for p in self.head_patterns}
         out.update(self.meta)
@@ -480,6 +481,12 @@ class DetectionResult:
         if self.patch is not None:
             out["patch"] = self.patch
         return out
+
+    def circuit(self) -> dict[str, Any]:
+        """The circuit formed, named (detect.circuits): the paper's iteration head or what formed instead."""
+        from .circuits import name_circuit
+
+        return name_circuit(self)
 
     def _pattern_columns(self) -> list[HeadPattern]:
         return [p for p in self.head_patterns if p.plot and p.name not in ("iteration", "eoi")]
@@ -520,6 +527,7 @@ class DetectionResult:
                     f"best {p.name} head: layer {b['layer']} head {b['head']} score {b['score']:.3f} "
                     f"(chance {b['baseline']:.3f}){' detected' if b['detected'] else ''}"
                 )
+        lines.append(f"circuit: {self.circuit()['text']}")
         if self.meta.get("capture_note"):
             lines.append(f"note: {self.meta['capture_note']}")
         lines.extend(self._competence_lines())
@@ -813,7 +821,8 @@ def write_outputs(result: DetectionResult, output_dir: str | Path) -> list[str]:
             m = result.pattern_marks
             plots_heads.plot_attention(
                 result.pattern, result.pattern_tokens, tmp / "best_head_attention.png",
-                title=f"{result.model}: layer {m['layer']} head {m['head']} on one {result.task} probe",
+                title=f"{result.model}: layer {m['layer']} head {m['head']} on one {result.task} probe\n"
+                      f"circuit: {result.circuit()['label']}",
                 queries=m["pred_pos"], keys=m["x_pos"],
             )
         except ImportError as err:

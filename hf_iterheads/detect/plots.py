@@ -48,7 +48,9 @@ def plot_scores(scores: dict, path: str | Path) -> None:
             for (l, h), v in np.ndenumerate(grid):
                 ax.text(h, l, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < 0.6 else "k")
         fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.suptitle(f"{scores['model']} on {scores['task']} (layers and heads 0-based)", fontsize=10)
+    circuit = (scores.get("circuit") or {}).get("label")
+    fig.suptitle(f"{scores['model']} on {scores['task']} (layers and heads 0-based)"
+                 + (f"\ncircuit: {circuit}" if circuit else ""), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

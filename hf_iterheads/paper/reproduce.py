@@ -6,15 +6,17 @@ ablation), and writes ``DIR/report.md`` (tables, PNG figures, the exact commands
 
 Experiments (``runs/NAME`` in the output directory, one ``hf-iterheads train`` run each):
 
-* ``{task}-{cot|nocot}-{2L|1L}``  -- CoT vs no CoT, 2 layers vs 1, on binary copy, parity and polynomial;
-* ``parity-cot-2L[-seedS]`` / ``transfer-parity-seedS`` -- parity from scratch vs fine-tuned from
-  ``polynomial-cot-2L`` (the paper's transfer), several seeds: steps to 0.99 test accuracy;
+* ``{task}-cot-2L[-seedS]`` -- CoT, 2 layers, from scratch, several seeds per task (binary copy, parity,
+  polynomial): the first finding and the seed-to-seed variance rest on them;
+* ``{task}-{nocot-2L|cot-1L}`` -- the paper's ablations: no CoT, or 1 layer;
+* ``transfer-parity-seedS`` -- parity fine-tuned from ``polynomial-cot-2L`` (the paper's transfer) against the
+  parity runs from scratch: steps to 0.99 test accuracy;
 * ``polynomial-cot-2L-dW`` -- the embedding-width sweep (the main run is d = 128);
 * ``polynomial-cot-2L-trainM`` -- trained on lengths 1..M, tested up to n_len (length generalisation).
 
-Scales: ``--quick`` (default) took 29 minutes on a 2-core CPU (our fast recipe, shorter budgets, so parity
-from scratch is expected to fail, as it does at the paper's scale before hundreds of epochs);
-``--full`` is the paper's recipe and budgets (1000 epochs), for GPUs. Runs go to separate worker processes
+Scales: ``--quick`` (default) is our default training recipe, 3 seeds per task from scratch, shorter budgets
+for the controls (its wall time on 2 CPU cores is in each report's header); ``--full`` is the paper's recipe
+and budgets (1000 epochs, 5 seeds), for GPUs. Runs go to separate worker processes
 (one CPU thread each, or one GPU each); an interrupted reproduction continues where it stopped when run
 again with the same ``--output-dir``.
 """
@@ -38,6 +40,7 @@ from ..errors import IterHeadsError
 from ..evaluation import FORMED, SOLVED, first_step
 from ..outputs import check_writable, write_json_atomic
 from ..tasks import PAPER_TASKS
+from ..training.config import FAST
 from .report import update_readme, write_report
 
 VARIANTS = (("cot", 2), ("nocot", 2), ("cot", 1))  # the paper's ablations: CoT vs none, 2 layers vs 1
@@ -50,33 +53,33 @@ class Scale:
     name: str
     recipe: str  # training recipe of every run (training.RECIPES)
     n_len: int
-    main_steps: int  # polynomial CoT, 2 layers (the transfer's starting point) and the length-generalisation run
-    copy_steps: int  # binary copy CoT, 2 layers
-    short_steps: int  # no-CoT and 1-layer runs, parity from scratch
+    main_steps: int  # CoT, 2 layers, from scratch: every task and seed (stopped once solved), the length run
+    short_steps: int  # no-CoT and 1-layer runs
     transfer_steps: int  # fine-tuning budget of the transfer runs
     width_steps: int
-    seeds: int  # parity: transfer vs scratch
-    poly_seeds: int  # polynomial CoT 2-layer seeds (reliability vs parity)
+    seeds: int  # CoT 2-layer runs from scratch per task (seeds 0..seeds-1)
+    transfer_seeds: int  # fine-tuning runs from polynomial-cot-2L
     widths: tuple[int, ...]
     train_len: int  # longest length of the length-generalisation run
     per_length: int  # test sequences per length (final evaluation)
     eval_every: int
-    curve_every: int  # evaluation interval of the transfer / scratch parity runs
+    curve_every: int  # evaluation interval of the parity and transfer runs (the transfer figure's curves)
     probes: int  # detector probes per model
     preset: str = "paper"  # model preset every run starts from (modeling.PRESETS)
     transfer_args: tuple[str, ...] = ()  # extra flags of the fine-tuning runs
 
 
-# The quick scale is the default recipe throughout (12,000 steps). Fine-tuning uses the paper's learning rate:
-# at 1e-3 the transferred head was first disrupted, then relearned.
-QUICK = Scale("quick", "fast", 16, main_steps=12000, copy_steps=12000, short_steps=2000, transfer_steps=2500,
-              width_steps=12000, seeds=3, poly_seeds=1, widths=(16, 32, 64), train_len=12, per_length=1024,
-              eval_every=500, curve_every=250, probes=64, transfer_args=("--lr", "3e-4"))
-FULL = Scale("full", "paper", 16, main_steps=64000, copy_steps=64000, short_steps=64000, transfer_steps=64000,
-             width_steps=64000, seeds=5, poly_seeds=5, widths=(16, 32, 48, 64, 256), train_len=12, per_length=1024,
-             eval_every=640, curve_every=640, probes=256)
-SMOKE = Scale("smoke", "fast", 6, main_steps=40, copy_steps=20, short_steps=20, transfer_steps=20, width_steps=20, seeds=2,
-              poly_seeds=1, widths=(16,), train_len=4, per_length=16, eval_every=10, curve_every=10, probes=8,
+# The quick scale is the default recipe throughout. Fine-tuning uses the paper's learning rate: at 1e-3 the
+# transferred head was first disrupted, then relearned.
+# The width sweep's wide end is the main run (d = 128); d = 16 is the narrow end.
+QUICK = Scale("quick", "fast", 16, main_steps=FAST.max_steps, short_steps=2000, transfer_steps=2500, width_steps=4000,
+              seeds=3, transfer_seeds=2, widths=(16,), train_len=12, per_length=1024, eval_every=500, curve_every=250,
+              probes=64, transfer_args=("--lr", "3e-4"))
+FULL = Scale("full", "paper", 16, main_steps=64000, short_steps=64000, transfer_steps=64000, width_steps=64000, seeds=5,
+             transfer_seeds=5, widths=(16, 32, 48, 64, 256), train_len=12, per_length=1024, eval_every=640,
+             curve_every=640, probes=256)
+SMOKE = Scale("smoke", "fast", 6, main_steps=40, short_steps=20, transfer_steps=20, width_steps=20, seeds=2,
+              transfer_seeds=2, widths=(16,), train_len=4, per_length=16, eval_every=10, curve_every=10, probes=8,
               preset="tiny")
 SCALES = {s.name: s for s in (QUICK, FULL, SMOKE)}
 
@@ -113,23 +116,16 @@ def plan(scale: Scale) -> list[Job]:
         jobs.append(Job(name, task, args, steps, meta, tuple(deps), tuple(detect or (task,))))
 
     for task in PAPER_TASKS:
+        curve = ["--eval-every", str(scale.curve_every)] if task == "parity" else []
         for cot, layers in VARIANTS:
-            name = f"{task}-{cot}-{layers}L"
-            main = cot == "cot" and layers == 2
-            steps = {"polynomial": scale.main_steps, "binary_copy": scale.copy_steps}.get(task) if main else None
-            extra = []
-            if main and task == "parity":
-                extra = ["--eval-every", str(scale.curve_every), "--stop-when-solved"]
-            elif main and task == "binary_copy":
-                extra = ["--stop-when-solved"]
-            add(name, task, steps or scale.short_steps, extra, kind="grid", cot=cot == "cot", layers=layers,
-                detect=("polynomial", "parity") if name == "polynomial-cot-2L" else None)
-    for seed in range(1, scale.poly_seeds):
-        add(f"polynomial-cot-2L-seed{seed}", "polynomial", scale.main_steps, kind="seed", seed=seed)
-    for seed in range(1, scale.seeds):
-        add(f"parity-cot-2L-seed{seed}", "parity", scale.short_steps,
-            ["--eval-every", str(scale.curve_every), "--stop-when-solved"], kind="scratch", seed=seed)
-    for seed in range(scale.seeds):
+            if cot == "cot" and layers == 2:  # from scratch, several seeds: the first finding's verdict rests on them
+                for seed in range(scale.seeds):
+                    add(f"{task}-cot-2L" + (f"-seed{seed}" if seed else ""), task, scale.main_steps,
+                        [*curve, "--stop-when-solved"], kind="grid" if seed == 0 else "seed", seed=seed,
+                        detect=("polynomial", "parity") if task == "polynomial" and seed == 0 else None)
+            else:
+                add(f"{task}-{cot}-{layers}L", task, scale.short_steps, kind="grid", cot=cot == "cot", layers=layers)
+    for seed in range(scale.transfer_seeds):
         add(f"transfer-parity-seed{seed}", "parity", scale.transfer_steps,
             ["--eval-every", str(scale.curve_every), "--stop-when-solved", "--init-from", "@polynomial-cot-2L",
              *scale.transfer_args],
@@ -395,8 +391,9 @@ def add_cli(subparsers) -> None:
         help="train, evaluate and probe every model the paper's findings need; write report.md + results.json",
         description="Reproduce the paper's findings end to end: CoT vs no CoT, 1 vs 2 layers, emergence, "
         "attention maps, transfer vs scratch (seeds), width sweep, length generalisation, detector + ablation "
-        "on every model. --quick (default) took 29 minutes on a 2-core CPU; --full is the paper's "
-        "scale (GPUs). Running again with the same --output-dir continues an interrupted reproduction.",
+        "on every model. --quick (default): the default recipe, 3 seeds per task from scratch, CPU-sized "
+        "budgets (the report's header gives its wall time); --full is the paper's scale (GPUs). Running again "
+        "with the same --output-dir continues an interrupted reproduction.",
     )
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="scale", action="store_const", const="quick", help="CPU-sized budgets (default)")

@@ -54,6 +54,26 @@ def parse_curriculum(spec: str) -> tuple[Helper, ...]:
     return tuple(out)
 
 
+AUTO = "auto"
+COPY_HELPER = "binary_copy:0.5:3000"
+POLYNOMIAL_HELPER = "polynomial:0.3:0"
+FEW_INPUTS = 256
+
+
+def auto_curriculum(tasks: list[str], n_len: int) -> str:
+    """The default curriculum of these tasks: the copy helper always; the polynomial helper too when a task has
+    fewer than ``FEW_INPUTS`` distinct inputs at some evaluated length (4..n_len).
+
+    Why (benchmarks/results/seed_sweep_notes.md): such a task has few training inputs there (parity: 8 at L = 4,
+    the other 8 are test inputs), and a model memorises them instead of looking x_t up; polynomial rows train the
+    same (length, position) look-ups on inputs it cannot memorise (parity then reached 1.000 at every length). On
+    tasks with plenty of inputs (cumsum, s3_product) the same helper kept the head from forming, so they do
+    without it."""
+    lengths = range(min(4, n_len), n_len + 1)
+    few = any(get_task(t).n_distinct(L) < FEW_INPUTS for t in tasks for L in lengths)
+    return COPY_HELPER + ("," + POLYNOMIAL_HELPER if few else "")
+
+
 def _help(text: str, **extra) -> dict:
     return {"help": text, **extra}
 
@@ -92,12 +112,20 @@ class TrainConfig:
     # Fresh sequences every batch: the model cannot memorise, it has to find the circuit.
     data: Data = field(default="online", metadata=_help("fixed paper dataset or fresh sequences per batch"))
     # One (task, length) per batch: no padding, ~1.7x fewer tokens than padding to 35.
-    bucket: bool = field(default=True, metadata=_help("one length per batch (--no-bucket: mixed, padded)"))
+    # Mixed lengths in every batch: with one length per batch (the paper's loader) each step can fit a look-up
+    # for that length alone, and most runs settle on a circuit without the iteration head; mixed, only a look-up
+    # relative to EoI lowers the loss of the whole batch (benchmarks/results/seed_sweep.md). Costs ~2x per step.
+    bucket: bool = field(default=False, metadata=_help(
+        "one length per batch, as the paper's loader (the default mixes lengths in every batch, padded)"))
     task_weights: list[float] | None = field(default=None, metadata=_help("mixture weights, one per --task, e.g. 0.3,0.7"))
-    # Copy needs exactly the circuit's attention (look up x_t) with a trivial MLP, so it teaches the head before
-    # the harder F. Applies to training from scratch on online data (resolve_config).
-    curriculum: str = field(default="binary_copy:0.5:3000", metadata=_help(
-        "helper tasks fading out, TASK:SHARE:STEPS[,...] e.g. binary_copy:0.5:1000"))
+    # "auto": binary copy fading out for every task (copy needs exactly the circuit's attention with a trivial
+    # MLP, so it teaches the head before the harder F), plus a constant share of polynomial rows for tasks with
+    # few distinct inputs at the evaluated lengths (auto_curriculum). Applies to training from scratch on online
+    # data (resolve_config); the run stores the curriculum it resolved to.
+    curriculum: str = field(default=AUTO, metadata=_help(
+        "helper tasks, TASK:SHARE:STEPS[,...]: SHARE of the rows at step 0, fading to none over STEPS (0 = constant); "
+        "'' for none; auto = binary_copy:0.5:3000, plus polynomial:0.3:0 for a task with fewer than 256 distinct "
+        "inputs at some length from 4 (binary tasks)"))
     length_warmup: int = field(default=0, metadata=_help("steps over which the longest length grows from 1 to n_len"))
     # Once the head forms, runs that miss 0.99 miss whole lengths: draw the lengths still wrong more often.
     length_sampling: LengthSampling = field(default="adaptive", metadata=_help(
@@ -117,7 +145,8 @@ class TrainConfig:
         "over --decay-steps and stop)"))
     decay_steps: int = field(default=4000, metadata=_help("formed-cosine: decay steps after the head forms"))
     epochs: int | None = field(default=None, metadata=_help("epochs (paper: 1000 of 64 steps)", group="length"))
-    max_steps: int | None = field(default=12000, metadata=_help("optimizer steps", group="length"))
+    # With mixed lengths the head forms within ~3,000 steps; 6,000 keep a run under 15 minutes on 2 CPU cores.
+    max_steps: int | None = field(default=6000, metadata=_help("optimizer steps", group="length"))
     grad_accum: int = field(default=1, metadata=_help("gradient accumulation steps"))
     mixed_precision: MixedPrecision = field(default="no", metadata=_help("no, fp16 or bf16"))
     compile: bool = field(default=False, metadata=_help("torch.compile the model (inductor)"))
@@ -143,7 +172,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
-        self.helpers = parse_curriculum(self.curriculum)  # parsed once; not a field, so not saved
+        if self.curriculum == AUTO and self.tasks:
+            self.curriculum = auto_curriculum(self.tasks, self.n_len)
+        self.helpers = parse_curriculum("" if self.curriculum == AUTO else self.curriculum)  # not a field: not saved
 
     @property
     def run_seed(self) -> int:
@@ -174,7 +205,7 @@ class TrainConfig:
 
 FAST = TrainConfig()
 PAPER = replace(FAST, recipe="paper", data="fixed", lr=3e-4, warmup_steps=0, schedule="constant", batch_size=256,
-                epochs=1000, max_steps=None, curriculum="", length_sampling="uniform", eval_every=640)
+                epochs=1000, max_steps=None, curriculum="", length_sampling="uniform", eval_every=640, bucket=True)
 RECIPES = {"fast": FAST, "paper": PAPER}
 
 
@@ -234,7 +265,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             target.add_argument(flag, dest=f.name, action="store_true", default=None, help=text + _recipe_note(f.name))
             target.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", help=argparse.SUPPRESS)
         elif kind is bool:
-            target.add_argument(flag, dest=f.name, action="store_true", default=None, help=text)
+            target.add_argument(flag, dest=f.name, action="store_true", default=None, help=text + _recipe_note(f.name))
+            target.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", help=argparse.SUPPRESS)
         elif typing.get_origin(kind) is Literal:
             target.add_argument(flag, dest=f.name, choices=typing.get_args(kind), help=text + _recipe_note(f.name))
         elif typing.get_origin(kind) in (list, tuple):

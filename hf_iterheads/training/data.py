@@ -102,6 +102,13 @@ def _row_codes(inputs: np.ndarray, base: int) -> np.ndarray | None:
     return inputs @ (base ** np.arange(inputs.shape[1], dtype=np.int64))
 
 
+def _in_sorted(codes: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """``np.isin(codes, table)`` for a sorted, unique ``table``: a binary search, several times faster for the few
+    rows of a batch (the data loader runs it a few hundred times per step)."""
+    at = np.minimum(np.searchsorted(table, codes), len(table) - 1)
+    return table[at] == codes
+
+
 class OnlineData(Dataset):
     """Fresh sequences for every batch, a pure function of (seed, batch number): resumable and shardable.
 
@@ -131,10 +138,10 @@ class OnlineData(Dataset):
         test = self.exclude.get((task.name, length))
         if test is not None:
             base = max(task.inputs) + 1
-            bad = np.isin(_row_codes(inputs, base), test)
+            bad = _in_sorted(_row_codes(inputs, base), test)
             while bad.any():
                 inputs[bad] = task.sample_inputs(int(bad.sum()), length, rng)
-                bad = np.isin(_row_codes(inputs, base), test)
+                bad = _in_sorted(_row_codes(inputs, base), test)
         return inputs, task.run(inputs)
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:

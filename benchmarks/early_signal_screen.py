@@ -1,0 +1,115 @@
+"""Screen candidate recipes on the early signal, cheaply.
+
+A run that will form the iteration head shows it by step 2,500: the layer-2 attention mass on x_t
+(``attn1_mass``) is 0.25-0.35 there in runs that go on to form the head and 0.06-0.19 in runs that do not
+(benchmarks/results/seed_sweep_notes.md). So a candidate can be screened on many seeds for a fifth of the
+price of full runs: each run is the plain ``hf-iterheads train`` command with the candidate's flags, stopped
+once its evaluation at ``--until`` is written. A candidate that raises the signal's rate is then confirmed
+with full runs (benchmarks/seed_sweep.py).
+
+    python benchmarks/early_signal_screen.py --tasks polynomial,parity --seeds 100-103 \
+        --candidate default= --candidate beta2=--betas 0.9,0.98 --workers 2
+
+One JSON line per finished run goes to --out (resumable: runs already there are skipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+SIGNAL = 0.22  # attn1 mass at step 2,500 above which the head was forming (seed_sweep_notes.md)
+
+
+def seeds(spec: str) -> list[int]:
+    out: list[int] = []
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        out += list(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def evals(metrics: Path) -> list[dict]:
+    if not metrics.exists():
+        return []
+    rows = []
+    for line in metrics.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("kind") == "eval":
+            rows.append(row)
+    return rows
+
+
+def screen(name: str, flags: str, task: str, seed: int, until: int, threads: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        cmd = [sys.executable, "-m", "hf_iterheads.cli", "train", "--task", task, "--seed", str(seed),
+               "--output-dir", str(out), "--threads", str(threads), "--report-to", "none", *shlex.split(flags)]
+        start = time.time()
+        log = open(Path(tmp) / "log", "w+")  # a file, not a pipe: tqdm's output would fill a pipe and stall the run
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+        while proc.poll() is None:
+            rows = evals(out / "metrics.jsonl")
+            if rows and rows[-1]["step"] >= until:
+                proc.kill()
+                break
+            time.sleep(2)
+        proc.wait()
+        rows = evals(out / "metrics.jsonl")
+        log.seek(0)
+        err = "" if rows and rows[-1]["step"] >= until else log.read()[-400:]
+        log.close()
+    curve = {r["step"]: {k: round(r[k], 3) for k in ("accuracy", "attn0_mass", "attn1_mass", "attn1_peakiness")}
+             for r in rows if r.get("task") == task}
+    at = max((s for s in curve if s <= 2500), default=None)
+    mass = curve[at]["attn1_mass"] if at is not None else None
+    return {"candidate": name, "flags": flags, "task": task, "seed": seed, "seconds": round(time.time() - start, 1),
+            "signal_step": at, "attn1_mass": mass, "forming": mass is not None and mass >= SIGNAL,
+            "curve": curve, "error": err}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tasks", default="polynomial")
+    p.add_argument("--seeds", default="100-103", help="e.g. 100-103,110")
+    p.add_argument("--candidate", action="append", required=True, help="NAME=FLAGS (repeatable)")
+    p.add_argument("--until", type=int, default=2500, help="stop each run after this step's evaluation")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/early_signal_screen.jsonl"))
+    a = p.parse_args()
+    done = set()
+    if a.out.exists():
+        for line in a.out.read_text().splitlines():
+            r = json.loads(line)
+            done.add((r["candidate"], r["task"], r["seed"]))
+    jobs = []
+    for spec in a.candidate:
+        name, _, flags = spec.partition("=")
+        for seed in seeds(a.seeds):  # seed-major, so every candidate gets its first seeds early
+            for task in a.tasks.split(","):
+                if (name, task, seed) not in done:
+                    jobs.append((name, flags, task, seed))
+    jobs.sort(key=lambda j: j[3])
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(a.workers) as pool:
+        for future in as_completed([pool.submit(screen, *j, a.until, a.threads) for j in jobs]):
+            row = future.result()
+            with a.out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"{row['candidate']:>14} {row['task']:>12} seed {row['seed']:>4}: attn1 mass {row['attn1_mass']} "
+                  f"at {row['signal_step']} ({row['seconds']} s) {row['error'][-120:]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
