@@ -167,7 +167,8 @@ def test_online_batches_never_contain_test_sequences(bucket):
     tok = build_tokenizer()
     test_rows = np.array([[0, 0, 0], [0, 1, 1], [1, 0, 1], [1, 1, 1]])
     exclude = {("binary_copy", 3): np.unique(_row_codes(test_rows, 2))}
-    cfg = TrainConfig(tasks=["binary_copy"], output_dir="x", n_len=3, batch_size=64, length_warmup=0, bucket=bucket)
+    cfg = TrainConfig(tasks=["binary_copy"], output_dir="x", n_len=3, batch_size=64, length_warmup=0, bucket=bucket,
+                      curriculum="")
     data = OnlineData(cfg, {"binary_copy": Layout(tok, task)}, exclude, 0, epoch_len=4)
     seen, widths = set(), set()
     for b in range(30):
