@@ -25,29 +25,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+from seed_sweep import parse_seeds  # this folder's sibling script (run from the repository root)
+
+from hf_iterheads.outputs import read_jsonl
+
 SIGNAL = 0.22  # attn1 mass at step 2,500 above which the head was forming (seed_sweep_notes.md)
 
 
-def seeds(spec: str) -> list[int]:
-    out: list[int] = []
-    for part in spec.split(","):
-        lo, _, hi = part.partition("-")
-        out += list(range(int(lo), int(hi or lo) + 1))
-    return out
-
-
 def evals(metrics: Path) -> list[dict]:
-    if not metrics.exists():
-        return []
-    rows = []
-    for line in metrics.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if row.get("kind") == "eval":
-            rows.append(row)
-    return rows
+    """The run's evaluation records so far (the file is being written: a torn last line is skipped)."""
+    return [r for r in read_jsonl(metrics, torn_tail_ok=True) if r.get("kind") == "eval"] if metrics.exists() else []
 
 
 def screen(name: str, flags: str, task: str, seed: int, until: int, threads: int) -> dict:
@@ -96,7 +83,7 @@ def main() -> None:
     jobs = []
     for spec in a.candidate:
         name, _, flags = spec.partition("=")
-        for seed in seeds(a.seeds):  # seed-major, so every candidate gets its first seeds early
+        for seed in parse_seeds(a.seeds):  # seed-major, so every candidate gets its first seeds early
             for task in a.tasks.split(","):
                 if (name, task, seed) not in done:
                     jobs.append((name, flags, task, seed))

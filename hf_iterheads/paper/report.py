@@ -96,9 +96,9 @@ def _learn_all(rows: dict[str, dict]) -> dict[str, str]:
             "from scratch, accuracy (L = 4..n_len) >= 0.9 in a majority of seeds, for every task")
     if (none := _unjudged(*what, rows, [r["name"] for t in PAPER_TASKS for r in _seed_runs(rows, t)])) is not None:
         return none
-    counts = {t: (sum((_acc(r) or 0) >= 0.9 for r in runs), len(runs))
-              for t in PAPER_TASKS if (runs := _seed_runs(rows, t, finished=True))}
-    measured = "; ".join(f"{t} {k}/{n} seeds ({', '.join(_f(_acc(r), 2) for r in _seed_runs(rows, t, True))})"
+    finished = {t: runs for t in PAPER_TASKS if (runs := _seed_runs(rows, t, finished=True))}
+    counts = {t: (sum((_acc(r) or 0) >= 0.9 for r in runs), len(runs)) for t, runs in finished.items()}
+    measured = "; ".join(f"{t} {k}/{n} seeds ({', '.join(_f(_acc(r), 2) for r in finished[t])})"
                          for t, (k, n) in counts.items())
     if len(counts) == len(PAPER_TASKS) and all(2 * k > n for k, n in counts.values()):
         verdict = "reproduced"
