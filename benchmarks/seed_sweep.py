@@ -134,7 +134,8 @@ def summarize_run(run_dir: Path, task: str) -> dict[str, Any]:
     acc99 = first(periodic, lambda r: (r["accuracy"] or 0) >= SOLVED)
     solved = first(periodic, lambda r: (r["attn1_peakiness"] or 0) >= FORMED and (r["accuracy"] or 0) >= SOLVED)
     out: dict[str, Any] = {"formed_step": formed[0], "formed_s": formed[1], "acc99_step": acc99[0], "acc99_s": acc99[1],
-                           "solved_step": solved[0], "solved_s": solved[1], "curve": curve}
+                           "solved_step": solved[0], "solved_s": solved[1], "curve": curve,
+                           "attempts": 1 + sum(1 for d in (run_dir / "attempts").glob("*") if d.is_dir())}
     path = run_dir / "eval_results.json"
     if path.is_file():
         final = json.loads(path.read_text())
@@ -210,6 +211,8 @@ def detect_run(run_dir: Path, task: str) -> dict[str, Any]:
     top = res.top_heads(1)[0]
     eoi = res.top_heads(1, key="eoi_score")[0]
     heads = describe_attention(model, tokenizer, task, length=min(12, n_len))
+    gating = res.gating or {}  # the flagged top head's mass on x_t per (x_t, s_(t-1)) cell (detect.gating)
+    cells, gated = gating.get("cells"), gating.get("skipped") or None
     paper = top["layer"] == res.n_layers - 1 and top["detected"]
     if paper:
         circuit = "iteration head (layer 1)"
@@ -220,7 +223,7 @@ def detect_run(run_dir: Path, task: str) -> dict[str, Any]:
     return {"paper_head": bool(paper), "circuit": circuit,
             "top_head": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in top.items()},
             "eoi_head": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in eoi.items()},
-            "attention": heads}
+            "attention": heads, "cells": cells, "gated_cells": gated}
 
 
 # --- the sweep ------------------------------------------------------------------------------------------------
@@ -398,7 +401,9 @@ def circuit_class(r: dict) -> str:
     """One of four circuits, from the detector and the per-layer attention (why: "no head" hides what formed).
 
     * ``iteration head``: the detector flags a layer-1 head, attn1 peakiness >= 0.9;
-    * ``partial iteration head``: the same head, attn1 peakiness < 0.9;
+    * ``content-gated iteration head``: the same head with attn1 peakiness < 0.9 because it looks x_t up
+      (mass >= 0.9) in some (x_t, s_(t-1)) cells and skips it (< 0.5) in the others (parity: skips (1, 1));
+    * ``partial iteration head``: the same head, attn1 peakiness < 0.9 otherwise;
     * ``EoI head, no look-up``: layer 0 attends EoI most (the circuit's first half), layer 1 does not look x_t up;
     * ``no EoI head``: layer 0 reads the inputs (x_t+k) and layer 1 the task token or the chain.
     """
@@ -406,7 +411,9 @@ def circuit_class(r: dict) -> str:
     if not det:
         return "unknown (no detection)"
     if det.get("paper_head"):
-        return "iteration head" if (r.get("attn1") or 0) >= FORMED else "partial iteration head"
+        if (r.get("attn1") or 0) >= FORMED:
+            return "iteration head"
+        return "content-gated iteration head" if det.get("gated_cells") else "partial iteration head"
     layer0 = next((h for h in det.get("attention", []) if h["layer"] == 0), None)
     if layer0 is not None and layer0["top_target"] == "EoI":
         return "EoI head, no look-up"
@@ -455,7 +462,9 @@ def render(records: list[dict], notes: Path | None) -> str:
                          f"| {_f(statistics.median(steps) if steps else None, 0)} ({len(steps)} formed) "
                          f"| {', '.join(f'{k}: {v}' for k, v in circuits.items())} |")
     lines += ["", "## Every run", "", "Formed = first evaluation (every 500 steps, 256 test sequences per length) with "
-              "attn1 peakiness >= 0.9; 0.99 = first with accuracy >= 0.99. Seconds are the run's own training clock. "
+              "attn1 peakiness >= 0.9; 0.99 = first with accuracy >= 0.99. Seconds are the run's own training clock; "
+              "after a restart (status `ok, 2 attempts`) steps and seconds are those of the last attempt, and wall s "
+              "counts every attempt. "
               "Circuit: the class (`circuit_class`), then `iteration head (layer 1)` = the detector's top head is in "
               "layer 1 and flagged, or `other:` per layer, the most common argmax target of the positions that "
               "predict s_t (x_t = the iteration head's target; x_t+k = another input; EoI; chain s_t-1-k = the CoT "
@@ -467,8 +476,11 @@ def render(records: list[dict], notes: Path | None) -> str:
         det = r.get("detection") or {}
         top = det.get("top_head") or {}
         worst = r.get("worst_length")
+        attempts = f", {r['attempts']} attempts" if (r.get("attempts") or 1) > 1 else ""
         lines.append(
-            f"| {r['recipe']} | {r['task']} | {r['seed']} | {r['status']}{' **ok**' if r.get('success') else ''} "
+            f"| {r['recipe']} | {r['task']} | {r['seed']} | {r['status']}"
+            f"{attempts}"
+            f"{' **ok**' if r.get('success') else ''} "
             f"| {_f(r.get('formed_step'))} ({_f(r.get('formed_s'), 0)}) | {_f(r.get('acc99_step'))} ({_f(r.get('acc99_s'), 0)}) "
             f"| {_f(r.get('accuracy'))} | {f'L={worst[0]} ({worst[1]:.2f})' if worst else '-'} | {_f(r.get('attn1'))} "
             f"| {_top(top)} "

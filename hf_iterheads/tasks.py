@@ -27,6 +27,7 @@ generation stays vectorised::
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -104,6 +105,11 @@ class IterativeTask:
 
     def _checked(self, values: np.ndarray, where: str) -> np.ndarray:
         values = np.asarray(values)
+        if values.dtype.kind in "iu" and values.size:  # the common case, by table look-up: training runs this
+            lo, hi = int(values.min()), int(values.max())  # once per step of every drawn group (np.isin: ~15x slower)
+            table = _state_table(self.states)
+            if lo >= 0 and hi < len(table) and table[values].all():
+                return values.astype(np.int64, copy=False)
         bad = ~np.isin(values, self.states)
         if bad.any():
             raise IterHeadsError(
@@ -111,6 +117,14 @@ class IterativeTask:
                 f"which is not in its state alphabet {list(self.states)}"
             )
         return values.astype(np.int64)
+
+
+@functools.lru_cache(maxsize=64)
+def _state_table(states: tuple[int, ...]) -> np.ndarray:
+    """Booleans indexed by value: True where the value is a state."""
+    table = np.zeros(max(states) + 1, dtype=bool)
+    table[list(states)] = True
+    return table
 
 
 def parse_lengths(spec: str | int | Iterable[int], minimum: int = 1) -> list[int]:

@@ -38,9 +38,10 @@ from hf_iterheads.detect.detection import (
     score_heads,
     write_outputs,
 )
+from hf_iterheads.detect.gating import gated_cells
 from hf_iterheads.detect.probes import make_probes
 from hf_iterheads.errors import IterHeadsError
-from hf_iterheads.tokenizer import build_tokenizer
+from hf_iterheads.tokenizer import Layout, build_tokenizer
 
 VOCAB = 64
 ARCHS = ("gpt2", "llama_gqa", "gpt_neox", "qwen2", "gemma2", "mistral", "phi")
@@ -135,12 +136,13 @@ def test_sliding_window_baseline_counts_only_visible_keys(native_tok):
 # --- a hand-built circuit: the scorer must rank exactly the right heads -------------------------------
 
 
-@pytest.fixture
-def planted_gpt2(monkeypatch, native_tok):
-    """GPT-2 whose layer 1 head 2 puts all mass on x_t and layer 0 head 3 on EoI (native layout)."""
+def plant_circuit(monkeypatch, skip=None):
+    """GPT-2 whose layer 1 head 2 puts all mass on x_t and layer 0 head 3 on EoI (native layout). ``skip(ids, b,
+    t)``: True where the look-up is left out (the head then attends the first token), for a content-gated head."""
     import transformers.models.gpt2.modeling_gpt2 as gpt2
 
     original = gpt2.eager_attention_forward
+    seen: dict[str, torch.Tensor] = {}
 
     def planted(module, query, key, value, attention_mask, **kwargs):
         out, weights = original(module, query, key, value, attention_mask, **kwargs)
@@ -152,7 +154,8 @@ def planted_gpt2(monkeypatch, native_tok):
             for q in range(T):
                 row = torch.zeros(T)
                 if module.layer_idx == 1 and L + 1 <= q <= 2 * L:
-                    row[q - L] = 1.0  # position predicting s_t -> x_t
+                    gated = skip is not None and skip(seen["ids"][b], L, q - L)
+                    row[0 if gated else q - L] = 1.0  # position predicting s_t -> x_t (t = q - L)
                 elif module.layer_idx == 0 and L + 2 <= q <= 2 * L + 1:
                     row[L + 1] = 1.0  # s_t -> EoI
                 else:
@@ -161,7 +164,14 @@ def planted_gpt2(monkeypatch, native_tok):
         return torch.matmul(w, value).transpose(1, 2), w
 
     monkeypatch.setattr(gpt2, "eager_attention_forward", planted)
-    return tiny_model("gpt2", init=0.02)
+    model = tiny_model("gpt2", init=0.02)
+    model.register_forward_pre_hook(lambda m, args, kwargs: seen.update(ids=kwargs["input_ids"]), with_kwargs=True)
+    return model
+
+
+@pytest.fixture
+def planted_gpt2(monkeypatch, native_tok):
+    return plant_circuit(monkeypatch)
 
 
 def test_planted_iteration_head_ranks_first(planted_gpt2, native_tok):
@@ -181,6 +191,7 @@ def test_planted_iteration_head_ranks_first(planted_gpt2, native_tok):
     circuit = result.circuit()
     assert circuit["label"] == "iteration head" and "EoI head layer 0 head 3, iteration head layer 1 head 2" in circuit["text"]
     assert result.to_dict()["circuit"] == circuit and f"circuit: {circuit['text']}" in result.table()
+    assert not result.gating["gated"] and {c["mass"] for c in result.gating["cells"]} == {1.0}  # never skips x_t
     # the same scores without the look-up, then without either half: named for what is left
     import dataclasses
 
@@ -191,6 +202,28 @@ def test_planted_iteration_head_ranks_first(planted_gpt2, native_tok):
     assert other["label"] == "other circuit" and other["text"].startswith("other circuit: strongest pattern per layer: layer 0")
     late_eoi = {**result.scores, "eoi_score": result.scores["eoi_score"][::-1].copy()}  # EoI head after the look-up
     assert dataclasses.replace(result, scores=late_eoi).circuit()["label"] == "look-up without an EoI head"
+
+
+def test_a_content_gated_iteration_head_is_named_for_what_it_skips(monkeypatch, native_tok):
+    # Parity from scratch formed a head that skips x_t exactly when x_t = s_(t-1) = 1 (issue 12). Planted here:
+    # the detector still flags it (3 of 4 cells), and the cells say where it looks away.
+    one = Layout(native_tok, "parity").value_ids[1]
+
+    def skip(ids, L, t):  # parity: s_(t-1) = 1 iff x_1..x_(t-1) hold an odd number of ones
+        x = ids[1 : L + 1]
+        return t >= 2 and int(x[t - 1]) == one and int((x[: t - 1] == one).sum()) % 2 == 1
+
+    model = plant_circuit(monkeypatch, skip)
+    result = detect_iteration_heads(model, native_tok, task="parity", lengths="4-12", n=24, batch_size=7, capture="eager")
+    gating = result.gating
+    assert (gating["layer"], gating["head"], gating["gated"], gating["skipped"]) == (1, 2, True, [[1, 1]])
+    mass = {(c["x_t"], c["s_prev"]): c["mass"] for c in gating["cells"]}
+    assert mass[(1, 1)] == pytest.approx(0.0) and all(mass[c] == pytest.approx(1.0) for c in mass if c != (1, 1))
+    assert "content-gated: looks x_t up except when (x_t, s_(t-1)) is (1, 1)" in result.circuit()["text"]
+    assert result.to_dict()["gating"]["skipped"] == [[1, 1]]
+    cells = gating["cells"]
+    assert gated_cells([{**c, "mass": 0.95} for c in cells]) is None  # a head that always looks x_t up
+    assert gated_cells([{**c, "mass": 0.6} for c in cells]) is None  # soft everywhere: a partial head, not gated
 
 
 def test_random_model_detects_nothing(native_tok):

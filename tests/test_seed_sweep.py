@@ -54,7 +54,9 @@ def test_summary_render_and_circuit_classes(tmp_path):
     _fake_run(tmp_path / "run")
     s = sweep.summarize_run(tmp_path / "run", "parity")
     assert (s["formed_step"], s["acc99_step"], s["solved_step"]) == (500, 1000, 1000)
-    assert s["accuracy"] == 0.998 and s["steps"] == 1000 and s["worst_length"] == (9, 0.98)
+    assert s["accuracy"] == 0.998 and s["steps"] == 1000 and s["worst_length"] == (9, 0.98) and s["attempts"] == 1
+    (tmp_path / "run" / "attempts" / "0").mkdir(parents=True)  # a restart moved the first attempt there
+    assert sweep.summarize_run(tmp_path / "run", "parity")["attempts"] == 2
     head = {"paper_head": True, "circuit": "iteration head (layer 1)", "top_head": {"layer": 1, "score": 0.9, "detected": True},
             "attention": [{"layer": 0, "top_target": "EoI"}, {"layer": 1, "top_target": "x_t"}]}
     eoi_only = {"paper_head": False, "circuit": "other", "attention": [{"layer": 0, "top_target": "EoI"}]}
@@ -62,9 +64,12 @@ def test_summary_render_and_circuit_classes(tmp_path):
            "success": True, "detection": head, **s}
     assert sweep.circuit_class(rec) == "iteration head"
     assert sweep.circuit_class({**rec, "attn1": 0.5}) == "partial iteration head"
+    gated = {**head, "gated_cells": [[1, 1]]}
+    assert sweep.circuit_class({**rec, "attn1": 0.77, "detection": gated}) == "content-gated iteration head"
     assert sweep.circuit_class({**rec, "detection": eoi_only}) == "EoI head, no look-up"
     assert sweep.circuit_class({**rec, "detection": None}) == "unknown (no detection)"
-    md = sweep.render([rec, {**rec, "seed": 1, "success": False, "detection": eoi_only}], None)
+    md = sweep.render([rec, {**rec, "seed": 1, "success": False, "detection": eoi_only, "attempts": 2}], None)
+    assert "| default | parity | 1 | ok, 2 attempts |" in md
     assert "| default | `(default)` | parity | 2 | **1** |" in md and "EoI head, no look-up: 1" in md
 
 

@@ -333,10 +333,10 @@ def test_formed_cosine_waits_for_the_head_then_decays_and_survives_a_checkpoint(
 
 
 def test_restart_at_a_plateau_starts_a_fresh_attempt_and_resumes_into_it(tmp_path):
-    # A threshold above any attention mass: every evaluation at --restart-at is a plateau. Attempt 0 stops there,
-    # its records move to attempts/0/, and attempt 1 (another seed) trains to the end; a kill inside attempt 1
-    # resumes into attempt 1 and ends with the same weights.
-    common = ["--max-steps", "10", "--eval-every", "4", "--checkpoint-every", "4", "--restart-at", "4",
+    # A threshold above any attention mass: the first evaluation from --restart-at on (step 4 for --restart-at 3)
+    # is a plateau. Attempt 0 stops there, its records move to attempts/0/, and attempt 1 (another seed) trains
+    # to the end; a kill inside attempt 1 resumes into attempt 1 and ends with the same weights.
+    common = ["--max-steps", "10", "--eval-every", "4", "--checkpoint-every", "4", "--restart-at", "3",
               "--restart-below", "1.01", "--max-restarts", "1"]
     assert run_train(tmp_path / "r", *common) == 0
     run = tmp_path / "r"
@@ -351,3 +351,49 @@ def test_restart_at_a_plateau_starts_a_fresh_attempt_and_resumes_into_it(tmp_pat
     a, b = load_file(run / "model.safetensors"), load_file(tmp_path / "k" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert TrainConfig(seed=3).run_seed == 3 and TrainConfig(seed=3, attempt=1).run_seed != 3
+
+
+def test_the_plateau_signal_reads_the_layer2_mass_and_only_where_there_is_one():
+    from hf_iterheads.training.callbacks import HeadWatch, _plateau
+
+    def results(*masses):
+        return [{"summary": {"attn1_mass": m}} for m in masses]
+
+    assert _plateau(results(0.9, 0.3), 0.5) and not _plateau(results(0.9, 0.6), 0.5)
+    assert not _plateau(results(None), 0.5) and not _plateau(None, 0.5)  # no second layer or no CoT: no restart
+    assert FAST.restart_at == 2500 and PAPER.restart_at == 0  # the paper's recipe never restarts
+    watch = HeadWatch.__new__(HeadWatch)
+    watch.cfg = TrainConfig(restart_at=2500, eval_every=300)
+    assert [s for s in range(0, 6001, 300) if watch.restart_due(s)] == [2700]  # the first evaluation from 2,500 on
+    watch.cfg = TrainConfig(restart_at=0)
+    assert not any(watch.restart_due(s) for s in range(0, 6001, 500))
+
+
+@pytest.mark.parametrize("offsets", [False, True])
+def test_the_length_split_step_gives_the_whole_batch_gradient(offsets):
+    # Mixed-length batches run as two length groups (less padding); the summed, token-weighted losses must give
+    # the stock forward's loss and gradients on the whole batch (eval mode: dropout is the only random part).
+    from accelerate import Accelerator
+
+    from hf_iterheads.modeling import build_config, build_model
+    from hf_iterheads.training.data import assemble, position_offsets
+    from hf_iterheads.training.loop import length_groups, step_function
+
+    tok = build_tokenizer()
+    model = build_model(build_config(tok, n_len=8, preset="paper", cot=True, n_embd=32), seed=1).eval()
+    task, rng, layout = get_task("polynomial"), np.random.default_rng(0), Layout(tok, "polynomial", True)
+    parts = [(layout, x, task.run(x)) for x in (task.sample_inputs(n, L, rng) for L, n in ((1, 3), (8, 2), (2, 4), (7, 1)))]
+    batch = assemble(parts, layout.pad_id)
+    if offsets:
+        batch["position_ids"] = position_offsets(batch["attention_mask"], model.config.n_positions, rng)
+    groups = length_groups(batch)
+    assert len(groups) == 2 and sorted(torch.cat(groups).tolist()) == list(range(10))
+    assert len(length_groups({k: v[:3] for k, v in batch.items()})) == 1  # one length (bucketed): one group
+    stock = model(**batch)
+    expected = torch.autograd.grad(stock.loss, list(model.parameters()))
+    loss, correct, reordered = step_function(Accelerator(cpu=True), model, TrainConfig(tasks=["polynomial"]))(batch)
+    assert torch.allclose(loss, stock.loss, atol=1e-6) and correct.shape == (10,)
+    order = torch.cat(groups)
+    assert torch.equal(reordered["input_ids"], batch["input_ids"][order])  # callbacks see rows matching `correct`
+    for p, g in zip(model.parameters(), expected):
+        assert torch.allclose(p.grad, g, atol=1e-6)

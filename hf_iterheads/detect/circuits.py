@@ -12,6 +12,9 @@ Classes, in the order they are tested:
 * ``look-up without an EoI head``: a flagged iteration head, no flagged EoI head before it;
 * ``EoI head, no look-up``: a flagged EoI head, no flagged iteration head (the circuit's first half);
 * ``other circuit``: neither; each layer's strongest pattern says what formed instead.
+
+A flagged head that looks x_t up only for some values of (x_t, s_(t-1)) (``detect.gating``) keeps its class, and
+the text says which cells it skips.
 """
 
 from __future__ import annotations
@@ -54,4 +57,7 @@ def name_circuit(result) -> dict[str, Any]:
         shown = layers if len(layers) <= 4 else sorted(layers, key=lambda r: -r["score"])[:4]
         what = "strongest pattern per layer: " + "; ".join(
             f"layer {r['layer']} head {r['head']} {r['pattern']} {r['score']:.2f}" for r in shown)
+    gating = getattr(result, "gating", None) or {}
+    if gating.get("gated") and label in CLASSES[:2]:  # detect.gating: the head skips x_t for some values
+        what += "; " + gating["text"]
     return {"label": label, "layers": layers, "text": f"{label}: {what}"}

@@ -357,6 +357,7 @@ class DetectionResult:
     by_template: list[dict] | None = field(default=None, repr=False)  # score_heads per template, when several
     patterns: list[HeadPattern] | None = field(default=None, repr=False)
     patch: dict | None = None
+    gating: dict | None = None  # detect.gating on the top head, when it is flagged: cells and whether it is gated
 
     @property
     def head_patterns(self) -> list[HeadPattern]:
@@ -480,6 +481,8 @@ class DetectionResult:
             out["ablation"] = self.ablation
         if self.patch is not None:
             out["patch"] = self.patch
+        if self.gating is not None:
+            out["gating"] = self.gating
         return out
 
     def circuit(self) -> dict[str, Any]:
@@ -734,6 +737,12 @@ class IterationHeadDetector:
         result = DetectionResult(self.name, task_obj.name, scores, meta, competence=comp,
                                  by_template=per_template if len(sets) > 1 else None, patterns=patterns)
         heads = [(r["layer"], r["head"]) for r in result.top_heads(int(top_k))]
+        top = result.top_heads(1)[0]
+        if top["detected"]:  # a flagged iteration head: does it look x_t up in every (x_t, s_(t-1)) cell?
+            from .gating import describe_gating, iteration_cells
+
+            cells = iteration_cells(self.model, probes, top["layer"], top["head"], batch_size, meta["capture"])
+            result.gating = {"layer": top["layer"], "head": top["head"], **describe_gating(cells), "cells": cells}
         if ablate:
             from .ablation import run_ablation
             from .competence import CANNOT, at_chance

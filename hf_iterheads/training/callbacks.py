@@ -169,6 +169,12 @@ class HeadWatch(Callback):
                                        f"restarting from a fresh initialisation (attempt {self.cfg.attempt + 2})")
             raise Plateau(run.step)
 
+    def restart_due(self, step: int) -> bool:
+        """Whether this step's evaluation is the first at or after ``restart_at`` (a pure function of the step, so
+        a run resumed past it does not decide again)."""
+        at = self.cfg.restart_at
+        return bool(at) and step >= at and step - self.cfg.eval_every < at
+
     def event(self, run: Run, kind: str, message: str) -> None:
         run.log.write({"kind": kind, "step": run.step, "time": round(run.time, 2)})
         tqdm.write(f"step {run.step}: {message}")
@@ -192,7 +198,7 @@ class HeadWatch(Callback):
                     accelerator.set_trigger()
         if self.cfg.stop_when_solved and accelerator.check_trigger():
             run.stop = True  # every process stops at the same step (the trigger is all-reduced)
-        if run.step == self.cfg.restart_at and self.cfg.attempt < self.cfg.max_restarts:
+        if self.restart_due(run.step) and self.cfg.attempt < self.cfg.max_restarts:
             self.check_plateau(run, results)
         lengths = self.data.lengths
         waiting = (self.formed is not None and self.formed.decay_start is None, lengths is not None and lengths.wait)
@@ -211,8 +217,10 @@ class HeadWatch(Callback):
 
 
 def _plateau(results: list[dict] | None, below: float) -> bool:
-    """The layer-2 attention mass on x_t (mean L = 4..n_len) is under ``below`` for some task."""
-    return results is not None and any((r["summary"].get("attn1_mass") or 0.0) < below for r in results)
+    """The layer-2 attention mass on x_t (mean L = 4..n_len) is under ``below`` for some task (a model without
+    the circuit's second layer or CoT states has no such mass: never a plateau)."""
+    masses = [r["summary"].get("attn1_mass") for r in results or []]
+    return any(m is not None and m < below for m in masses)
 
 
 class Checkpointer(Callback):
