@@ -158,6 +158,14 @@ class _StopForward(Exception):
     """Raised after the last attention layer is scored: the rest of the model (and its LM head) is not needed."""
 
 
+def capture_runner(model, capture: str, on_layer):
+    """The capture context for ``capture`` (``rows``: the model's fast attention, else eager), calling
+    ``on_layer(layer, module, weights, rows=None)`` for every attention layer."""
+    if capture == "rows":
+        return RowCapture(model, on_layer)
+    return AttentionCapture(model, lambda layer, module, weights: on_layer(layer, module, weights))
+
+
 def _visible(q: torch.Tensor, window: int | None) -> torch.Tensor:
     """Keys a query at position q sees under right padding: 0..q, or its sliding window."""
     visible = (q + 1).clamp(min=1).double()
@@ -276,7 +284,7 @@ def _score(model, probes: Probes, batch_size: int, patterns: list[HeadPattern], 
     keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
     if "use_cache" in params:  # a KV cache would hold every layer's keys and values: memory grows with depth
         keep["use_cache"] = False
-    runner = RowCapture(model, on_layer) if capture == "rows" else AttentionCapture(model, lambda l, m, w: on_layer(l, m, w))
+    runner = capture_runner(model, capture, on_layer)
     with runner:
         for idx in probes.batches(batch_size):
             acc.pairs = {}
@@ -329,7 +337,7 @@ def attention_pattern(model, probes: Probes, index: int, layer: int, head: int, 
 
     device = next(model.parameters()).device
     idx = np.array([index])
-    runner = RowCapture(model, on_layer) if capture == "rows" else AttentionCapture(model, on_layer)
+    runner = capture_runner(model, capture, on_layer)
     with runner:
         try:
             model(**{k: v.to(device) for k, v in probes.batch(idx).items()}, use_cache=False)

@@ -16,12 +16,7 @@ import torch
 
 from ..circuit import mass_on
 from ..evaluation import FORMED
-from .attention import AttentionCapture
-from .rows import RowCapture
-
-
-class _Stop(Exception):
-    pass
+from .detection import _StopForward, capture_runner
 
 
 @torch.no_grad()
@@ -35,15 +30,14 @@ def iteration_cells(model, probes, layer: int, head: int, batch_size: int = 16, 
     def on_layer(l, module, weights, rows=None):
         if l == layer:
             kept.append(weights[:, head : head + 1])
-            raise _Stop
+            raise _StopForward
 
-    runner = RowCapture(model, on_layer) if capture == "rows" else AttentionCapture(model, lambda l, m, w: on_layer(l, m, w))
-    with runner:
+    with capture_runner(model, capture, on_layer):
         for idx in probes.batches(batch_size):
             kept.clear()
             try:
                 model(**{k: v.to(device) for k, v in probes.batch(idx).items()}, use_cache=False)
-            except _Stop:
+            except _StopForward:
                 pass
             q, k = probes.pred_pos[idx][:, 1:], probes.x_pos[idx][:, 1:]  # t >= 2: s_(t-1) exists
             mass = mass_on(kept[0].float(), q, k)[0][:, 0].cpu().numpy()  # (B, L - 1)

@@ -17,7 +17,7 @@ from ..tokenizer import Layout, build_tokenizer, check_vocabulary
 from .artifacts import archive_attempt, restore_checkpoint, save_run, start_run
 from .callbacks import Callback, Checkpointer, HeadWatch, LengthFeedback, Plateau, Progress, Run, clock
 from .config import TrainConfig
-from .data import build_train_data
+from .data import _trim, build_train_data
 from .schedule import make_scheduler
 
 
@@ -98,12 +98,10 @@ def step_function(accelerator, model, cfg: TrainConfig):
             total = (batch["labels"][:, 1:] != -100).sum()
             loss_sum, correct, row = 0.0, [], 0
             for idx in groups:
-                part = {k: v[row : row + len(idx)] for k, v in batch.items()}
+                part = _trim({k: v[row : row + len(idx)] for k, v in batch.items()})  # to the group's longest row
                 row += len(idx)
-                width = int(part["attention_mask"].sum(1).max())
                 with accelerator.autocast():
-                    loss, logits, targets = loss_after_eoi(model, part["input_ids"][:, :width],
-                                                           part["labels"][:, :width], _sliced(part, width))
+                    loss, logits, targets = loss_after_eoi(model, part["input_ids"], part["labels"], part.get("position_ids"))
                 share = (targets != -100).sum() / total if len(groups) > 1 else 1
                 accelerator.backward(loss * share)
                 loss_sum = loss_sum + loss.detach() * share
@@ -118,10 +116,6 @@ def step_function(accelerator, model, cfg: TrainConfig):
         return output.loss.detach(), _all_right(output.logits[:, :-1], batch["labels"][:, 1:]), batch
 
     return stock
-
-
-def _sliced(batch: dict[str, torch.Tensor], width: int) -> torch.Tensor | None:
-    return batch["position_ids"][:, :width] if "position_ids" in batch else None
 
 
 def _all_right(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
