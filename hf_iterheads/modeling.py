@@ -71,6 +71,10 @@ def build_config(
     freeze = bool(spec.pop("freeze_positions", False))
     init_range = float(spec.pop("initializer_range", None) or GPT2_INIT_RANGE)
     embed_std = float(spec.pop("embed_init_std", None) or 0.0)
+    query_scale = spec.pop("query_init_scale", None)
+    query_scale = 1.0 if query_scale is None else float(query_scale)
+    if query_scale < 0:
+        raise IterHeadsError(f"query_init_scale must be 0 or more, got {query_scale}")
     n_embd, n_head = int(spec.pop("n_embd")), int(spec.pop("n_head"))
     if n_embd < 1 or n_head < 1 or n_embd % n_head:
         raise IterHeadsError(f"n_embd ({n_embd}) must be a positive multiple of n_head ({n_head})")
@@ -103,6 +107,7 @@ def build_config(
             "cot": bool(cot),
             "freeze_positions": freeze,
             "embed_init_std": embed_std,
+            "query_init_scale": query_scale,
             "tasks": list(tasks or []),
             "eoi_token_id": vocab[EOI],
         },
@@ -129,6 +134,12 @@ def build_model(config: GPT2Config, seed: int = 0) -> GPT2LMHeadModel:
         with torch.no_grad():
             model.transformer.wte.weight.normal_(0.0, embed_std)
             model.transformer.wpe.weight.normal_(0.0, embed_std)
+    query_scale = iterheads_meta(config).get("query_init_scale", 1.0)
+    if query_scale != 1.0:  # the attention temperature at init (0: uniform attention at step 0); still stock GPT-2
+        with torch.no_grad():
+            for block in model.transformer.h:
+                block.attn.c_attn.weight[:, : config.n_embd].mul_(query_scale)  # Conv1D: columns q | k | v
+                block.attn.c_attn.bias[: config.n_embd].mul_(query_scale)
     if iterheads_meta(config).get("freeze_positions"):
         freeze_positions(model)
     return model

@@ -50,6 +50,30 @@ def test_bad_model_options(tok):
         build_config(tok, preset="4head", n_embd=30)
     with pytest.raises(IterHeadsError, match="does not fit"):
         check_fits(build_config(tok, n_len=4), 2 * 5 + 3)
+    with pytest.raises(IterHeadsError, match="query_init_scale must be 0 or more"):
+        build_config(tok, query_init_scale=-1)
+
+
+def test_query_init_scale_sets_the_attention_temperature_at_init(tok):
+    """Scaling the initial query weights scales every attention logit; 0 gives uniform causal attention."""
+    ids = torch.randint(0, len(tok), (2, 9))
+
+    def run(scale):
+        model = build_model(build_config(tok, n_len=4, preset="tiny", query_init_scale=scale), seed=5).eval()
+        model.config._attn_implementation = "eager"
+        return model, model(input_ids=ids, output_attentions=True).attentions
+
+    (base, plain), (_, hot) = run(1.0), run(3.0)
+    cold_model, cold = run(0.0)
+    uniform = torch.tril(torch.ones(9, 9)) / torch.arange(1, 10).unsqueeze(1)
+    for a in cold:
+        torch.testing.assert_close(a[0, 0], uniform)
+    for p, h in zip(plain, hot):  # hotter: farther from uniform
+        assert (h - uniform).abs().sum() > (p - uniform).abs().sum()
+    n = base.config.n_embd
+    w, w0 = base.transformer.h[0].attn.c_attn.weight, cold_model.transformer.h[0].attn.c_attn.weight
+    assert torch.equal(w[:, n:], w0[:, n:]) and not w0[:, :n].any()  # keys and values untouched
+    assert cold_model.config.iterheads["query_init_scale"] == 0.0
 
 
 def test_frozen_positions_survive_save_and_load(tok, tmp_path):

@@ -100,6 +100,10 @@ class TrainConfig:
     # of GPT-2's 0.02: with GPT-2's own the head did not form in our CPU budget. Checkpoints stay stock GPT-2.
     init_range: float = field(default=0.05, metadata=_help("std of the linear layers at init (GPT2Config.initializer_range)"))
     embed_init_std: float = field(default=1.0, metadata=_help("std of token/position embeddings at init (0 = --init-range)"))
+    # The attention temperature at init: scaling the query weights scales every attention logit (0 = uniform
+    # attention at step 0; the keys still get gradient through the queries' first update).
+    query_init_scale: float = field(default=1.0, metadata=_help(
+        "multiply the initial query weights of every attention layer (attention temperature at init; 0 = uniform)"))
     cot: bool = field(default=True, metadata=_help("train without chain-of-thought (only s_L after EoI)", flag="--no-cot"))
     init_from: str | None = field(default=None, metadata=_help("start from this checkpoint (fine-tuning / transfer)"))
     # --- data ------------------------------------------------------------------------------------------------
@@ -345,7 +349,8 @@ def check_config(cfg: TrainConfig) -> None:
     length = cfg.max_steps if cfg.max_steps is not None else cfg.epochs
     if (cfg.max_steps is None) == (cfg.epochs is None) or length < 1:
         raise IterHeadsError("give a positive --epochs or --max-steps (not both)")
-    for name in ("seed", "data_seed", "warmup_steps", "length_warmup", "threads", "restart_at", "max_restarts"):
+    for name in ("seed", "data_seed", "warmup_steps", "length_warmup", "threads", "restart_at", "max_restarts",
+                 "query_init_scale"):
         if getattr(cfg, name) < 0:
             raise IterHeadsError(f"{flag_name(name)} must be 0 or more, got {getattr(cfg, name)}")
     if len(set(cfg.tasks)) != len(cfg.tasks):
