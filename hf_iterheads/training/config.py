@@ -25,6 +25,7 @@ Data = Literal["fixed", "online"]
 Schedule = Literal["constant", "cosine", "linear", "formed-cosine"]
 LengthSampling = Literal["uniform", "adaptive"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
+PositionInit = Literal["random", "sinusoidal"]
 
 
 class Helper(NamedTuple):
@@ -100,6 +101,8 @@ class TrainConfig:
     # of GPT-2's 0.02: with GPT-2's own the head did not form in our CPU budget. Checkpoints stay stock GPT-2.
     init_range: float = field(default=0.05, metadata=_help("std of the linear layers at init (GPT2Config.initializer_range)"))
     embed_init_std: float = field(default=1.0, metadata=_help("std of token/position embeddings at init (0 = --init-range)"))
+    position_init: PositionInit = field(default="random", metadata=_help(
+        "position embeddings at init: random (normal) or sinusoidal (sin/cos features, still trained)"))
     # The attention temperature at init: scaling the query weights scales every attention logit (0 = uniform
     # attention at step 0; the keys still get gradient through the queries' first update).
     query_init_scale: float = field(default=1.0, metadata=_help(
