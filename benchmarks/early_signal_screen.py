@@ -13,7 +13,8 @@ with full runs (benchmarks/seed_sweep.py).
     python benchmarks/early_signal_screen.py --tasks polynomial,parity --seeds 100-103 \
         --candidate default= --candidate beta2=--betas 0.9,0.98 --workers 2
 
-One JSON line per finished run goes to --out (resumable: runs already there are skipped).
+One JSON line per finished run goes to --out (resumable: runs already there are skipped); ``--table`` prints
+--out as one markdown table per task (candidate x seed).
 """
 
 from __future__ import annotations
@@ -70,16 +71,43 @@ def screen(name: str, flags: str, task: str, seed: int, until: int, threads: int
             "curve": curve, "error": err}
 
 
+def table(rows: list[dict]) -> str:
+    """A markdown table per task: candidate x seed, the attn1 mass at each run's signal step, and how many of a
+    candidate's runs were forming (mass >= SIGNAL) there."""
+    out = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        mine = [r for r in rows if r["task"] == task]
+        seeds = sorted({r["seed"] for r in mine})
+        steps = sorted({r["signal_step"] for r in mine if r["signal_step"] is not None})
+        out += [f"{task}: attn1 mass at step {'/'.join(map(str, steps))} (forming: >= {SIGNAL})", "",
+                "| candidate | " + " | ".join(f"seed {s}" for s in seeds) + " | forming | mean |",
+                "|---" * (len(seeds) + 3) + "|"]
+        for name in dict.fromkeys(r["candidate"] for r in mine):
+            by_seed = {r["seed"]: r["attn1_mass"] for r in mine if r["candidate"] == name}
+            got = [m for m in by_seed.values() if m is not None]
+            cells = [f"{by_seed[s]:.3f}" if by_seed.get(s) is not None else "" for s in seeds]
+            flags = next(r["flags"] for r in mine if r["candidate"] == name) or "(default)"
+            mean = f"{sum(got) / len(got):.3f}" if got else ""
+            out.append(f"| {name} (`{flags}`) | " + " | ".join(cells)
+                       + f" | {sum(m >= SIGNAL for m in got)}/{len(got)} | {mean} |")
+        out.append("")
+    return "\n".join(out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", default="polynomial")
     p.add_argument("--seeds", default="100-103", help="e.g. 100-103,110")
-    p.add_argument("--candidate", action="append", required=True, help="NAME=FLAGS (repeatable)")
+    p.add_argument("--candidate", action="append", default=[], help="NAME=FLAGS (repeatable)")
     p.add_argument("--until", type=int, default=2500, help="stop each run after this step's evaluation")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/early_signal_screen.jsonl"))
+    p.add_argument("--table", action="store_true", help="print --out as markdown tables and exit")
     a = p.parse_args()
+    if a.table:
+        print(table(read_jsonl(a.out)))
+        return
     done = set()
     if a.out.exists():
         for line in a.out.read_text().splitlines():
