@@ -43,7 +43,6 @@ PRESETS: dict[str, dict] = {
 }
 
 
-POSITION_INITS = ("random", "sinusoidal")
 GPT2_INIT_RANGE = 0.02  # GPT-2's own initializer_range, when none is given; the training recipes set their own
 
 
@@ -72,9 +71,6 @@ def build_config(
     freeze = bool(spec.pop("freeze_positions", False))
     init_range = float(spec.pop("initializer_range", None) or GPT2_INIT_RANGE)
     embed_std = float(spec.pop("embed_init_std", None) or 0.0)
-    position_init = spec.pop("position_init", None) or "random"
-    if position_init not in POSITION_INITS:
-        raise IterHeadsError(f"position_init must be one of {', '.join(POSITION_INITS)}, got {position_init!r}")
     query_scale = spec.pop("query_init_scale", None)
     query_scale = 1.0 if query_scale is None else float(query_scale)
     if query_scale < 0:
@@ -112,7 +108,6 @@ def build_config(
             "freeze_positions": freeze,
             "embed_init_std": embed_std,
             "query_init_scale": query_scale,
-            "position_init": position_init,
             "tasks": list(tasks or []),
             "eoi_token_id": vocab[EOI],
         },
@@ -130,19 +125,6 @@ def freeze_positions(model: GPT2LMHeadModel) -> None:
     model.transformer.wpe.weight.requires_grad_(False)
 
 
-def sinusoidal_positions(n_positions: int, n_embd: int) -> torch.Tensor:
-    """Sin/cos position features with periods from 3 to ``2 * n_positions`` (geometric), each of variance 1.
-
-    Why: a shift of every position by e is then a fixed rotation of each (sin, cos) pair, the structure a look-up
-    "the position e before me" needs; random embeddings leave the model to learn it position by position."""
-    half = (n_embd + 1) // 2
-    ratio = torch.linspace(0.0, 1.0, half, dtype=torch.float64)
-    omega = (2 * torch.pi / 3) * (3 / (2 * n_positions)) ** ratio  # period 3 .. 2 * n_positions
-    angles = torch.arange(n_positions, dtype=torch.float64)[:, None] * omega[None, :]
-    table = torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1)[:, :n_embd]
-    return (table * 2**0.5).float()
-
-
 def build_model(config: GPT2Config, seed: int = 0) -> GPT2LMHeadModel:
     """A freshly initialised model (seeded), with frozen positions when the config asks for it."""
     torch.manual_seed(int(seed))
@@ -152,10 +134,6 @@ def build_model(config: GPT2Config, seed: int = 0) -> GPT2LMHeadModel:
         with torch.no_grad():
             model.transformer.wte.weight.normal_(0.0, embed_std)
             model.transformer.wpe.weight.normal_(0.0, embed_std)
-    if iterheads_meta(config).get("position_init", "random") == "sinusoidal":  # trainable; an init choice only
-        with torch.no_grad():
-            std = embed_std or config.initializer_range
-            model.transformer.wpe.weight.copy_(std * sinusoidal_positions(config.n_positions, config.n_embd))
     query_scale = iterheads_meta(config).get("query_init_scale", 1.0)
     if query_scale != 1.0:  # the attention temperature at init (0: uniform attention at step 0); still stock GPT-2
         with torch.no_grad():

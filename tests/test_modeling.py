@@ -13,7 +13,6 @@ from hf_iterheads.modeling import (
     build_model,
     check_fits,
     load_checkpoint,
-    sinusoidal_positions,
 )
 from hf_iterheads.tokenizer import EOS, PAD, build_tokenizer, save_tokenizer
 
@@ -53,23 +52,6 @@ def test_bad_model_options(tok):
         check_fits(build_config(tok, n_len=4), 2 * 5 + 3)
     with pytest.raises(IterHeadsError, match="query_init_scale must be 0 or more"):
         build_config(tok, query_init_scale=-1)
-    with pytest.raises(IterHeadsError, match="position_init must be one of"):
-        build_config(tok, position_init="rope")
-
-
-def test_sinusoidal_positions_are_trained_and_shift_by_rotation(tok, tmp_path):
-    """The sinusoidal init: a shift by k is the same linear map (a rotation per sin/cos pair) at every position;
-    the embeddings are still trained, and the checkpoint is a stock GPT-2."""
-    table = sinusoidal_positions(35, 32)
-    shift = torch.linalg.lstsq(table[:-3], table[3:]).solution  # one map sends every position p to p + 3
-    torch.testing.assert_close(table[:-3] @ shift, table[3:], atol=1e-4, rtol=0)
-    torch.testing.assert_close(table.pow(2).mean(0), torch.ones(32), atol=0.9, rtol=0)  # ~unit variance per feature
-    model = build_model(build_config(tok, n_len=16, preset="tiny", position_init="sinusoidal", embed_init_std=0.5))
-    wpe = model.transformer.wpe.weight
-    torch.testing.assert_close(wpe.detach(), 0.5 * table)
-    assert wpe.requires_grad
-    model.save_pretrained(tmp_path)
-    assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path).transformer.wpe.weight, wpe)
 
 
 def test_query_init_scale_sets_the_attention_temperature_at_init(tok):

@@ -306,6 +306,16 @@ def test_curriculum_and_adaptive_lengths_are_defaults_of_online_training_only():
     assert cfg().length_sampling == "adaptive" and cfg("--init-from", "polynomial-cot").length_sampling == "adaptive"
     assert cfg("--data", "fixed").length_sampling == "uniform" and cfg("--recipe", "paper").length_sampling == "uniform"
     assert cfg("--length-sampling", "uniform").length_sampling == "uniform"
+    # position offsets: on for tasks with plenty of inputs, off for the binary tasks, transfer and the fixed data
+    assert FAST.position_offsets is None and PAPER.position_offsets is False
+    assert cfg("--task", "cumsum").position_offsets is True and cfg("--task", "s3_product").position_offsets is True
+    assert cfg().position_offsets is False and cfg("--task", "binary_copy").position_offsets is False
+    assert cfg("--task", "cumsum,parity").position_offsets is False  # a mixture with a binary task
+    assert cfg("--task", "cumsum", "--no-position-offsets").position_offsets is False
+    assert cfg("--position-offsets").position_offsets is True
+    assert cfg("--task", "cumsum", "--init-from", "polynomial-cot").position_offsets is False
+    assert cfg("--task", "cumsum", "--data", "fixed").position_offsets is False
+    assert cfg("--task", "cumsum", "--recipe", "paper").position_offsets is False
 
 
 def test_bad_max_train_len_is_one_line(tmp_path, capsys):
@@ -361,7 +371,7 @@ def test_the_plateau_signal_reads_the_layer2_mass_and_only_where_there_is_one():
 
     assert _plateau(results(0.9, 0.3), 0.5) and not _plateau(results(0.9, 0.6), 0.5)
     assert not _plateau(results(None), 0.5) and not _plateau(None, 0.5)  # no second layer or no CoT: no restart
-    assert FAST.restart_at == 2500 and PAPER.restart_at == 0  # the paper's recipe never restarts
+    assert FAST.restart_at == 3000 and PAPER.restart_at == 0  # the paper's recipe never restarts
     watch = HeadWatch.__new__(HeadWatch)
     watch.cfg = TrainConfig(restart_at=2500, eval_every=300)
     assert [s for s in range(0, 6001, 300) if watch.restart_due(s)] == [2700]  # the first evaluation from 2,500 on

@@ -25,7 +25,6 @@ Data = Literal["fixed", "online"]
 Schedule = Literal["constant", "cosine", "linear", "formed-cosine"]
 LengthSampling = Literal["uniform", "adaptive"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
-PositionInit = Literal["random", "sinusoidal"]
 
 
 class Helper(NamedTuple):
@@ -61,6 +60,24 @@ POLYNOMIAL_HELPER = "polynomial:0.3:0"
 FEW_INPUTS = 256
 
 
+def few_inputs(tasks: list[str], n_len: int) -> bool:
+    """Whether some task has fewer than ``FEW_INPUTS`` distinct inputs at some evaluated length (4..n_len): the
+    binary tasks (2^L inputs, half of them in the test split)."""
+    lengths = range(min(4, n_len), n_len + 1)
+    return any(get_task(t).n_distinct(L) < FEW_INPUTS for t in tasks for L in lengths)
+
+
+def auto_position_offsets(tasks: list[str], n_len: int) -> bool:
+    """The default of ``--position-offsets``: on for tasks with plenty of inputs (polynomial, cumsum, s3_product).
+
+    Why (benchmarks/results/seed_sweep_notes.md, session 8): without offsets, cumsum formed the head in 1 seed of
+    9 and most failing runs read the inputs through layer 1 along a fixed diagonal of absolute positions (a look-up
+    that fits one length); with every row shifted by a random offset no absolute position means anything, and
+    cumsum and s3_product formed the head in every seed tried. On the binary tasks offsets were not better in the
+    runs we have (parity kept its content-gated head, binary copy fell to 0.53), so they go without."""
+    return not few_inputs(tasks, n_len)
+
+
 def auto_curriculum(tasks: list[str], n_len: int) -> str:
     """The default curriculum of these tasks: the copy helper always; the polynomial helper too when a task has
     fewer than ``FEW_INPUTS`` distinct inputs at some evaluated length (4..n_len).
@@ -70,9 +87,7 @@ def auto_curriculum(tasks: list[str], n_len: int) -> str:
     same (length, position) look-ups on inputs it cannot memorise (parity then reached 1.000 at every length). On
     tasks with plenty of inputs (cumsum, s3_product) the same helper kept the head from forming, so they do
     without it."""
-    lengths = range(min(4, n_len), n_len + 1)
-    few = any(get_task(t).n_distinct(L) < FEW_INPUTS for t in tasks for L in lengths)
-    return COPY_HELPER + ("," + POLYNOMIAL_HELPER if few else "")
+    return COPY_HELPER + ("," + POLYNOMIAL_HELPER if few_inputs(tasks, n_len) else "")
 
 
 def _help(text: str, **extra) -> dict:
@@ -101,8 +116,6 @@ class TrainConfig:
     # of GPT-2's 0.02: with GPT-2's own the head did not form in our CPU budget. Checkpoints stay stock GPT-2.
     init_range: float = field(default=0.05, metadata=_help("std of the linear layers at init (GPT2Config.initializer_range)"))
     embed_init_std: float = field(default=1.0, metadata=_help("std of token/position embeddings at init (0 = --init-range)"))
-    position_init: PositionInit = field(default="random", metadata=_help(
-        "position embeddings at init: random (normal) or sinusoidal (sin/cos features, still trained)"))
     # The attention temperature at init: scaling the query weights scales every attention logit (0 = uniform
     # attention at step 0; the keys still get gradient through the queries' first update).
     query_init_scale: float = field(default=1.0, metadata=_help(
@@ -138,9 +151,12 @@ class TrainConfig:
     length_sampling: LengthSampling = field(default="adaptive", metadata=_help(
         "online data: lengths uniform, or adaptive (once attn1 peakiness reaches 0.5, the lengths the model still "
         "gets wrong are drawn more often)"))
-    position_offsets: bool = field(default=False, metadata=_help(
+    # None = auto (auto_position_offsets): on for tasks with plenty of inputs, where without it most runs read
+    # the inputs along a diagonal of absolute positions instead of forming the head; resolved from the tasks.
+    position_offsets: bool | None = field(default=None, metadata=_help(
         "online data: shift each training sequence by a random number of positions within the context, so every "
-        "position is trained and the look-up must be relative to EoI (for length generalisation)"))
+        "position is trained and the look-up must be relative to EoI; --no-position-offsets for none; auto = on "
+        "for tasks with at least 256 distinct inputs at every length from 4 (polynomial, cumsum, s3_product)"))
     # --- optimisation ----------------------------------------------------------------------------------------
     lr: float = field(default=1e-3, metadata=_help("Adam learning rate after warmup"))
     betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=_help("Adam betas, e.g. 0.9,0.99"))
@@ -165,15 +181,17 @@ class TrainConfig:
     keep_checkpoints: int = field(default=2, metadata=_help("checkpoints kept"))
     report_to: str = field(default="auto", metadata=_help("Accelerate tracker: auto (tensorboard if installed), none, ..."))
     stop_when_solved: bool = field(default=False, metadata=_help("stop once accuracy >= 0.99 and attn1 >= 0.9"))
-    # A run heading for another circuit shows it early: at step 2,500 the layer-2 attention mass on x_t was
-    # 0.12-0.37 in all 16 runs whose head never formed and 0.63-0.98 in 10 of the 12 whose head did (mixed lengths;
-    # the two others: parity, forming late; benchmarks/results/seed_sweep_notes.md). Starting again from a fresh
+    # A run heading for another circuit shows it early: at step 3,000 the layer-2 attention mass on x_t was
+    # 0.12-0.45 in 19 of the 22 six-thousand-step runs whose head never formed (the others: parity's gated head and
+    # one binary copy head at peakiness 0.89) and 0.57-0.99 in 13 of the 15 whose head did (the two others: parity,
+    # forming late; benchmarks/results/seed_sweep_notes.md). With position offsets the mass rises later (0.35 at step
+    # 2,500 in a cumsum run that formed the head), hence 3,000 rather than 2,500. Starting again from a fresh
     # initialisation is cheaper than waiting.
-    restart_at: int = field(default=2500, metadata=_help(
+    restart_at: int = field(default=3000, metadata=_help(
         "at the first evaluation from this step on, restart from a fresh initialisation if the iteration head is "
         "not forming (attn1 mass below --restart-below); 0 = never"))
     restart_below: float = field(default=0.5, metadata=_help("attn1 mass under which --restart-at restarts"))
-    # One: a restart at step 2,500 costs ~40% of a run, and two would break the 15 minutes a run may take on the
+    # One: a restart at step 3,000 costs half a run, and two would break the 15 minutes a run may take on the
     # 2-core CPU (issue 12).
     max_restarts: int = field(default=1, metadata=_help("restarts at most (the wall time of every attempt counts)"))
     attempt: int = 0  # which attempt of the run this is (restarts); not a flag
@@ -186,6 +204,8 @@ class TrainConfig:
         if self.curriculum == AUTO and self.tasks:
             self.curriculum = auto_curriculum(self.tasks, self.n_len)
         self.helpers = parse_curriculum("" if self.curriculum == AUTO else self.curriculum)  # not a field: not saved
+        if self.position_offsets is None and self.tasks:
+            self.position_offsets = auto_position_offsets(self.tasks, self.n_len)
 
     @property
     def run_seed(self) -> int:
@@ -216,7 +236,7 @@ class TrainConfig:
 
 FAST = TrainConfig()
 PAPER = replace(FAST, recipe="paper", data="fixed", lr=3e-4, warmup_steps=0, schedule="constant", batch_size=256,
-                epochs=1000, max_steps=None, curriculum="", length_sampling="uniform", eval_every=640, bucket=True,
+                epochs=1000, max_steps=None, curriculum="", length_sampling="uniform", position_offsets=False, eval_every=640, bucket=True,
                 restart_at=0)
 RECIPES = {"fast": FAST, "paper": PAPER}
 
@@ -234,6 +254,9 @@ def _comma(kind: type):
     return parse
 
 
+AUTO_FIELDS = ("position_offsets",)  # fields whose None means "chosen from the tasks" (TrainConfig.__post_init__)
+
+
 def shown(value) -> str:
     """A field's value as a flag takes it: lists comma-joined, none for no value."""
     if isinstance(value, (list, tuple)):
@@ -243,7 +266,8 @@ def shown(value) -> str:
 
 def _recipe_note(name: str) -> str:
     """`` (default X)``, or `` (fast: X; paper: Y)`` where the recipes differ; nothing for an empty default."""
-    values = {recipe: shown(getattr(cfg, name)) for recipe, cfg in RECIPES.items()}
+    values = {recipe: "auto" if getattr(cfg, name) is None and name in AUTO_FIELDS else shown(getattr(cfg, name))
+              for recipe, cfg in RECIPES.items()}
     if len(set(values.values())) > 1:
         return " (" + "; ".join(f"{recipe}: {v}" for recipe, v in values.items()) + ")"
     return "" if values["fast"] in ("none", "") else f" (default {values['fast']})"
@@ -317,6 +341,8 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     data = given.get("data", recipe.data)
     if "curriculum" not in given and (given.get("init_from") or data == "fixed"):
         given["curriculum"] = ""  # fine-tuning (transfer) and the fixed dataset: the given task only, unless asked
+    if "position_offsets" not in given and (given.get("init_from") or data == "fixed"):
+        given["position_offsets"] = False  # transfer and the fixed dataset keep the checkpoint's / paper's positions
     if "length_sampling" not in given and data == "fixed":
         given["length_sampling"] = "uniform"  # the fixed dataset has its own lengths
     cfg = replace(recipe, **given)

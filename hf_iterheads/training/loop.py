@@ -36,7 +36,7 @@ def make_model(cfg: TrainConfig):
             tokenizer, cfg.n_len, cfg.preset, cfg.cot, cfg.tasks, n_layer=cfg.n_layer, n_head=cfg.n_head,
             n_embd=cfg.n_embd, n_inner=cfg.n_inner, freeze_positions=cfg.freeze_positions or None,
             initializer_range=cfg.init_range, embed_init_std=cfg.embed_init_std,
-            query_init_scale=cfg.query_init_scale, position_init=cfg.position_init,
+            query_init_scale=cfg.query_init_scale,
         )
         model = build_model(config, cfg.run_seed)
     for name in cfg.all_tasks:
