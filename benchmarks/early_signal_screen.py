@@ -34,7 +34,7 @@ from seed_sweep import parse_seeds  # this folder's sibling script (run from the
 from hf_iterheads.outputs import read_jsonl
 from hf_iterheads.training import FAST
 
-SIGNAL = FAST.restart_below  # attn1 mass at step 2,500 from which the head is forming (rows before session 7: 0.22)
+SIGNAL = FAST.restart_below  # attn1 mass from which the head is forming (rows: 0.22 before session 7, 0.5 in 7-8)
 
 
 def evals(metrics: Path) -> list[dict]:

@@ -106,6 +106,8 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path, data):
     steps = [json.loads(line)["step"] for line in (tmp_path / "broken" / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["kind"] == "train"]
     assert steps == sorted(steps) and len(steps) == len(set(steps))  # no duplicate records after resuming
+    card = (tmp_path / "straight" / "README.md").read_text()
+    assert ("position offsets (every training row" in card) == (data == "offsets")  # polynomial: none by default
 
 
 @pytest.mark.parametrize("gate", [0.0, 1.01])
@@ -306,10 +308,12 @@ def test_curriculum_and_adaptive_lengths_are_defaults_of_online_training_only():
     assert cfg().length_sampling == "adaptive" and cfg("--init-from", "polynomial-cot").length_sampling == "adaptive"
     assert cfg("--data", "fixed").length_sampling == "uniform" and cfg("--recipe", "paper").length_sampling == "uniform"
     assert cfg("--length-sampling", "uniform").length_sampling == "uniform"
-    # position offsets: on for tasks with plenty of inputs, off for the binary tasks, transfer and the fixed data
+    # position offsets: on for cumsum and s3_product; off for the other tasks, mixtures with them, transfer, fixed data
     assert FAST.position_offsets is None and PAPER.position_offsets is False
     assert cfg("--task", "cumsum").position_offsets is True and cfg("--task", "s3_product").position_offsets is True
     assert cfg().position_offsets is False and cfg("--task", "binary_copy").position_offsets is False
+    assert cfg("--task", "polynomial").position_offsets is False
+    assert cfg("--task", "cumsum,s3_product").position_offsets is True
     assert cfg("--task", "cumsum,parity").position_offsets is False  # a mixture with a binary task
     assert cfg("--task", "cumsum", "--no-position-offsets").position_offsets is False
     assert cfg("--position-offsets").position_offsets is True

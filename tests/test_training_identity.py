@@ -15,12 +15,12 @@ import torch
 
 from hf_iterheads.cli import main
 
-# Recorded when the fast recipe still put one length in each batch and no position offsets, hence --bucket and
-# --no-position-offsets (mixed lengths and, for polynomial, offsets became the default later, on purpose: issue 12).
+# Recorded when the fast recipe still put one length in each batch, hence --bucket (mixed lengths became the
+# default later, on purpose: issue 12).
 RUNS = {
-    "fast-online": (["--task", "polynomial", "--seed", "3", "--bucket", "--no-position-offsets"],
+    "fast-online": (["--task", "polynomial", "--seed", "3", "--bucket"],
                     "5f4f2ccfa2ba87ac63d182a1cbcae556975b1d3d0eace770a3e18f43da5fcb11"),
-    "nocot-adaptive": (["--task", "polynomial", "--seed", "4", "--no-cot", "--bucket", "--no-position-offsets"],
+    "nocot-adaptive": (["--task", "polynomial", "--seed", "4", "--no-cot", "--bucket"],
                        "ac9c76c483f94f1e1116d5bcf3b1ddd7ec9b60a0d872311b317bb1fc025fd12f"),
     "paper-fixed": (["--task", "parity", "--seed", "5", "--recipe", "paper", "--eval-every", "100"],
                     "6fde37b040280ba05424b3b2384ee5a872f73b9301e8191459c91b2e63b28dfe"),

@@ -67,15 +67,19 @@ def few_inputs(tasks: list[str], n_len: int) -> bool:
     return any(get_task(t).n_distinct(L) < FEW_INPUTS for t in tasks for L in lengths)
 
 
-def auto_position_offsets(tasks: list[str], n_len: int) -> bool:
-    """The default of ``--position-offsets``: on for tasks with plenty of inputs (polynomial, cumsum, s3_product).
+OFFSET_TASKS = ("cumsum", "s3_product")  # the tasks whose default shifts every row (auto_position_offsets)
 
-    Why (benchmarks/results/seed_sweep_notes.md, session 8): without offsets, cumsum formed the head in 1 seed of
-    9 and most failing runs read the inputs through layer 1 along a fixed diagonal of absolute positions (a look-up
-    that fits one length); with every row shifted by a random offset no absolute position means anything, and
-    cumsum and s3_product formed the head in every seed tried. On the binary tasks offsets were not better in the
-    runs we have (parity kept its content-gated head, binary copy fell to 0.53), so they go without."""
-    return not few_inputs(tasks, n_len)
+
+def auto_position_offsets(tasks: list[str]) -> bool:
+    """The default of ``--position-offsets``: on when every task is in ``OFFSET_TASKS`` (cumsum, s3_product).
+
+    Why (benchmarks/results/seed_sweep_notes.md, session 8): without offsets cumsum formed the head in 1 attempt of
+    7 and s3_product in 3 of 8, and failing runs tend to read the inputs along a fixed diagonal of absolute
+    positions (a look-up that fits one length); with every row shifted by a random offset no absolute position
+    means anything, and the two tasks formed the head in 13 of 14 runs. Polynomial forms it without them in most
+    seeds, and with them it formed later (3,500-4,500 steps instead of 2,500-3,000); on the binary tasks offsets
+    were not better in the runs we have. Those tasks go without."""
+    return bool(tasks) and all(t in OFFSET_TASKS for t in tasks)
 
 
 def auto_curriculum(tasks: list[str], n_len: int) -> str:
@@ -151,12 +155,12 @@ class TrainConfig:
     length_sampling: LengthSampling = field(default="adaptive", metadata=_help(
         "online data: lengths uniform, or adaptive (once attn1 peakiness reaches 0.5, the lengths the model still "
         "gets wrong are drawn more often)"))
-    # None = auto (auto_position_offsets): on for tasks with plenty of inputs, where without it most runs read
-    # the inputs along a diagonal of absolute positions instead of forming the head; resolved from the tasks.
+    # None = auto (auto_position_offsets): on for cumsum and s3_product, where without it most runs settled on
+    # another circuit instead of forming the head; resolved from the tasks.
     position_offsets: bool | None = field(default=None, metadata=_help(
         "online data: shift each training sequence by a random number of positions within the context, so every "
         "position is trained and the look-up must be relative to EoI; --no-position-offsets for none; auto = on "
-        "for tasks with at least 256 distinct inputs at every length from 4 (polynomial, cumsum, s3_product)"))
+        "for cumsum and s3_product"))
     # --- optimisation ----------------------------------------------------------------------------------------
     lr: float = field(default=1e-3, metadata=_help("Adam learning rate after warmup"))
     betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=_help("Adam betas, e.g. 0.9,0.99"))
@@ -182,15 +186,16 @@ class TrainConfig:
     report_to: str = field(default="auto", metadata=_help("Accelerate tracker: auto (tensorboard if installed), none, ..."))
     stop_when_solved: bool = field(default=False, metadata=_help("stop once accuracy >= 0.99 and attn1 >= 0.9"))
     # A run heading for another circuit shows it early: at step 3,000 the layer-2 attention mass on x_t was
-    # 0.12-0.45 in 19 of the 22 six-thousand-step runs whose head never formed (the others: parity's gated head and
-    # one binary copy head at peakiness 0.89) and 0.57-0.99 in 13 of the 15 whose head did (the two others: parity,
-    # forming late; benchmarks/results/seed_sweep_notes.md). With position offsets the mass rises later (0.35 at step
-    # 2,500 in a cumsum run that formed the head), hence 3,000 rather than 2,500. Starting again from a fresh
-    # initialisation is cheaper than waiting.
+    # 0.12-0.39 in 19 of the 23 six-thousand-step CPU runs whose head never formed (the other four ended with a
+    # partial or gated head, peakiness 0.63-0.89) and 0.49-0.99 in 24 of the 27 whose head formed (the three others,
+    # 0.31-0.35, formed late: two parity runs and one polynomial run with offsets; seed_sweep.jsonl, session 8).
+    # With position offsets the mass rises later (a cumsum run at 0.22 at step 2,500 was at 0.50 at 3,000 and formed
+    # the head), hence step 3,000 and 0.4.
+    # Starting again from a fresh initialisation is cheaper than waiting.
     restart_at: int = field(default=3000, metadata=_help(
         "at the first evaluation from this step on, restart from a fresh initialisation if the iteration head is "
         "not forming (attn1 mass below --restart-below); 0 = never"))
-    restart_below: float = field(default=0.5, metadata=_help("attn1 mass under which --restart-at restarts"))
+    restart_below: float = field(default=0.4, metadata=_help("attn1 mass under which --restart-at restarts"))
     # One: a restart at step 3,000 costs half a run, and two would break the 15 minutes a run may take on the
     # 2-core CPU (issue 12).
     max_restarts: int = field(default=1, metadata=_help("restarts at most (the wall time of every attempt counts)"))
@@ -205,7 +210,7 @@ class TrainConfig:
             self.curriculum = auto_curriculum(self.tasks, self.n_len)
         self.helpers = parse_curriculum("" if self.curriculum == AUTO else self.curriculum)  # not a field: not saved
         if self.position_offsets is None and self.tasks:
-            self.position_offsets = auto_position_offsets(self.tasks, self.n_len)
+            self.position_offsets = auto_position_offsets(self.tasks)
 
     @property
     def run_seed(self) -> int:
