@@ -33,8 +33,13 @@ from seed_sweep import parse_seeds  # this folder's sibling script (run from the
 
 from hf_iterheads.outputs import read_jsonl
 from hf_iterheads.training import FAST
+from hf_iterheads.training.config import auto_restart_below
 
-SIGNAL = FAST.restart_below  # attn1 mass from which the head is forming (rows: 0.22 before session 7, 0.5 in 7-8)
+
+def signal(task: str) -> float:
+    """The attn1 mass from which a run counts as forming: the task's default ``--restart-below`` (rows: 0.22 before
+    session 7, 0.5 in 7-8, 0.4 in 8; from session 9 0.4, and 0.22 for the binary tasks)."""
+    return auto_restart_below([task], FAST.n_len)
 
 
 def evals(metrics: Path) -> list[dict]:
@@ -64,22 +69,22 @@ def screen(name: str, flags: str, task: str, seed: int, until: int, threads: int
         log.close()
     curve = {r["step"]: {k: round(r[k], 3) for k in ("accuracy", "attn0_mass", "attn1_mass", "attn1_peakiness")}
              for r in rows if r.get("task") == task}
-    at = max((s for s in curve if s <= 2500), default=None)
+    at = max((s for s in curve if s <= until), default=None)
     mass = curve[at]["attn1_mass"] if at is not None else None
     return {"candidate": name, "flags": flags, "task": task, "seed": seed, "seconds": round(time.time() - start, 1),
-            "signal_step": at, "attn1_mass": mass, "forming": mass is not None and mass >= SIGNAL, "signal": SIGNAL,
+            "signal_step": at, "attn1_mass": mass, "forming": mass is not None and mass >= signal(task), "signal": signal(task),
             "curve": curve, "error": err}
 
 
 def table(rows: list[dict]) -> str:
     """A markdown table per task: candidate x seed, the attn1 mass at each run's signal step, and how many of a
-    candidate's runs were forming (mass >= SIGNAL) there."""
+    candidate's runs were forming (mass >= the task's signal) there."""
     out = []
     for task in dict.fromkeys(r["task"] for r in rows):
         mine = [r for r in rows if r["task"] == task]
         seeds = sorted({r["seed"] for r in mine})
         steps = sorted({r["signal_step"] for r in mine if r["signal_step"] is not None})
-        out += [f"{task}: attn1 mass at step {'/'.join(map(str, steps))} (forming: >= {SIGNAL})", "",
+        out += [f"{task}: attn1 mass at step {'/'.join(map(str, steps))} (forming: >= {signal(task)}, today's --restart-below)", "",
                 "| candidate | " + " | ".join(f"seed {s}" for s in seeds) + " | forming | mean |",
                 "|---" * (len(seeds) + 3) + "|"]
         for name in dict.fromkeys(r["candidate"] for r in mine):
@@ -89,7 +94,7 @@ def table(rows: list[dict]) -> str:
             flags = next(r["flags"] for r in mine if r["candidate"] == name) or "(default)"
             mean = f"{sum(got) / len(got):.3f}" if got else ""
             out.append(f"| {name} (`{flags}`) | " + " | ".join(cells)
-                       + f" | {sum(m >= SIGNAL for m in got)}/{len(got)} | {mean} |")
+                       + f" | {sum(m >= signal(task) for m in got)}/{len(got)} | {mean} |")
         out.append("")
     return "\n".join(out)
 
@@ -99,7 +104,7 @@ def main() -> None:
     p.add_argument("--tasks", default="polynomial")
     p.add_argument("--seeds", default="100-103", help="e.g. 100-103,110")
     p.add_argument("--candidate", action="append", default=[], help="NAME=FLAGS (repeatable)")
-    p.add_argument("--until", type=int, default=2500, help="stop each run after this step's evaluation")
+    p.add_argument("--until", type=int, default=FAST.restart_at, help="stop each run after this step's evaluation (default: --restart-at's)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/early_signal_screen.jsonl"))

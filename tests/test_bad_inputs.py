@@ -496,6 +496,7 @@ TRAIN_CASES: list[Case] = [
         ("heads-divide", ["--n-embd", "33", "--n-head", "2"], "multiple of n_head"),
         ("layers-zero", ["--n-layer", "0"], "n_layer must be at least 1"),
         ("restart-at", ["--restart-at", "-5"], "--restart-at must be 0 or more"),
+        ("restart-below", ["--restart-below", "1.5"], "--restart-below must be between 0 and 1"),
         ("query-init-scale", ["--query-init-scale", "-1"], "--query-init-scale must be 0 or more"),
         ("unknown-flag", ["--learning-rate", "1"], "unrecognized arguments"),
         ("resume-no-run", ["--resume", "--output-dir", "{w}/empty"], "no run_config.json"),

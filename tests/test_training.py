@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -107,7 +108,8 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path, data):
              if json.loads(line)["kind"] == "train"]
     assert steps == sorted(steps) and len(steps) == len(set(steps))  # no duplicate records after resuming
     card = (tmp_path / "straight" / "README.md").read_text()
-    assert ("position offsets (every training row" in card) == (data == "offsets")  # polynomial: none by default
+    # on by default for binary copy (the adaptive case), off by default for polynomial
+    assert ("position offsets (every training row" in card) == (data in ("offsets", "adaptive"))
 
 
 @pytest.mark.parametrize("gate", [0.0, 1.01])
@@ -308,18 +310,24 @@ def test_curriculum_and_adaptive_lengths_are_defaults_of_online_training_only():
     assert cfg().length_sampling == "adaptive" and cfg("--init-from", "polynomial-cot").length_sampling == "adaptive"
     assert cfg("--data", "fixed").length_sampling == "uniform" and cfg("--recipe", "paper").length_sampling == "uniform"
     assert cfg("--length-sampling", "uniform").length_sampling == "uniform"
-    # position offsets: on for cumsum and s3_product; off for the other tasks, mixtures with them, transfer, fixed data
+    # position offsets: on for every task but polynomial; off for mixtures with it, transfer, fixed data
     assert FAST.position_offsets is None and PAPER.position_offsets is False
     assert cfg("--task", "cumsum").position_offsets is True and cfg("--task", "s3_product").position_offsets is True
-    assert cfg().position_offsets is False and cfg("--task", "binary_copy").position_offsets is False
+    assert cfg().position_offsets is True and cfg("--task", "binary_copy").position_offsets is True
     assert cfg("--task", "polynomial").position_offsets is False
-    assert cfg("--task", "cumsum,s3_product").position_offsets is True
-    assert cfg("--task", "cumsum,parity").position_offsets is False  # a mixture with a binary task
+    assert cfg("--task", "cumsum,s3_product").position_offsets is True and cfg("--task", "cumsum,parity").position_offsets is True
+    assert cfg("--task", "cumsum,polynomial").position_offsets is False  # a mixture with polynomial
     assert cfg("--task", "cumsum", "--no-position-offsets").position_offsets is False
     assert cfg("--position-offsets").position_offsets is True
     assert cfg("--task", "cumsum", "--init-from", "polynomial-cot").position_offsets is False
     assert cfg("--task", "cumsum", "--data", "fixed").position_offsets is False
     assert cfg("--task", "cumsum", "--recipe", "paper").position_offsets is False
+    # the plateau restart's threshold: 0.4, and 0.22 for the binary tasks (late heads); the paper's recipe never restarts
+    assert FAST.restart_below is None and PAPER.restart_at == 0
+    assert cfg().restart_below == 0.22 and cfg("--task", "binary_copy").restart_below == 0.22
+    assert cfg("--task", "polynomial").restart_below == 0.4 and cfg("--task", "cumsum,s3_product").restart_below == 0.4
+    assert cfg("--task", "polynomial,parity").restart_below == 0.22 and cfg("--task", "cumsum", "--n-len", "2").restart_below == 0.22
+    assert cfg("--restart-below", "0.3").restart_below == 0.3 and cfg("--task", "polynomial").restart_at == 3000
 
 
 def test_bad_max_train_len_is_one_line(tmp_path, capsys):
@@ -347,11 +355,12 @@ def test_formed_cosine_waits_for_the_head_then_decays_and_survives_a_checkpoint(
 
 
 def test_restart_at_a_plateau_starts_a_fresh_attempt_and_resumes_into_it(tmp_path):
-    # A threshold above any attention mass: the first evaluation from --restart-at on (step 4 for --restart-at 3)
+    # A threshold no attention mass reaches: the first evaluation from --restart-at on (step 4 for --restart-at 3)
     # is a plateau. Attempt 0 stops there, its records move to attempts/0/, and attempt 1 (another seed) trains
-    # to the end; a kill inside attempt 1 resumes into attempt 1 and ends with the same weights.
-    common = ["--max-steps", "10", "--eval-every", "4", "--checkpoint-every", "4", "--restart-at", "3",
-              "--restart-below", "1.01", "--max-restarts", "1"]
+    # for the 12 - 4 steps the run has left; a kill inside attempt 1 resumes into attempt 1 and ends with the same
+    # weights.
+    common = ["--max-steps", "12", "--eval-every", "4", "--checkpoint-every", "4", "--restart-at", "3",
+              "--restart-below", "1", "--max-restarts", "1"]
     assert run_train(tmp_path / "r", *common) == 0
     run = tmp_path / "r"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -359,7 +368,8 @@ def test_restart_at_a_plateau_starts_a_fresh_attempt_and_resumes_into_it(tmp_pat
     assert [r["step"] for r in failed if r["kind"] == "plateau"] == [4] and not (run / "attempts" / "1").exists()
     assert not [r for r in records if r["kind"] == "plateau"]  # attempt 1 is the last one allowed: no restart
     assert json.loads((run / "run_config.json").read_text())["attempt"] == 1
-    assert json.loads((run / "eval_results.json").read_text())["step"] == 10
+    assert json.loads((run / "eval_results.json").read_text())["step"] == 8  # 4 + 8 = the run's 12 steps
+    assert "(attempt 2: the run restarted at step 4, where the iteration head was not forming" in (run / "README.md").read_text()
     interrupted_train(tmp_path / "k", 6, *common)  # killed in attempt 1, between checkpoints
     assert main(["train", "--resume", "--output-dir", str(tmp_path / "k")]) == 0
     a, b = load_file(run / "model.safetensors"), load_file(tmp_path / "k" / "model.safetensors")
@@ -381,6 +391,17 @@ def test_the_plateau_signal_reads_the_layer2_mass_and_only_where_there_is_one():
     assert [s for s in range(0, 6001, 300) if watch.restart_due(s)] == [2700]  # the first evaluation from 2,500 on
     watch.cfg = TrainConfig(restart_at=0)
     assert not any(watch.restart_due(s) for s in range(0, 6001, 500))
+
+
+def test_restarts_share_the_runs_step_budget():
+    # --max-steps is the whole run's: an attempt restarted at step 3,000 leaves the next one 6,000 of the 9,000.
+    cfg = TrainConfig(restart_at=3000, eval_every=500, max_steps=9000)
+    assert FAST.max_steps == 9000 and cfg.restart_step == 3000 and TrainConfig(restart_at=2700, eval_every=500).restart_step == 3000
+    assert cfg.attempt_steps(9000) == 9000 and replace(cfg, attempt=1).attempt_steps(9000) == 6000
+    assert cfg.may_restart(9000) and not replace(cfg, attempt=1).may_restart(9000)  # --max-restarts 1
+    # a restart that would leave the next attempt fewer steps than this one had when judged does not happen
+    assert cfg.may_restart(6000) and not cfg.may_restart(5500) and not TrainConfig(restart_at=0).may_restart(9000)
+    assert replace(cfg, max_restarts=2, attempt=1).may_restart(9000) and not replace(cfg, max_restarts=2, attempt=1).may_restart(8500)
 
 
 @pytest.mark.parametrize("offsets", [False, True])

@@ -67,19 +67,35 @@ def few_inputs(tasks: list[str], n_len: int) -> bool:
     return any(get_task(t).n_distinct(L) < FEW_INPUTS for t in tasks for L in lengths)
 
 
-OFFSET_TASKS = ("cumsum", "s3_product")  # the tasks whose default shifts every row (auto_position_offsets)
+OFFSET_TASKS = ("cumsum", "s3_product", "parity", "binary_copy")  # every task but polynomial (auto_position_offsets)
 
 
 def auto_position_offsets(tasks: list[str]) -> bool:
-    """The default of ``--position-offsets``: on when every task is in ``OFFSET_TASKS`` (cumsum, s3_product).
+    """The default of ``--position-offsets``: on when every task is in ``OFFSET_TASKS`` (all but polynomial).
 
-    Why (benchmarks/results/seed_sweep_notes.md, session 8): without offsets cumsum formed the head in 1 attempt of
-    7 and s3_product in 3 of 8, and failing runs tend to read the inputs along a fixed diagonal of absolute
+    Why (benchmarks/results/seed_sweep_notes.md, sessions 8-9): without offsets cumsum formed the head in 1 attempt
+    of 7 and s3_product in 3 of 8, and failing runs tend to read the inputs along a fixed diagonal of absolute
     positions (a look-up that fits one length); with every row shifted by a random offset no absolute position
-    means anything, and the two tasks formed the head in 13 of 14 runs. Polynomial forms it without them in most
-    seeds, and with them it formed later (3,500-4,500 steps instead of 2,500-3,000); on the binary tasks offsets
-    were not better in the runs we have. Those tasks go without."""
+    means anything, and the two tasks formed the head in 13 of 14 runs. On the binary tasks (seeds 10-13) the
+    layer-2 mass on x_t at step 3,000 went from 0.15-0.16 to 0.46-0.68 on parity and was at least 0.66 on binary
+    copy for three seeds of four (without: 0.18-0.19 for two of three). Polynomial forms the head without them in
+    most seeds, and with them it formed later (3,500-4,500 steps instead of 2,500-3,000): it goes without."""
     return bool(tasks) and all(t in OFFSET_TASKS for t in tasks)
+
+
+RESTART_BELOW, FEW_INPUTS_RESTART_BELOW = 0.4, 0.22  # the plateau restart's threshold (auto_restart_below)
+
+
+def auto_restart_below(tasks: list[str], n_len: int) -> float:
+    """The default of ``--restart-below``: ``RESTART_BELOW`` (0.4), or 0.22 when a task has few distinct inputs
+    (``few_inputs``: the binary tasks).
+
+    Why (benchmarks/results/seed_sweep_notes.md, session 9): the binary tasks' heads form late. At step 3,000 the
+    layer-2 mass on x_t of the four parity runs at 0.27-0.33 went on to peakiness 0.58-0.99 (two formed the head, at
+    steps 4,500 and 5,500): the 0.4 that restarts the other tasks would have thrown them away. The eight binary
+    runs below 0.22 (0.15-0.19, where the mass sits from step 1,000 on in such runs) never formed it (peakiness at
+    most 0.28 after 6,000-9,000 steps): those are the ones to restart."""
+    return FEW_INPUTS_RESTART_BELOW if few_inputs(tasks, n_len) else RESTART_BELOW
 
 
 def auto_curriculum(tasks: list[str], n_len: int) -> str:
@@ -155,12 +171,12 @@ class TrainConfig:
     length_sampling: LengthSampling = field(default="adaptive", metadata=_help(
         "online data: lengths uniform, or adaptive (once attn1 peakiness reaches 0.5, the lengths the model still "
         "gets wrong are drawn more often)"))
-    # None = auto (auto_position_offsets): on for cumsum and s3_product, where without it most runs settled on
-    # another circuit instead of forming the head; resolved from the tasks.
+    # None = auto (auto_position_offsets): on for every task but polynomial (without them most cumsum, s3_product
+    # and binary runs settled on another circuit instead of forming the head); resolved from the tasks.
     position_offsets: bool | None = field(default=None, metadata=_help(
         "online data: shift each training sequence by a random number of positions within the context, so every "
         "position is trained and the look-up must be relative to EoI; --no-position-offsets for none; auto = on "
-        "for cumsum and s3_product"))
+        "for every task but polynomial"))
     # --- optimisation ----------------------------------------------------------------------------------------
     lr: float = field(default=1e-3, metadata=_help("Adam learning rate after warmup"))
     betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=_help("Adam betas, e.g. 0.9,0.99"))
@@ -172,8 +188,11 @@ class TrainConfig:
         "over --decay-steps and stop)"))
     decay_steps: int = field(default=4000, metadata=_help("formed-cosine: decay steps after the head forms"))
     epochs: int | None = field(default=None, metadata=_help("epochs (paper: 1000 of 64 steps)", group="length"))
-    # With mixed lengths the head forms within ~3,000 steps; 6,000 keep a run under 15 minutes on 2 CPU cores.
-    max_steps: int | None = field(default=6000, metadata=_help("optimizer steps", group="length"))
+    # The run's whole budget, restarts included: an attempt restarted at step 3,000 leaves the next one 6,000.
+    # 9,000 steps took 801-828 s two at a time on the slowest 2-core CPU we measured (a run may take 15 minutes),
+    # and heads that form late (parity, some s3_product seeds: still sharpening at step 6,000) get to finish.
+    max_steps: int | None = field(default=9000, metadata=_help(
+        "optimizer steps in all: an attempt after a restart gets what the attempts before it left", group="length"))
     grad_accum: int = field(default=1, metadata=_help("gradient accumulation steps"))
     mixed_precision: MixedPrecision = field(default="no", metadata=_help("no, fp16 or bf16"))
     compile: bool = field(default=False, metadata=_help("torch.compile the model (inductor)"))
@@ -195,9 +214,12 @@ class TrainConfig:
     restart_at: int = field(default=3000, metadata=_help(
         "at the first evaluation from this step on, restart from a fresh initialisation if the iteration head is "
         "not forming (attn1 mass below --restart-below); 0 = never"))
-    restart_below: float = field(default=0.4, metadata=_help("attn1 mass under which --restart-at restarts"))
-    # One: a restart at step 3,000 costs half a run, and two would break the 15 minutes a run may take on the
-    # 2-core CPU (issue 12).
+    # None = auto (auto_restart_below): 0.4, and 0.22 for the binary tasks, whose heads form late.
+    restart_below: float | None = field(default=None, metadata=_help(
+        "attn1 mass under which --restart-at restarts; auto = 0.4, or 0.22 for a task with fewer than 256 distinct "
+        "inputs at some length from 4 (binary tasks)"))
+    # One: restarts share the run's step budget (max_steps), and after a second restart at step 3,000 the last
+    # attempt of a 9,000-step run would have 3,000 steps, fewer than the head takes to form in most runs.
     max_restarts: int = field(default=1, metadata=_help("restarts at most (the wall time of every attempt counts)"))
     attempt: int = 0  # which attempt of the run this is (restarts); not a flag
     # On a busy 2-core CPU one thread can be many times faster than two (OpenMP spinning); results differ in
@@ -211,6 +233,8 @@ class TrainConfig:
         self.helpers = parse_curriculum("" if self.curriculum == AUTO else self.curriculum)  # not a field: not saved
         if self.position_offsets is None and self.tasks:
             self.position_offsets = auto_position_offsets(self.tasks)
+        if self.restart_below is None and self.tasks:
+            self.restart_below = auto_restart_below(self.tasks, self.n_len)
 
     @property
     def run_seed(self) -> int:
@@ -218,6 +242,22 @@ class TrainConfig:
         if not self.attempt:
             return self.seed
         return int(np.random.SeedSequence([self.seed, self.attempt]).generate_state(1)[0])
+
+    @property
+    def restart_step(self) -> int:
+        """The step of the evaluation that may restart the run: the first at or after ``restart_at`` (0: none)."""
+        return -(-self.restart_at // self.eval_every) * self.eval_every if self.restart_at else 0
+
+    def attempt_steps(self, budget: int, attempt: int | None = None) -> int:
+        """The steps of an attempt (this one by default): the run's budget less what the attempts before it used
+        (each stopped at ``restart_step``), so restarts never make a run longer."""
+        return budget - (self.attempt if attempt is None else attempt) * self.restart_step
+
+    def may_restart(self, budget: int) -> bool:
+        """Whether this attempt may still restart: restarts left, and the next attempt would have at least the
+        steps this one had when it was judged (else it could not get as far before the budget ends)."""
+        return (bool(self.restart_at) and self.attempt < self.max_restarts
+                and self.attempt_steps(budget, self.attempt + 1) >= self.restart_step)
 
     @property
     def longest_trained(self) -> int:
@@ -259,7 +299,7 @@ def _comma(kind: type):
     return parse
 
 
-AUTO_FIELDS = ("position_offsets",)  # fields whose None means "chosen from the tasks" (TrainConfig.__post_init__)
+AUTO_FIELDS = ("position_offsets", "restart_below")  # fields whose None means "chosen from the tasks" (TrainConfig.__post_init__)
 
 
 def shown(value) -> str:
@@ -387,6 +427,8 @@ def check_config(cfg: TrainConfig) -> None:
                  "query_init_scale"):
         if getattr(cfg, name) < 0:
             raise IterHeadsError(f"{flag_name(name)} must be 0 or more, got {getattr(cfg, name)}")
+    if not 0 <= cfg.restart_below <= 1:
+        raise IterHeadsError(f"--restart-below must be between 0 and 1 (an attention mass), got {cfg.restart_below}")
     if len(set(cfg.tasks)) != len(cfg.tasks):
         raise IterHeadsError(f"--task names a task twice: {','.join(cfg.tasks)}")
     if (cfg.helpers or cfg.length_warmup or cfg.length_sampling != "uniform" or cfg.position_offsets) and cfg.data != "online":

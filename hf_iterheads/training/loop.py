@@ -140,13 +140,14 @@ def train(cfg: TrainConfig, resume: bool = False, callbacks: Sequence[Callback] 
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas)
     model, optimizer, loader = accelerator.prepare(model, optimizer, data.loader)
     steps_per_epoch = max(1, len(loader) // cfg.grad_accum)
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    budget = cfg.max_steps or cfg.epochs * steps_per_epoch  # the whole run's; this attempt gets what is left
+    total_steps = cfg.attempt_steps(budget)
     scheduler, formed = make_scheduler(cfg, optimizer, total_steps, can_form_head)
     accelerator.register_for_checkpointing(scheduler)  # stepped by hand: once per optimizer step
     if data.lengths is not None:
         accelerator.register_for_checkpointing(data.lengths)
 
-    run = Run(cfg, accelerator, model, out, total_steps, steps_per_epoch)
+    run = Run(cfg, accelerator, model, out, total_steps, steps_per_epoch, budget)
     if resume:
         restore_checkpoint(run)
     start_run(run, resume)
@@ -194,7 +195,8 @@ def train(cfg: TrainConfig, resume: bool = False, callbacks: Sequence[Callback] 
 
 def train_with_restarts(cfg: TrainConfig, resume: bool = False, callbacks: Sequence[Callback] = ()) -> Path:
     """``train``, started again from a fresh initialisation (the next attempt's seed) each time ``HeadWatch``
-    sees a plateau at ``--restart-at``; the failed attempt's records move to ``attempts/N/``."""
+    sees a plateau at ``--restart-at``; the failed attempt's records move to ``attempts/N/``, and the next attempt
+    trains for the steps the run has left (``TrainConfig.attempt_steps``)."""
     while True:
         try:
             return train(cfg, resume, callbacks)
