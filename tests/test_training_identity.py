@@ -1,42 +1,59 @@
-"""Three short fixed-seed runs must give exactly the weights the training code gave before its redesign.
+"""Three short fixed-seed runs must give the weights the training code gave before its redesign.
 
-The hashes were recorded from main at e9a1c73 (the monolithic ``training.py``), with torch 2.13.0+cpu and one
+The reference was recorded from main at e9a1c73 (the monolithic ``training.py``) with torch 2.13.0+cpu and one
 thread: online data with the binary-copy curriculum (the fast recipe), online data without CoT (adaptive lengths
-from step 0), and the paper's recipe on its fixed dataset. A refactor of the loop, the data or the callbacks that
-changes a single random draw, batch or update order changes these hashes.
+from step 0), and the paper's recipe on its fixed dataset. ``tests/data/training_identity.json`` holds 1,024 evenly
+spaced entries of each run's flattened weights (parameters in sorted-name order).
+
+Why a tolerance rather than a hash: torch and MKL pick their kernels by CPU (AVX-512, AVX2, baseline), and each path
+rounds the last bits differently, so the sha256 of the weights depends on the machine (our hashes failed on the CI
+box). Measured on one machine by forcing the kernel paths (ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS): the paths
+differ by an RMS of at most 5e-6 over all 405,632 weights (4e-8 on the sampled entries), while drawing one batch
+differently at step 150 of 200 moves them by an RMS of 1.6e-3 to 2.7e-3. A refactor that changes a random draw,
+a batch or the update order therefore fails the 1e-4 bound; a different CPU does not. On the recording machine
+the weights were bit-identical to e9a1c73's.
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from hf_iterheads.cli import main
+
+REFERENCE = json.loads((Path(__file__).parent / "data" / "training_identity.json").read_text())
+TOLERANCE_RMS = 1e-4
 
 # Recorded when the fast recipe still put one length in each batch, hence --bucket (mixed lengths became the
 # default later, on purpose: issue 12).
 RUNS = {
-    "fast-online": (["--task", "polynomial", "--seed", "3", "--bucket"],
-                    "5f4f2ccfa2ba87ac63d182a1cbcae556975b1d3d0eace770a3e18f43da5fcb11"),
-    "nocot-adaptive": (["--task", "polynomial", "--seed", "4", "--no-cot", "--bucket"],
-                       "ac9c76c483f94f1e1116d5bcf3b1ddd7ec9b60a0d872311b317bb1fc025fd12f"),
-    "paper-fixed": (["--task", "parity", "--seed", "5", "--recipe", "paper", "--eval-every", "100"],
-                    "6fde37b040280ba05424b3b2384ee5a872f73b9301e8191459c91b2e63b28dfe"),
+    "fast-online": ["--task", "polynomial", "--seed", "3", "--bucket"],
+    "nocot-adaptive": ["--task", "polynomial", "--seed", "4", "--no-cot", "--bucket"],
+    "paper-fixed": ["--task", "parity", "--seed", "5", "--recipe", "paper", "--eval-every", "100"],
 }
 COMMON = ["--max-steps", "200", "--n-len", "8", "--per-length", "64", "--eval-per-length", "16", "--report-to", "none",
           "--threads", "1"]
 
 
-@pytest.mark.skipif(torch.__version__ != "2.13.0+cpu", reason="hashes recorded with torch 2.13.0+cpu (the README's)")
+def sampled_weights(path: Path, n: int) -> torch.Tensor:
+    """``n`` evenly spaced entries of the checkpoint's flattened parameters, in sorted-name order."""
+    weights = load_file(path)
+    flat = torch.cat([weights[k].flatten().float() for k in sorted(weights)])
+    return flat[torch.arange(n) * (flat.numel() - 1) // (n - 1)]  # integer indices: a float linspace rounds by CPU
+
+
+@pytest.mark.skipif(torch.__version__ != "2.13.0+cpu", reason="reference recorded with torch 2.13.0+cpu (the README's)")
 @pytest.mark.parametrize("name", sorted(RUNS))
-def test_weights_are_bit_identical_to_the_pre_redesign_loop(tmp_path, name):
-    args, expected = RUNS[name]
+def test_weights_match_the_pre_redesign_loop(tmp_path, name):
     threads = torch.get_num_threads()
     try:
-        assert main(["train", *args, *COMMON, "--output-dir", str(tmp_path / name)]) == 0
+        assert main(["train", *RUNS[name], *COMMON, "--output-dir", str(tmp_path / name)]) == 0
     finally:
         torch.set_num_threads(threads)
-    digest = hashlib.sha256((tmp_path / name / "model.safetensors").read_bytes()).hexdigest()
-    assert digest == expected
+    got = sampled_weights(tmp_path / name / "model.safetensors", REFERENCE["samples"])
+    rms = (got - torch.tensor(REFERENCE["weights"][name])).pow(2).mean().sqrt().item()
+    assert rms < TOLERANCE_RMS, f"{name}: weights moved by RMS {rms:.3g} from e9a1c73's (machine noise is ~5e-6)"
