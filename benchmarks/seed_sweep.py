@@ -519,7 +519,35 @@ def render(records: list[dict], notes: Path | None) -> str:
                 vals = [v for v in (_at(r["curve"], step, "attn1_mass") for r in group) if v is not None]
                 cells.append("-" if not vals else f"{min(vals):.2f} - {max(vals):.2f} ({statistics.mean(vals):.2f})")
             lines.append(f"| {rec} | {cls} | {len(group)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + restart_evidence(records)) + "\n"
+
+
+BINARY_TASKS = ("binary_copy", "parity")  # the tasks with few distinct inputs (training.config.few_inputs)
+MASS_BINS = (0.0, 0.22, 0.4, 1.01)  # the plateau restart's thresholds (training.config.auto_restart_below)
+
+
+def restart_evidence(records: list[dict]) -> list[str]:
+    """The plateau restart's evidence: layer-2 mass on x_t at step 3,000 against what the attempt became.
+
+    Mixed-length CPU runs only (no ``--bucket``). A restarted run contributes the attempt it ended on (the
+    first attempt's curve lives in its run folder, not in the JSONL)."""
+    lines = ["", "## The plateau restart's evidence: attn1 mass at step 3,000 against the outcome", "",
+             "Runs with every length in every batch (no `--bucket`), every recipe; one row per mass band. Formed = attn1 "
+             "peakiness >= 0.9 at some evaluation of the same attempt; peak = the attempt's highest attn1 peakiness.",
+             "", "| tasks | attn1 mass at step 3,000 | attempts | head formed | formed at steps | peak attn1 peakiness (min - max) |",
+             "|---|---|---|---|---|---|"]
+    for label, binary in (("binary_copy, parity", True), ("polynomial, cumsum, s3_product", False)):
+        rs = [r for r in records if r["status"] == "ok" and (r["task"] in BINARY_TASKS) == binary
+              and "--bucket" not in (r.get("flags") or "").split() and _at(r["curve"], 3000, "attn1_mass") is not None]
+        for lo, hi in zip(MASS_BINS, MASS_BINS[1:]):
+            group = [r for r in rs if lo <= _at(r["curve"], 3000, "attn1_mass") < hi]
+            if not group:
+                continue
+            peaks = [max(c["attn1_peakiness"] for c in r["curve"]) for r in group]
+            formed = sorted(r["formed_step"] for r in group if r.get("formed_step") is not None)
+            lines.append(f"| {label} | {lo:.2f} - {min(hi, 1.0):.2f} | {len(group)} | {len(formed)} "
+                         f"| {', '.join(map(str, formed)) or '-'} | {min(peaks):.2f} - {max(peaks):.2f} |")
+    return lines
 
 
 # --- CLI ------------------------------------------------------------------------------------------------------

@@ -73,6 +73,18 @@ def test_summary_render_and_circuit_classes(tmp_path):
     assert "| default | `(default)` | parity | 2 | **1** |" in md and "EoI head, no look-up: 1" in md
 
 
+def test_restart_evidence_bands_runs_by_their_step_3000_mass():
+    def run(task, mass, formed, flags=""):
+        curve = [{"step": 3000, "attn1_mass": mass, "attn1_peakiness": 0.95 if formed else 0.2}]
+        return {"task": task, "status": "ok", "flags": flags, "curve": curve, "formed_step": 4000 if formed else None}
+    rows = sweep.restart_evidence([run("parity", 0.15, False), run("parity", 0.3, True), run("parity", 0.3, False),
+                                   run("cumsum", 0.9, True), run("cumsum", 0.1, True, "--bucket")])
+    assert "| binary_copy, parity | 0.00 - 0.22 | 1 | 0 | - | 0.20 - 0.20 |" in rows
+    assert "| binary_copy, parity | 0.22 - 0.40 | 2 | 1 | 4000 | 0.20 - 0.95 |" in rows
+    assert "| polynomial, cumsum, s3_product | 0.40 - 1.00 | 1 | 1 | 4000 | 0.95 - 0.95 |" in rows
+    assert not any(r.startswith("| polynomial, cumsum, s3_product | 0.00") for r in rows)  # bucketed runs left out
+
+
 def test_detect_run_on_the_bundled_polynomial_model():
     """The bundled polynomial-cot checkpoint has the paper's circuit: layer 0 -> EoI, layer 1 -> x_t."""
     path = ROOT / "hf_iterheads" / "checkpoints" / "polynomial-cot"
