@@ -534,7 +534,7 @@ def restart_evidence(records: list[dict]) -> list[str]:
     lines = ["", "## The plateau restart's evidence: attn1 mass at step 3,000 against the outcome", "",
              "Runs with every length in every batch (no `--bucket`), every recipe; one row per mass band. Formed = attn1 "
              "peakiness >= 0.9 at some evaluation of the same attempt; peak = the attempt's highest attn1 peakiness.",
-             "", "| tasks | attn1 mass at step 3,000 | attempts | head formed | formed at steps | peak attn1 peakiness (min - max) |",
+             "", "| tasks | attn1 mass at step 3,000 | attempts | head formed | formed at step | peak attn1 peakiness (min - max) |",
              "|---|---|---|---|---|---|"]
     for label, binary in (("binary_copy, parity", True), ("polynomial, cumsum, s3_product", False)):
         rs = [r for r in records if r["status"] == "ok" and (r["task"] in BINARY_TASKS) == binary
@@ -546,7 +546,8 @@ def restart_evidence(records: list[dict]) -> list[str]:
             peaks = [max(c["attn1_peakiness"] for c in r["curve"]) for r in group]
             formed = sorted(r["formed_step"] for r in group if r.get("formed_step") is not None)
             lines.append(f"| {label} | {lo:.2f} - {min(hi, 1.0):.2f} | {len(group)} | {len(formed)} "
-                         f"| {', '.join(map(str, formed)) or '-'} | {min(peaks):.2f} - {max(peaks):.2f} |")
+                         f"| {f'{formed[0]} - {formed[-1]} (median {statistics.median(formed):.0f})' if formed else '-'} "
+                         f"| {min(peaks):.2f} - {max(peaks):.2f} |")
     return lines
 
 

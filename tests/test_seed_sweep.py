@@ -80,8 +80,8 @@ def test_restart_evidence_bands_runs_by_their_step_3000_mass():
     rows = sweep.restart_evidence([run("parity", 0.15, False), run("parity", 0.3, True), run("parity", 0.3, False),
                                    run("cumsum", 0.9, True), run("cumsum", 0.1, True, "--bucket")])
     assert "| binary_copy, parity | 0.00 - 0.22 | 1 | 0 | - | 0.20 - 0.20 |" in rows
-    assert "| binary_copy, parity | 0.22 - 0.40 | 2 | 1 | 4000 | 0.20 - 0.95 |" in rows
-    assert "| polynomial, cumsum, s3_product | 0.40 - 1.00 | 1 | 1 | 4000 | 0.95 - 0.95 |" in rows
+    assert "| binary_copy, parity | 0.22 - 0.40 | 2 | 1 | 4000 - 4000 (median 4000) | 0.20 - 0.95 |" in rows
+    assert "| polynomial, cumsum, s3_product | 0.40 - 1.00 | 1 | 1 | 4000 - 4000 (median 4000) | 0.95 - 0.95 |" in rows
     assert not any(r.startswith("| polynomial, cumsum, s3_product | 0.00") for r in rows)  # bucketed runs left out
 
 
