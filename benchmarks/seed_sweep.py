@@ -537,10 +537,10 @@ def restart_evidence(records: list[dict]) -> list[str]:
              "", "| tasks | attn1 mass at step 3,000 | attempts | head formed | formed at step | peak attn1 peakiness (min - max) |",
              "|---|---|---|---|---|---|"]
     for label, binary in (("binary_copy, parity", True), ("polynomial, cumsum, s3_product", False)):
-        rs = [r for r in records if r["status"] == "ok" and (r["task"] in BINARY_TASKS) == binary
-              and "--bucket" not in (r.get("flags") or "").split() and _at(r["curve"], 3000, "attn1_mass") is not None]
+        masses = [(r, _at(r["curve"], 3000, "attn1_mass")) for r in records if r["status"] == "ok"
+                  and (r["task"] in BINARY_TASKS) == binary and "--bucket" not in (r.get("flags") or "").split()]
         for lo, hi in zip(MASS_BINS, MASS_BINS[1:]):
-            group = [r for r in rs if lo <= _at(r["curve"], 3000, "attn1_mass") < hi]
+            group = [r for r, mass in masses if mass is not None and lo <= mass < hi]
             if not group:
                 continue
             peaks = [max(c["attn1_peakiness"] for c in r["curve"]) for r in group]

@@ -34,7 +34,7 @@ class Run:
     out: Path
     total_steps: int  # this attempt's
     steps_per_epoch: int
-    budget: int = 0  # the whole run's steps, every attempt included (0: total_steps)
+    budget: int  # the whole run's steps, every attempt included
     log: MetricsLog | None = None
     step: int = 0
     elapsed: float = 0.0  # seconds trained before this process (resume)
@@ -199,7 +199,7 @@ class HeadWatch(Callback):
                     accelerator.set_trigger()
         if self.cfg.stop_when_solved and accelerator.check_trigger():
             run.stop = True  # every process stops at the same step (the trigger is all-reduced)
-        if self.restart_due(run.step) and self.cfg.may_restart(run.budget or run.total_steps):
+        if self.restart_due(run.step) and self.cfg.may_restart(run.budget):
             self.check_plateau(run, results)
         lengths = self.data.lengths
         waiting = (self.formed is not None and self.formed.decay_start is None, lengths is not None and lengths.wait)

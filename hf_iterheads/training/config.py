@@ -73,12 +73,12 @@ OFFSET_TASKS = ("cumsum", "s3_product", "parity", "binary_copy")  # every task b
 def auto_position_offsets(tasks: list[str]) -> bool:
     """The default of ``--position-offsets``: on when every task is in ``OFFSET_TASKS`` (all but polynomial).
 
-    Why (benchmarks/results/seed_sweep_notes.md, sessions 8-9): without offsets cumsum formed the head in 1 attempt
+    Why (benchmarks/results/seed_sweep_notes.md, sessions 8-10): without offsets cumsum formed the head in 1 attempt
     of 7 and s3_product in 3 of 8, and failing runs tend to read the inputs along a fixed diagonal of absolute
     positions (a look-up that fits one length); with every row shifted by a random offset no absolute position
-    means anything, and the two tasks formed the head in 13 of 14 runs. On the binary tasks (seeds 10-13) the
-    layer-2 mass on x_t at step 3,000 went from 0.15-0.16 to 0.46-0.68 on parity and was at least 0.66 on binary
-    copy for three seeds of four (without: 0.18-0.19 for two of three). Polynomial forms the head without them in
+    means anything, and the two tasks formed the head in 13 of 14 runs. On the binary tasks (every mixed-length
+    run recorded in seed_sweep.jsonl, last attempts) parity formed the head in 11 of 12 attempts with offsets
+    against 2 of 7 without, and binary copy in 4 of 11 against 1 of 6. Polynomial forms the head without them in
     most seeds, and with them it formed later (3,500-4,500 steps instead of 2,500-3,000): it goes without."""
     return bool(tasks) and all(t in OFFSET_TASKS for t in tasks)
 
@@ -90,11 +90,11 @@ def auto_restart_below(tasks: list[str], n_len: int) -> float:
     """The default of ``--restart-below``: ``RESTART_BELOW`` (0.4), or 0.22 when a task has few distinct inputs
     (``few_inputs``: the binary tasks).
 
-    Why (benchmarks/results/seed_sweep_notes.md, session 9): the binary tasks' heads form late. At step 3,000 the
-    layer-2 mass on x_t of the four parity runs at 0.27-0.33 went on to peakiness 0.58-0.99 (two formed the head, at
-    steps 4,500 and 5,500): the 0.4 that restarts the other tasks would have thrown them away. The eight binary
-    runs below 0.22 (0.15-0.19, where the mass sits from step 1,000 on in such runs) never formed it (peakiness at
-    most 0.28 after 6,000-9,000 steps): those are the ones to restart."""
+    Why (benchmarks/results/seed_sweep.md, "The plateau restart's evidence": the step-3,000 layer-2 mass on x_t of
+    every recorded mixed-length attempt against its outcome): the binary tasks' heads form late. 4 of the 9 binary
+    attempts between 0.22 and 0.4 formed the head, at steps 4,000-5,500, where the 0.4 that restarts the other
+    tasks would have thrown them away; none of the 4 below 0.22 formed it (peakiness at most 0.18): those are the
+    ones to restart."""
     return FEW_INPUTS_RESTART_BELOW if few_inputs(tasks, n_len) else RESTART_BELOW
 
 
