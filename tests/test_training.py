@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -369,7 +371,7 @@ def test_restart_at_a_plateau_starts_a_fresh_attempt_and_resumes_into_it(tmp_pat
     assert not [r for r in records if r["kind"] == "plateau"]  # attempt 1 is the last one allowed: no restart
     assert json.loads((run / "run_config.json").read_text())["attempt"] == 1
     assert json.loads((run / "eval_results.json").read_text())["step"] == 8  # 4 + 8 = the run's 12 steps
-    assert "(attempt 2: the run restarted at step 4, where the iteration head was not forming" in (run / "README.md").read_text()
+    assert "(attempt 2: the earlier attempts stopped at step 4, where layer 1 had not anchored" in (run / "README.md").read_text()
     interrupted_train(tmp_path / "k", 6, *common)  # killed in attempt 1, between checkpoints
     assert main(["train", "--resume", "--output-dir", str(tmp_path / "k")]) == 0
     a, b = load_file(run / "model.safetensors"), load_file(tmp_path / "k" / "model.safetensors")
@@ -397,11 +399,49 @@ def test_restarts_share_the_runs_step_budget():
     # --max-steps is the whole run's: an attempt restarted at step 3,000 leaves the next one 6,000 of the 9,000.
     cfg = TrainConfig(restart_at=3000, eval_every=500, max_steps=9000)
     assert FAST.max_steps == 9000 and cfg.restart_step == 3000 and TrainConfig(restart_at=2700, eval_every=500).restart_step == 3000
-    assert cfg.attempt_steps(9000) == 9000 and replace(cfg, attempt=1).attempt_steps(9000) == 6000
-    assert cfg.may_restart(9000) and not replace(cfg, attempt=1).may_restart(9000)  # --max-restarts 1
-    # a restart that would leave the next attempt fewer steps than this one had when judged does not happen
-    assert cfg.may_restart(6000) and not cfg.may_restart(5500) and not TrainConfig(restart_at=0).may_restart(9000)
-    assert replace(cfg, max_restarts=2, attempt=1).may_restart(9000) and not replace(cfg, max_restarts=2, attempt=1).may_restart(8500)
+    assert cfg.attempt_steps(9000) == 9000 and replace(cfg, attempt=1, restarted_at=(3000,)).attempt_steps(9000) == 6000
+    # each restart must leave the next attempt 2/3 of the run: a plateau restart at 3,000 once, anchor restarts
+    # at 1,000 three times, no plateau restart after an anchor restart
+    assert cfg.may_restart(9000, 3000) and not cfg.may_restart(9000, 3500)
+    assert not replace(cfg, attempt=1, restarted_at=(1000,)).may_restart(9000, 3000)
+    assert all(replace(cfg, attempt=n, restarted_at=(1000,) * n).may_restart(9000, 1000) for n in range(3))
+    assert not replace(cfg, attempt=3, restarted_at=(1000,) * 3).may_restart(9000, 1000)  # --max-restarts 3
+    assert not replace(cfg, max_restarts=0).may_restart(9000, 1000)
+    # a run saved before restarted_at was stored: each earlier attempt stopped at its --restart-at evaluation
+    old = {k: v for k, v in dataclasses.asdict(replace(cfg, attempt=1, tasks=["polynomial"])).items()
+           if k not in ("restarted_at", "anchor_at")}
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "run_config.json").write_text(json.dumps(old))
+        loaded = TrainConfig.load(Path(d) / "run_config.json")
+    assert loaded.restarted_at == (3000,) and loaded.attempt_steps(9000) == 6000 and loaded.anchor_at == 0
+
+
+def test_the_anchor_check_reads_layer1_on_eoi_with_offsets_only():
+    from hf_iterheads.training.callbacks import _unanchored
+
+    assert _unanchored({"binary_copy": 0.15}, 0.2) and not _unanchored({"binary_copy": 0.29}, 0.2)
+    assert not _unanchored({}, 0.2)  # no attn0 (no CoT, one layer): never a restart
+    assert TrainConfig(tasks=["binary_copy"]).anchor_below == 0.2 and TrainConfig(tasks=["cumsum"]).anchor_below == 0.2
+    assert TrainConfig(tasks=["polynomial"]).anchor_below == 0.0  # no offsets: layer 1 finds EoI later
+    assert TrainConfig(tasks=["polynomial"], position_offsets=True).anchor_below == 0.2
+    assert FAST.anchor_at == 1000 and PAPER.anchor_at == 0
+
+
+def test_an_unanchored_attempt_restarts_early_and_the_card_says_where(tmp_path):
+    # A threshold no peakiness reaches: the first evaluation from --anchor-at on (step 4) restarts; attempt 1
+    # gets the 8 steps left and cannot restart again (4 steps would leave 4, under 2/3 of 12).
+    common = ["--max-steps", "12", "--eval-every", "4", "--anchor-at", "3", "--anchor-below", "1", "--restart-at", "0",
+              "--position-offsets"]
+    assert run_train(tmp_path / "r", *common) == 0
+    run = tmp_path / "r"
+    failed = [json.loads(line) for line in (run / "attempts" / "0" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in failed if r["kind"] == "unanchored"] == [4] and not (run / "attempts" / "1").exists()
+    saved = json.loads((run / "run_config.json").read_text())
+    assert saved["attempt"] == 1 and saved["restarted_at"] == [4] and saved["anchor_below"] == 1
+    assert json.loads((run / "eval_results.json").read_text())["step"] == 8
+    assert "the earlier attempts stopped at step 4, where layer 1 had not anchored on EoI" in (run / "README.md").read_text()
+    assert main(["train", "--output-dir", str(tmp_path / "bad"), "--task", "binary_copy", "--anchor-below", "2"]) == 2
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize("offsets", [False, True])

@@ -181,7 +181,7 @@ def render_model_card(cfg: TrainConfig, model, final_eval: list[dict], steps: in
         n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, n_inner=c.n_inner, n_positions=c.n_positions,
         n_params=count_parameters(model), frozen_positions=bool(iterheads_meta(c).get("freeze_positions")),
         recipe=cfg.recipe, cfg=dataclasses.asdict(cfg), steps=steps, minutes=round(seconds / 60, 1), results=final_eval,
-        dataset_repo=DATASET_REPO_ID, restart_step=cfg.restart_step,
+        dataset_repo=DATASET_REPO_ID,
     ))
 
 

@@ -48,7 +48,12 @@ class Run:
 
 
 class Plateau(Exception):
-    """Raised by ``HeadWatch`` at ``--restart-at`` when the iteration head is not forming: the run starts again."""
+    """Raised by ``HeadWatch`` at ``--anchor-at`` (layer 1 has not anchored on EoI) or ``--restart-at`` (the
+    iteration head is not forming): the run starts again from a fresh initialisation."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(step)
+        self.step = step
 
 
 class Callback:
@@ -138,7 +143,12 @@ class HeadWatch(Callback):
 
     def on_start(self, run: Run) -> None:
         path = run.out / "metrics.jsonl"
-        self.solved_logged = run.step > 0 and path.is_file() and any(r.get("kind") == "solved" for r in read_metrics(path))
+        records = read_metrics(path) if run.step > 0 and path.is_file() else []
+        self.solved_logged = any(r.get("kind") == "solved" for r in records)
+        self.anchor = {}  # task -> best attn0 peakiness of this attempt's evaluations (the anchor check)
+        for r in records:
+            if r.get("kind") == "eval":
+                self.remember_anchor(r["task"], r.get("attn0_peakiness"))
         if run.step == 0 and run.main:
             self.log_eval(run, self.evaluate(run), 0.0)
         run.stop = self.formed is not None and self.formed.finished(run.step)
@@ -161,20 +171,25 @@ class HeadWatch(Callback):
             solved &= s["accuracy"] >= SOLVED and (head is None or head >= FORMED)
         return solved
 
-    def check_plateau(self, run: Run, results: list[dict] | None) -> None:
-        """Restart (raise Plateau) when the head is not forming at ``restart_at``; the main process decides."""
+    def remember_anchor(self, task: str, peakiness: float | None) -> None:
+        if peakiness is not None:
+            self.anchor[task] = max(peakiness, self.anchor.get(task, 0.0))
+
+    def restart_if(self, run: Run, failed: bool, kind: str, why: str) -> None:
+        """Restart (raise Plateau) when the main process says ``failed``; every process gets its verdict."""
         from accelerate.utils import broadcast_object_list
 
-        if broadcast_object_list([_plateau(results, self.cfg.restart_below)])[0]:
-            self.event(run, "plateau", f"attn1 mass below {self.cfg.restart_below}: the iteration head is not forming; "
-                                       f"restarting from a fresh initialisation (attempt {self.cfg.attempt + 2})")
+        if broadcast_object_list([failed])[0]:
+            self.event(run, kind, f"{why}; restarting from a fresh initialisation (attempt {self.cfg.attempt + 2})")
             raise Plateau(run.step)
 
-    def restart_due(self, step: int) -> bool:
-        """Whether this step's evaluation is the first at or after ``restart_at`` (a pure function of the step, so
-        a run resumed past it does not decide again)."""
-        at = self.cfg.restart_at
+    def due(self, at: int, step: int) -> bool:
+        """Whether this step's evaluation is the first at or after step ``at`` (a pure function of the step, so a
+        run resumed past it does not decide again; 0 = never)."""
         return bool(at) and step >= at and step - self.cfg.eval_every < at
+
+    def restart_due(self, step: int) -> bool:
+        return self.due(self.cfg.restart_at, step)
 
     def event(self, run: Run, kind: str, message: str) -> None:
         run.log.write({"kind": kind, "step": run.step, "time": round(run.time, 2)})
@@ -192,6 +207,8 @@ class HeadWatch(Callback):
         accelerator, results = run.accelerator, None
         if run.main:
             results = self.evaluate(run)
+            for r in results:
+                self.remember_anchor(r["task"], r["summary"].get("attn0_peakiness"))
             if self.log_eval(run, results, run.time) and not self.solved_logged:
                 self.solved_logged = True
                 self.event(run, "solved", f"solved (accuracy >= {SOLVED}, attn1 peakiness >= {FORMED})")
@@ -199,8 +216,13 @@ class HeadWatch(Callback):
                     accelerator.set_trigger()
         if self.cfg.stop_when_solved and accelerator.check_trigger():
             run.stop = True  # every process stops at the same step (the trigger is all-reduced)
-        if self.restart_due(run.step) and self.cfg.may_restart(run.budget):
-            self.check_plateau(run, results)
+        cfg = self.cfg
+        if self.due(cfg.anchor_at, run.step) and cfg.anchor_below and cfg.may_restart(run.budget, run.step):
+            self.restart_if(run, run.main and _unanchored(self.anchor, cfg.anchor_below), "unanchored",
+                            f"attn0 peakiness below {cfg.anchor_below}: layer 1 has not anchored on EoI")
+        if self.restart_due(run.step) and cfg.may_restart(run.budget, run.step):
+            self.restart_if(run, _plateau(results, cfg.restart_below), "plateau",
+                            f"attn1 mass below {cfg.restart_below}: the iteration head is not forming")
         lengths = self.data.lengths
         waiting = (self.formed is not None and self.formed.decay_start is None, lengths is not None and lengths.wait)
         if not any(waiting):
@@ -222,6 +244,12 @@ def _plateau(results: list[dict] | None, below: float) -> bool:
     the circuit's second layer or CoT states has no such mass: never a plateau)."""
     masses = [r["summary"].get("attn1_mass") for r in results or []]
     return any(m is not None and m < below for m in masses)
+
+
+def _unanchored(best: dict[str, float], below: float) -> bool:
+    """Layer 1 has not attended to EoI (best attn0 peakiness so far under ``below``) for some task (a model with
+    no such head has no entry: never unanchored)."""
+    return any(p < below for p in best.values())
 
 
 class Checkpointer(Callback):

@@ -84,6 +84,8 @@ def auto_position_offsets(tasks: list[str]) -> bool:
 
 
 RESTART_BELOW, FEW_INPUTS_RESTART_BELOW = 0.4, 0.22  # the plateau restart's threshold (auto_restart_below)
+ANCHOR_BELOW = 0.2  # the anchor restart's threshold on attn0 peakiness (auto_anchor_below)
+MIN_ATTEMPT_SHARE = 2 / 3  # a restart must leave the next attempt this share of the run's steps (may_restart)
 
 
 def auto_restart_below(tasks: list[str], n_len: int) -> float:
@@ -96,6 +98,17 @@ def auto_restart_below(tasks: list[str], n_len: int) -> float:
     tasks would have thrown them away; none of the 4 below 0.22 formed it (peakiness at most 0.18): those are the
     ones to restart."""
     return FEW_INPUTS_RESTART_BELOW if few_inputs(tasks, n_len) else RESTART_BELOW
+
+
+def auto_anchor_below(position_offsets: bool) -> float:
+    """The default of ``--anchor-below``: ``ANCHOR_BELOW`` (0.2) with position offsets, else 0 (no anchor check).
+
+    Why (benchmarks/results/seed_sweep_notes.md, session 11): with offsets, layer 1 settles on its anchor within
+    1,000 steps. In binary copy's partial-head runs (peakiness ~0.86, the last step confused with EoI) layer 1
+    never attended to EoI: its peakiness was 0.06-0.15 at steps 500 and 1,000 and stayed under 0.25; runs whose
+    head formed had 0.29-0.49 by then. Without offsets layer 1 finds EoI later (polynomial: 0.12 until step
+    2,000 in runs that formed the head), so there is nothing to judge at step 1,000."""
+    return ANCHOR_BELOW if position_offsets else 0.0
 
 
 def auto_curriculum(tasks: list[str], n_len: int) -> str:
@@ -218,10 +231,22 @@ class TrainConfig:
     restart_below: float | None = field(default=None, metadata=_help(
         "attn1 mass under which --restart-at restarts; auto = 0.4, or 0.22 for a task with fewer than 256 distinct "
         "inputs at some length from 4 (binary tasks)"))
-    # One: restarts share the run's step budget (max_steps), and after a second restart at step 3,000 the last
-    # attempt of a 9,000-step run would have 3,000 steps, fewer than the head takes to form in most runs.
-    max_restarts: int = field(default=1, metadata=_help("restarts at most (the wall time of every attempt counts)"))
+    # Layer 1's anchor is decided early: an attempt whose layer 1 has not found EoI by step 1,000 (attn0 peakiness
+    # below 0.2 at every evaluation so far) settled on another anchor, and its head stays partial (auto_anchor_below).
+    # A restart there costs 1,000 steps.
+    anchor_at: int = field(default=1000, metadata=_help(
+        "at the first evaluation from this step on, restart from a fresh initialisation if layer 1 has not anchored "
+        "on EoI (attn0 peakiness below --anchor-below at every evaluation so far); 0 = never"))
+    # None = auto (auto_anchor_below): 0.2 with position offsets, 0 (never) without.
+    anchor_below: float | None = field(default=None, metadata=_help(
+        "attn0 peakiness under which --anchor-at restarts; auto = 0.2 with --position-offsets, 0 (never) without"))
+    # Restarts share the run's step budget (max_steps), and each must leave the next attempt two thirds of it
+    # (MIN_ATTEMPT_SHARE: 6,000 of 9,000, about what a head that forms late needs): up to three anchor restarts at
+    # step 1,000, or one plateau restart at step 3,000 in a run that has not restarted before.
+    max_restarts: int = field(default=3, metadata=_help(
+        "restarts at most; each must leave the next attempt 2/3 of --max-steps (the wall time of every attempt counts)"))
     attempt: int = 0  # which attempt of the run this is (restarts); not a flag
+    restarted_at: tuple[int, ...] = ()  # the step at which each earlier attempt stopped; not a flag
     # On a busy 2-core CPU one thread can be many times faster than two (OpenMP spinning); results differ in
     # the last bits with the thread count, so a resumed run uses the stored one.
     threads: int = field(default=0, metadata=_help("CPU threads for torch (0 = torch's default)"))
@@ -235,6 +260,9 @@ class TrainConfig:
             self.position_offsets = auto_position_offsets(self.tasks)
         if self.restart_below is None and self.tasks:
             self.restart_below = auto_restart_below(self.tasks, self.n_len)
+        if self.anchor_below is None and self.position_offsets is not None:
+            self.anchor_below = auto_anchor_below(self.position_offsets)
+        self.restarted_at = tuple(self.restarted_at)
 
     @property
     def run_seed(self) -> int:
@@ -248,16 +276,20 @@ class TrainConfig:
         """The step of the evaluation that may restart the run: the first at or after ``restart_at`` (0: none)."""
         return -(-self.restart_at // self.eval_every) * self.eval_every if self.restart_at else 0
 
-    def attempt_steps(self, budget: int, attempt: int | None = None) -> int:
-        """The steps of an attempt (this one by default): the run's budget less what the attempts before it used
-        (each stopped at ``restart_step``), so restarts never make a run longer."""
-        return budget - (self.attempt if attempt is None else attempt) * self.restart_step
+    @property
+    def spent(self) -> int:
+        """The steps the earlier attempts used."""
+        return sum(self.restarted_at)
 
-    def may_restart(self, budget: int) -> bool:
-        """Whether this attempt may still restart: restarts left, and the next attempt would have at least the
-        steps this one had when it was judged (else it could not get as far before the budget ends)."""
-        return (bool(self.restart_at) and self.attempt < self.max_restarts
-                and self.attempt_steps(budget, self.attempt + 1) >= self.restart_step)
+    def attempt_steps(self, budget: int) -> int:
+        """The steps of this attempt: the run's budget less what the attempts before it used, so restarts never
+        make a run longer."""
+        return budget - self.spent
+
+    def may_restart(self, budget: int, step: int) -> bool:
+        """Whether this attempt may restart at ``step``: restarts left, and the next attempt would still have
+        ``MIN_ATTEMPT_SHARE`` of the run's steps."""
+        return self.attempt < self.max_restarts and budget - self.spent - step >= MIN_ATTEMPT_SHARE * budget
 
     @property
     def longest_trained(self) -> int:
@@ -276,13 +308,17 @@ class TrainConfig:
     def load(cls, path: Path) -> TrainConfig:
         data = json.loads(path.read_text())
         data.setdefault("length_sampling", "uniform")  # runs saved before the option existed were uniform
+        data.setdefault("anchor_at", 0)  # runs saved before the anchor check had none
+        if "restarted_at" not in data and data.get("attempt"):  # before it was stored: each stopped at restart_at
+            step = replace(FAST, restart_at=data["restart_at"], eval_every=data["eval_every"]).restart_step
+            data["restarted_at"] = [step] * data["attempt"]
         return cls(**{k: v for k, v in data.items() if k in {f.name for f in fields(cls)}})
 
 
 FAST = TrainConfig()
 PAPER = replace(FAST, recipe="paper", data="fixed", lr=3e-4, warmup_steps=0, schedule="constant", batch_size=256,
                 epochs=1000, max_steps=None, curriculum="", length_sampling="uniform", position_offsets=False, eval_every=640, bucket=True,
-                restart_at=0)
+                restart_at=0, anchor_at=0)
 RECIPES = {"fast": FAST, "paper": PAPER}
 
 
@@ -299,7 +335,8 @@ def _comma(kind: type):
     return parse
 
 
-AUTO_FIELDS = ("position_offsets", "restart_below")  # fields whose None means "chosen from the tasks" (TrainConfig.__post_init__)
+# fields whose None means "chosen from the tasks" (TrainConfig.__post_init__)
+AUTO_FIELDS = ("position_offsets", "restart_below", "anchor_below")
 
 
 def shown(value) -> str:
@@ -423,12 +460,14 @@ def check_config(cfg: TrainConfig) -> None:
     length = cfg.max_steps if cfg.max_steps is not None else cfg.epochs
     if (cfg.max_steps is None) == (cfg.epochs is None) or length < 1:
         raise IterHeadsError("give a positive --epochs or --max-steps (not both)")
-    for name in ("seed", "data_seed", "warmup_steps", "length_warmup", "threads", "restart_at", "max_restarts",
-                 "query_init_scale"):
+    for name in ("seed", "data_seed", "warmup_steps", "length_warmup", "threads", "restart_at", "anchor_at",
+                 "max_restarts", "query_init_scale"):
         if getattr(cfg, name) < 0:
             raise IterHeadsError(f"{flag_name(name)} must be 0 or more, got {getattr(cfg, name)}")
     if not 0 <= cfg.restart_below <= 1:
         raise IterHeadsError(f"--restart-below must be between 0 and 1 (an attention mass), got {cfg.restart_below}")
+    if not 0 <= cfg.anchor_below <= 1:
+        raise IterHeadsError(f"--anchor-below must be between 0 and 1 (a peakiness), got {cfg.anchor_below}")
     if len(set(cfg.tasks)) != len(cfg.tasks):
         raise IterHeadsError(f"--task names a task twice: {','.join(cfg.tasks)}")
     if (cfg.helpers or cfg.length_warmup or cfg.length_sampling != "uniform" or cfg.position_offsets) and cfg.data != "online":

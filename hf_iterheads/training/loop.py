@@ -195,11 +195,11 @@ def train(cfg: TrainConfig, resume: bool = False, callbacks: Sequence[Callback] 
 
 def train_with_restarts(cfg: TrainConfig, resume: bool = False, callbacks: Sequence[Callback] = ()) -> Path:
     """``train``, started again from a fresh initialisation (the next attempt's seed) each time ``HeadWatch``
-    sees a plateau at ``--restart-at``; the failed attempt's records move to ``attempts/N/``, and the next attempt
+    restarts it (``--anchor-at``, ``--restart-at``); the failed attempt's records move to ``attempts/N/``, and the next attempt
     trains for the steps the run has left (``TrainConfig.attempt_steps``)."""
     while True:
         try:
             return train(cfg, resume, callbacks)
-        except Plateau:
+        except Plateau as stop:
             archive_attempt(Path(cfg.output_dir), cfg.attempt)
-            cfg, resume = replace(cfg, attempt=cfg.attempt + 1), False
+            cfg, resume = replace(cfg, attempt=cfg.attempt + 1, restarted_at=(*cfg.restarted_at, stop.step)), False
