@@ -85,7 +85,6 @@ def auto_position_offsets(tasks: list[str]) -> bool:
 
 RESTART_BELOW, FEW_INPUTS_RESTART_BELOW = 0.4, 0.22  # the plateau restart's threshold (auto_restart_below)
 ANCHOR_BELOW = 0.2  # the anchor restart's threshold on attn0 peakiness (auto_anchor_below)
-MIN_ATTEMPT_SHARE = 2 / 3  # a restart must leave the next attempt this share of the run's steps (may_restart)
 
 
 def auto_restart_below(tasks: list[str], n_len: int) -> float:
@@ -240,11 +239,13 @@ class TrainConfig:
     # None = auto (auto_anchor_below): 0.2 with position offsets, 0 (never) without.
     anchor_below: float | None = field(default=None, metadata=_help(
         "attn0 peakiness under which --anchor-at restarts; auto = 0.2 with --position-offsets, 0 (never) without"))
-    # Restarts share the run's step budget (max_steps), and each must leave the next attempt two thirds of it
-    # (MIN_ATTEMPT_SHARE: 6,000 of 9,000, about what a head that forms late needs): up to three anchor restarts at
-    # step 1,000, or one plateau restart at step 3,000 in a run that has not restarted before.
+    # Restarts share the run's step budget (max_steps), so they never make a run longer: three restarts at most,
+    # each leaving the next attempt at least the steps this one had when judged (e.g. three anchor restarts at
+    # step 1,000 leave 6,000 steps; a plateau restart at step 3,000 leaves 6,000, or 5,000 after an anchor restart).
+    # A plateaued attempt almost never forms the head later (seed_sweep.md, "The plateau restart's evidence"), so a
+    # shorter fresh attempt is the better use of the steps left.
     max_restarts: int = field(default=3, metadata=_help(
-        "restarts at most; each must leave the next attempt 2/3 of --max-steps (the wall time of every attempt counts)"))
+        "restarts at most (they share --max-steps; the wall time of every attempt counts)"))
     attempt: int = 0  # which attempt of the run this is (restarts); not a flag
     restarted_at: tuple[int, ...] = ()  # the step at which each earlier attempt stopped; not a flag
     # On a busy 2-core CPU one thread can be many times faster than two (OpenMP spinning); results differ in
@@ -287,9 +288,9 @@ class TrainConfig:
         return budget - self.spent
 
     def may_restart(self, budget: int, step: int) -> bool:
-        """Whether this attempt may restart at ``step``: restarts left, and the next attempt would still have
-        ``MIN_ATTEMPT_SHARE`` of the run's steps."""
-        return self.attempt < self.max_restarts and budget - self.spent - step >= MIN_ATTEMPT_SHARE * budget
+        """Whether this attempt may restart at ``step``: restarts left, and the next attempt would have at least
+        the steps this one had when judged (else it could not get as far before the budget ends)."""
+        return self.attempt < self.max_restarts and self.attempt_steps(budget) - step >= step
 
     @property
     def longest_trained(self) -> int:
