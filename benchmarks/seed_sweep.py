@@ -119,6 +119,18 @@ def read_curve(run_dir: Path, task: str) -> list[dict[str, Any]]:
     return list({r["step"]: r for r in curve}.values())
 
 
+def read_restarts(run_dir: Path, task: str) -> list[dict[str, Any]]:
+    """Each restarted attempt (``attempts/N/``): why and where it stopped (the ``unanchored`` / ``plateau`` event)
+    and its evaluation curve, for the restart rules' evidence."""
+    out = []
+    for d in sorted((p for p in (run_dir / "attempts").glob("*") if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)):
+        events = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()
+                  if '"kind": "unanchored"' in line or '"kind": "plateau"' in line] if (d / "metrics.jsonl").is_file() else []
+        out.append({"attempt": int(d.name), "kind": events[-1]["kind"] if events else None,
+                    "step": events[-1]["step"] if events else None, "curve": read_curve(d, task)})
+    return out
+
+
 def first(curve: list[dict], test) -> tuple[int | None, float | None]:
     for r in curve:
         if test(r):
@@ -135,7 +147,8 @@ def summarize_run(run_dir: Path, task: str) -> dict[str, Any]:
     solved = first(periodic, lambda r: (r["attn1_peakiness"] or 0) >= FORMED and (r["accuracy"] or 0) >= SOLVED)
     out: dict[str, Any] = {"formed_step": formed[0], "formed_s": formed[1], "acc99_step": acc99[0], "acc99_s": acc99[1],
                            "solved_step": solved[0], "solved_s": solved[1], "curve": curve,
-                           "attempts": 1 + sum(1 for d in (run_dir / "attempts").glob("*") if d.is_dir())}
+                           "restarts": read_restarts(run_dir, task)}
+    out["attempts"] = 1 + len(out["restarts"])
     path = run_dir / "eval_results.json"
     if path.is_file():
         final = json.loads(path.read_text())
@@ -519,7 +532,7 @@ def render(records: list[dict], notes: Path | None) -> str:
                 vals = [v for v in (_at(r["curve"], step, "attn1_mass") for r in group) if v is not None]
                 cells.append("-" if not vals else f"{min(vals):.2f} - {max(vals):.2f} ({statistics.mean(vals):.2f})")
             lines.append(f"| {rec} | {cls} | {len(group)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines + restart_evidence(records)) + "\n"
+    return "\n".join(lines + restart_evidence(records) + anchor_evidence(records)) + "\n"
 
 
 BINARY_TASKS = ("binary_copy", "parity")  # the tasks with few distinct inputs (training.config.few_inputs)
@@ -548,6 +561,48 @@ def restart_evidence(records: list[dict]) -> list[str]:
             lines.append(f"| {label} | {lo:.2f} - {min(hi, 1.0):.2f} | {len(group)} | {len(formed)} "
                          f"| {f'{formed[0]} - {formed[-1]} (median {statistics.median(formed):.0f})' if formed else '-'} "
                          f"| {min(peaks):.2f} - {max(peaks):.2f} |")
+    return lines
+
+
+OFFSET_TASKS = ("binary_copy", "parity", "cumsum", "s3_product")  # position offsets by default (training.config)
+ANCHOR_BELOW, ANCHOR_STEP = 0.2, 1000  # the anchor restart's defaults (training.config.auto_anchor_below, anchor_at)
+
+
+def has_offsets(r: dict) -> bool:
+    """Whether a recorded run trained with position offsets (its flags reproduce it under today's defaults)."""
+    flags = (r.get("flags") or "").split()
+    return "--position-offsets" in flags or (r["task"] in OFFSET_TASKS and "--no-position-offsets" not in flags)
+
+
+def anchor_evidence(records: list[dict]) -> list[str]:
+    """The anchor restart's evidence: layer 1's best attn0 peakiness up to step 1,000 against what the attempt
+    became, for every recorded attempt with position offsets and mixed lengths (restarted attempts included)."""
+    lines = ["", "## The anchor restart's evidence: attn0 peakiness by step 1,000 against the outcome", "",
+             f"Attempts with position offsets and every length in every batch, every recipe. Anchor = the attempt's best "
+             f"attn0 peakiness (layer 1 on EoI) at steps 500 and {ANCHOR_STEP:,}. An attempt restarted at step "
+             f"{ANCHOR_STEP:,} for an anchor under {ANCHOR_BELOW} has no outcome (counted apart); formed = attn1 peakiness "
+             ">= 0.9 at some evaluation; solved = the run's success (its last attempt only).", "",
+             "| task | anchor | attempts | restarted there (anchor) | restarted later (plateau) | ran to the end "
+             "| head formed | solved | peak attn1 peakiness (min - max) |", "|---|---|---|---|---|---|---|---|---|"]
+    order = {t: i for i, t in enumerate(TASKS)}
+    attempts: dict[tuple[str, bool], list[tuple[str, dict, list]]] = {}
+    for r in records:
+        if r["status"] != "ok" or not has_offsets(r) or "--bucket" in (r.get("flags") or "").split():
+            continue
+        tries = [(a.get("kind") or "restarted", None, a["curve"]) for a in r.get("restarts") or []]
+        tries.append(("end", r, r["curve"]))
+        for kind, run, curve in tries:
+            early = [c["attn0_peakiness"] for c in curve if 0 < c["step"] <= ANCHOR_STEP and c["attn0_peakiness"] is not None]
+            if len(early) < 2:
+                continue  # an attempt without its step-500 and step-1,000 evaluations (an older restart's record)
+            attempts.setdefault((r["task"], max(early) >= ANCHOR_BELOW), []).append((kind, run, curve))
+    for (task, anchored), group in sorted(attempts.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0][1])):
+        ended = [(run, curve) for kind, run, curve in group if kind == "end"]
+        peaks = [max(c["attn1_peakiness"] or 0 for c in curve) for _, curve in ended]
+        lines.append(f"| {task} | {'>=' if anchored else '<'} {ANCHOR_BELOW} | {len(group)} "
+                     f"| {sum(k == 'unanchored' for k, _, _ in group)} | {sum(k == 'plateau' for k, _, _ in group)} "
+                     f"| {len(ended)} | {sum(p >= FORMED for p in peaks)} | {sum(bool(run['success']) for run, _ in ended)} "
+                     f"| {f'{min(peaks):.2f} - {max(peaks):.2f}' if peaks else '-'} |")
     return lines
 
 

@@ -55,8 +55,14 @@ def test_summary_render_and_circuit_classes(tmp_path):
     s = sweep.summarize_run(tmp_path / "run", "parity")
     assert (s["formed_step"], s["acc99_step"], s["solved_step"]) == (500, 1000, 1000)
     assert s["accuracy"] == 0.998 and s["steps"] == 1000 and s["worst_length"] == (9, 0.98) and s["attempts"] == 1
-    (tmp_path / "run" / "attempts" / "0").mkdir(parents=True)  # a restart moved the first attempt there
-    assert sweep.summarize_run(tmp_path / "run", "parity")["attempts"] == 2
+    first = tmp_path / "run" / "attempts" / "0"  # a restart moved the first attempt there
+    first.mkdir(parents=True)
+    (first / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in [
+        {"kind": "eval", "step": 1000, "time": 9.0, "task": "parity", "accuracy": 0.1, "attn0_peakiness": 0.12},
+        {"kind": "unanchored", "step": 1000, "time": 9.5}]) + "\n")
+    again = sweep.summarize_run(tmp_path / "run", "parity")
+    assert again["attempts"] == 2 and again["restarts"][0]["kind"] == "unanchored" and again["restarts"][0]["step"] == 1000
+    assert again["restarts"][0]["curve"][0]["attn0_peakiness"] == 0.12
     head = {"paper_head": True, "circuit": "iteration head (layer 1)", "top_head": {"layer": 1, "score": 0.9, "detected": True},
             "attention": [{"layer": 0, "top_target": "EoI"}, {"layer": 1, "top_target": "x_t"}]}
     eoi_only = {"paper_head": False, "circuit": "other", "attention": [{"layer": 0, "top_target": "EoI"}]}
@@ -83,6 +89,23 @@ def test_restart_evidence_bands_runs_by_their_step_3000_mass():
     assert "| binary_copy, parity | 0.22 - 0.40 | 2 | 1 | 4000 - 4000 (median 4000) | 0.20 - 0.95 |" in rows
     assert "| polynomial, cumsum, s3_product | 0.40 - 1.00 | 1 | 1 | 4000 - 4000 (median 4000) | 0.95 - 0.95 |" in rows
     assert not any(r.startswith("| polynomial, cumsum, s3_product | 0.00") for r in rows)  # bucketed runs left out
+
+
+def test_anchor_evidence_counts_every_attempt_with_offsets_by_its_early_attn0():
+    def curve(a0, peak):
+        return [{"step": 500, "attn0_peakiness": a0, "attn1_peakiness": 0.3},
+                {"step": 1000, "attn0_peakiness": a0, "attn1_peakiness": peak}]
+
+    restarted = {"kind": "unanchored", "step": 1000, "curve": curve(0.1, 0.3)}
+    rows = sweep.anchor_evidence([
+        {"task": "binary_copy", "status": "ok", "flags": "", "curve": curve(0.4, 1.0), "success": True, "restarts": [restarted]},
+        {"task": "binary_copy", "status": "ok", "flags": "", "curve": curve(0.1, 0.86), "success": False},
+        {"task": "binary_copy", "status": "ok", "flags": "--no-position-offsets", "curve": curve(0.1, 0.2), "success": False},
+        {"task": "polynomial", "status": "ok", "flags": "", "curve": curve(0.1, 1.0), "success": True},  # no offsets
+    ])
+    assert "| binary_copy | < 0.2 | 2 | 1 | 0 | 1 | 0 | 0 | 0.86 - 0.86 |" in rows
+    assert "| binary_copy | >= 0.2 | 1 | 0 | 0 | 1 | 1 | 1 | 1.00 - 1.00 |" in rows
+    assert not any(r.startswith("| polynomial") for r in rows)
 
 
 def test_detect_run_on_the_bundled_polynomial_model():
