@@ -33,7 +33,7 @@ from seed_sweep import parse_seeds  # this folder's sibling script (run from the
 
 from hf_iterheads.outputs import read_jsonl
 from hf_iterheads.training import FAST
-from hf_iterheads.training.config import auto_restart_below
+from hf_iterheads.training.config import ANCHOR_BELOW, auto_restart_below
 
 
 def signal(task: str) -> float:
@@ -51,7 +51,7 @@ def screen(name: str, flags: str, task: str, seed: int, until: int, threads: int
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "hf_iterheads.cli", "train", "--task", task, "--seed", str(seed),
-               "--output-dir", str(out), "--threads", str(threads), "--report-to", "none", "--restart-at", "0",
+               "--output-dir", str(out), "--threads", str(threads), "--report-to", "none", "--restart-at", "0", "--anchor-at", "0",
                *shlex.split(flags)]
         start = time.time()
         log = open(Path(tmp) / "log", "w+")  # a file, not a pipe: tqdm's output would fill a pipe and stall the run
@@ -67,13 +67,16 @@ def screen(name: str, flags: str, task: str, seed: int, until: int, threads: int
         log.seek(0)
         err = "" if rows and rows[-1]["step"] >= until else log.read()[-400:]
         log.close()
-    curve = {r["step"]: {k: round(r[k], 3) for k in ("accuracy", "attn0_mass", "attn1_mass", "attn1_peakiness")}
-             for r in rows if r.get("task") == task}
+    keys = ("accuracy", "attn0_mass", "attn0_peakiness", "attn1_mass", "attn1_peakiness")
+    curve = {r["step"]: {k: None if r.get(k) is None else round(r[k], 3) for k in keys} for r in rows if r.get("task") == task}
     at = max((s for s in curve if s <= until), default=None)
     mass = curve[at]["attn1_mass"] if at is not None else None
+    # the anchor check's signal: layer 1's best attn0 peakiness (on EoI) at the evaluations up to --until
+    anchor = max((c["attn0_peakiness"] for s, c in curve.items() if 0 < s <= until and c["attn0_peakiness"] is not None),
+                 default=None)
     return {"candidate": name, "flags": flags, "task": task, "seed": seed, "seconds": round(time.time() - start, 1),
             "signal_step": at, "attn1_mass": mass, "forming": mass is not None and mass >= signal(task), "signal": signal(task),
-            "curve": curve, "error": err}
+            "anchor": anchor, "curve": curve, "error": err}
 
 
 def table(rows: list[dict]) -> str:
@@ -96,6 +99,15 @@ def table(rows: list[dict]) -> str:
             out.append(f"| {name} (`{flags}`) | " + " | ".join(cells)
                        + f" | {sum(m >= signal(task) for m in got)}/{len(got)} | {mean} |")
         out.append("")
+        anchored = [r for r in mine if r.get("anchor") is not None]
+        if anchored:  # rows from session 11 on: layer 1's best attn0 peakiness (the anchor check's signal)
+            out += [f"{task}: best attn0 peakiness up to the signal step (anchored: >= {ANCHOR_BELOW})", "",
+                    "| candidate | " + " | ".join(f"seed {s}" for s in seeds) + " | anchored |", "|---" * (len(seeds) + 2) + "|"]
+            for name in dict.fromkeys(r["candidate"] for r in anchored):
+                by_seed = {r["seed"]: r["anchor"] for r in anchored if r["candidate"] == name}
+                out.append(f"| {name} | " + " | ".join(f"{by_seed[s]:.2f}" if s in by_seed else "" for s in seeds)
+                           + f" | {sum(a >= ANCHOR_BELOW for a in by_seed.values())}/{len(by_seed)} |")
+            out.append("")
     return "\n".join(out)
 
 
