@@ -299,10 +299,10 @@ def test_curriculum_and_adaptive_lengths_are_defaults_of_online_training_only():
         assert isinstance(args, argparse.Namespace)
         return resolve_config(args)
 
-    assert FAST.curriculum == "auto"  # resolved per task: polynomial rows for tasks with few distinct inputs
-    assert cfg().curriculum == "binary_copy:0.5:3000,polynomial:0.3:0"  # parity: 8 training inputs at L = 4
+    assert FAST.curriculum == "auto"  # resolved per task: cumsum rows for tasks with few distinct inputs
+    assert cfg().curriculum == "binary_copy:0.5:3000,cumsum:0.3:0"  # parity: 8 training inputs at L = 4
     assert cfg("--task", "cumsum").curriculum == "binary_copy:0.5:3000"
-    assert cfg("--task", "cumsum", "--n-len", "2").curriculum == "binary_copy:0.5:3000,polynomial:0.3:0"  # 121 inputs
+    assert cfg("--task", "cumsum", "--n-len", "2").curriculum == "binary_copy:0.5:3000,cumsum:0.3:0"  # 121 inputs
     assert cfg("--task", "cumsum", "--curriculum", "auto").curriculum == "binary_copy:0.5:3000"
     assert cfg("--init-from", "polynomial-cot").curriculum == ""
     assert cfg("--data", "fixed").curriculum == ""

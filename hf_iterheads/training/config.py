@@ -56,7 +56,7 @@ def parse_curriculum(spec: str) -> tuple[Helper, ...]:
 
 AUTO = "auto"
 COPY_HELPER = "binary_copy:0.5:3000"
-POLYNOMIAL_HELPER = "polynomial:0.3:0"
+FEW_INPUTS_HELPER = "cumsum:0.3:0"  # for tasks with few distinct inputs (auto_curriculum)
 FEW_INPUTS = 256
 
 
@@ -111,15 +111,18 @@ def auto_anchor_below(position_offsets: bool) -> float:
 
 
 def auto_curriculum(tasks: list[str], n_len: int) -> str:
-    """The default curriculum of these tasks: the copy helper always; the polynomial helper too when a task has
-    fewer than ``FEW_INPUTS`` distinct inputs at some evaluated length (4..n_len).
+    """The default curriculum of these tasks: the copy helper always; 30% cumsum rows too when a task has fewer
+    than ``FEW_INPUTS`` distinct inputs at some evaluated length (4..n_len).
 
     Why (benchmarks/results/seed_sweep_notes.md): such a task has few training inputs there (parity: 8 at L = 4,
-    the other 8 are test inputs), and a model memorises them instead of looking x_t up; polynomial rows train the
-    same (length, position) look-ups on inputs it cannot memorise (parity then reached 1.000 at every length). On
-    tasks with plenty of inputs (cumsum, s3_product) the same helper kept the head from forming, so they do
-    without it."""
-    return COPY_HELPER + ("," + POLYNOMIAL_HELPER if few_inputs(tasks, n_len) else "")
+    the other 8 are test inputs), and a model memorises them instead of looking x_t up; rows of a task with many
+    inputs train the same (length, position) look-ups on inputs it cannot memorise (with polynomial rows parity
+    reached 1.000 at every length). Cumsum rather than polynomial (session 11): with polynomial rows, layer 1 of
+    most binary-copy runs never anchored on EoI (attn0 peakiness < 0.2 by step 1,000 in 7 of 12 first attempts,
+    and their heads stayed partial), with cumsum rows it did in every screened seed; cumsum itself anchors in
+    every run. On tasks with plenty of inputs (cumsum, s3_product) a helper kept the head from forming, so they
+    do without it."""
+    return COPY_HELPER + ("," + FEW_INPUTS_HELPER if few_inputs(tasks, n_len) else "")
 
 
 def _help(text: str, **extra) -> dict:
@@ -176,7 +179,7 @@ class TrainConfig:
     # data (resolve_config); the run stores the curriculum it resolved to.
     curriculum: str = field(default=AUTO, metadata=_help(
         "helper tasks, TASK:SHARE:STEPS[,...]: SHARE of the rows at step 0, fading to none over STEPS (0 = constant); "
-        "'' for none; auto = binary_copy:0.5:3000, plus polynomial:0.3:0 for a task with fewer than 256 distinct "
+        "'' for none; auto = binary_copy:0.5:3000, plus cumsum:0.3:0 for a task with fewer than 256 distinct "
         "inputs at some length from 4 (binary tasks)"))
     length_warmup: int = field(default=0, metadata=_help("steps over which the longest length grows from 1 to n_len"))
     # Once the head forms, runs that miss 0.99 miss whole lengths: draw the lengths still wrong more often.
