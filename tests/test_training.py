@@ -299,10 +299,10 @@ def test_curriculum_and_adaptive_lengths_are_defaults_of_online_training_only():
         assert isinstance(args, argparse.Namespace)
         return resolve_config(args)
 
-    assert FAST.curriculum == "auto"  # resolved per task: cumsum rows for tasks with few distinct inputs
-    assert cfg().curriculum == "binary_copy:0.5:3000,cumsum:0.3:0"  # parity: 8 training inputs at L = 4
+    assert FAST.curriculum == "auto"  # resolved per task: polynomial rows for tasks with few distinct inputs
+    assert cfg().curriculum == "binary_copy:0.5:3000,polynomial:0.3:0"  # parity: 8 training inputs at L = 4
     assert cfg("--task", "cumsum").curriculum == "binary_copy:0.5:3000"
-    assert cfg("--task", "cumsum", "--n-len", "2").curriculum == "binary_copy:0.5:3000,cumsum:0.3:0"  # 121 inputs
+    assert cfg("--task", "cumsum", "--n-len", "2").curriculum == "binary_copy:0.5:3000,polynomial:0.3:0"  # 121 inputs
     assert cfg("--task", "cumsum", "--curriculum", "auto").curriculum == "binary_copy:0.5:3000"
     assert cfg("--init-from", "polynomial-cot").curriculum == ""
     assert cfg("--data", "fixed").curriculum == ""
@@ -400,7 +400,9 @@ def test_restarts_share_the_runs_step_budget():
     cfg = TrainConfig(restart_at=3000, eval_every=500, max_steps=9000)
     assert FAST.max_steps == 9000 and cfg.restart_step == 3000 and TrainConfig(restart_at=2700, eval_every=500).restart_step == 3000
     assert cfg.attempt_steps(9000) == 9000 and replace(cfg, attempt=1, restarted_at=(3000,)).attempt_steps(9000) == 6000
-    # a restart must leave the next attempt at least the steps this one had when judged; three at most
+    # a restart must leave the next attempt at least the steps this one had when judged; --max-restarts at most
+    assert not replace(cfg, attempt=1, restarted_at=(3000,)).may_restart(9000, 1000)  # --max-restarts 1 (default)
+    cfg = replace(cfg, max_restarts=3)
     assert cfg.may_restart(9000, 3000) and cfg.may_restart(6000, 3000) and not cfg.may_restart(5500, 3000)
     assert replace(cfg, attempt=1, restarted_at=(1000,)).may_restart(9000, 3000)  # 5,000 left
     assert replace(cfg, attempt=2, restarted_at=(3000, 3000)).may_restart(9000, 1000)
@@ -424,7 +426,7 @@ def test_the_anchor_check_reads_layer1_on_eoi_with_offsets_only():
     assert TrainConfig(tasks=["binary_copy"]).anchor_below == 0.2 and TrainConfig(tasks=["cumsum"]).anchor_below == 0.2
     assert TrainConfig(tasks=["polynomial"]).anchor_below == 0.0  # no offsets: layer 1 finds EoI later
     assert TrainConfig(tasks=["polynomial"], position_offsets=True).anchor_below == 0.2
-    assert FAST.anchor_at == 1000 and PAPER.anchor_at == 0
+    assert FAST.anchor_at == 0 and PAPER.anchor_at == 0 and FAST.max_restarts == 1  # opt-in: --anchor-at 1000
 
 
 def test_an_unanchored_attempt_restarts_early_and_the_card_says_where(tmp_path):

@@ -56,7 +56,7 @@ def parse_curriculum(spec: str) -> tuple[Helper, ...]:
 
 AUTO = "auto"
 COPY_HELPER = "binary_copy:0.5:3000"
-FEW_INPUTS_HELPER = "cumsum:0.3:0"  # for tasks with few distinct inputs (auto_curriculum)
+FEW_INPUTS_HELPER = "polynomial:0.3:0"  # for tasks with few distinct inputs (auto_curriculum)
 FEW_INPUTS = 256
 
 
@@ -100,7 +100,8 @@ def auto_restart_below(tasks: list[str], n_len: int) -> float:
 
 
 def auto_anchor_below(position_offsets: bool) -> float:
-    """The default of ``--anchor-below``: ``ANCHOR_BELOW`` (0.2) with position offsets, else 0 (no anchor check).
+    """The default of ``--anchor-below`` (used with ``--anchor-at``): ``ANCHOR_BELOW`` (0.2) with position offsets,
+    else 0 (no anchor check).
 
     Why (benchmarks/results/seed_sweep_notes.md, session 11): with offsets, layer 1 settles on its anchor within
     1,000 steps. In binary copy's partial-head runs (peakiness ~0.86, the last step confused with EoI) layer 1
@@ -111,17 +112,15 @@ def auto_anchor_below(position_offsets: bool) -> float:
 
 
 def auto_curriculum(tasks: list[str], n_len: int) -> str:
-    """The default curriculum of these tasks: the copy helper always; 30% cumsum rows too when a task has fewer
-    than ``FEW_INPUTS`` distinct inputs at some evaluated length (4..n_len).
+    """The default curriculum of these tasks: the copy helper always; the polynomial helper too when a task has
+    fewer than ``FEW_INPUTS`` distinct inputs at some evaluated length (4..n_len).
 
     Why (benchmarks/results/seed_sweep_notes.md): such a task has few training inputs there (parity: 8 at L = 4,
-    the other 8 are test inputs), and a model memorises them instead of looking x_t up; rows of a task with many
-    inputs train the same (length, position) look-ups on inputs it cannot memorise (with polynomial rows parity
-    reached 1.000 at every length). Cumsum rather than polynomial (session 11): with polynomial rows, layer 1 of
-    most binary-copy runs never anchored on EoI (attn0 peakiness < 0.2 by step 1,000 in 7 of 12 first attempts,
-    and their heads stayed partial), with cumsum rows it did in every screened seed; cumsum itself anchors in
-    every run. On tasks with plenty of inputs (cumsum, s3_product) a helper kept the head from forming, so they
-    do without it."""
+    the other 8 are test inputs), and a model memorises them instead of looking x_t up; polynomial rows train the
+    same (length, position) look-ups on inputs it cannot memorise (parity then reached 1.000 at every length). On
+    tasks with plenty of inputs (cumsum, s3_product) the same helper kept the head from forming, so they do
+    without it. Cumsum rows instead (session 11) made layer 1 anchor on EoI in binary copy, but its heads then
+    formed late or not at all: binary copy seeds 0-9 did no better (seed_sweep.md, ``cumsum-helper-s11``)."""
     return COPY_HELPER + ("," + FEW_INPUTS_HELPER if few_inputs(tasks, n_len) else "")
 
 
@@ -179,7 +178,7 @@ class TrainConfig:
     # data (resolve_config); the run stores the curriculum it resolved to.
     curriculum: str = field(default=AUTO, metadata=_help(
         "helper tasks, TASK:SHARE:STEPS[,...]: SHARE of the rows at step 0, fading to none over STEPS (0 = constant); "
-        "'' for none; auto = binary_copy:0.5:3000, plus cumsum:0.3:0 for a task with fewer than 256 distinct "
+        "'' for none; auto = binary_copy:0.5:3000, plus polynomial:0.3:0 for a task with fewer than 256 distinct "
         "inputs at some length from 4 (binary tasks)"))
     length_warmup: int = field(default=0, metadata=_help("steps over which the longest length grows from 1 to n_len"))
     # Once the head forms, runs that miss 0.99 miss whole lengths: draw the lengths still wrong more often.
@@ -234,20 +233,20 @@ class TrainConfig:
         "attn1 mass under which --restart-at restarts; auto = 0.4, or 0.22 for a task with fewer than 256 distinct "
         "inputs at some length from 4 (binary tasks)"))
     # Layer 1's anchor is decided early: an attempt whose layer 1 has not found EoI by step 1,000 (attn0 peakiness
-    # below 0.2 at every evaluation so far) settled on another anchor, and its head stays partial (auto_anchor_below).
-    # A restart there costs 1,000 steps.
-    anchor_at: int = field(default=1000, metadata=_help(
+    # below 0.2 at every evaluation so far) settled on another anchor, and its head never formed (0 of 8 recorded
+    # attempts; auto_anchor_below). A restart there costs 1,000 steps. Off by default: in binary copy most fresh
+    # attempts do not anchor either, and on seeds 0-5 restarting them gained no run (seed_sweep.md, anchor-s11).
+    anchor_at: int = field(default=0, metadata=_help(
         "at the first evaluation from this step on, restart from a fresh initialisation if layer 1 has not anchored "
         "on EoI (attn0 peakiness below --anchor-below at every evaluation so far); 0 = never"))
     # None = auto (auto_anchor_below): 0.2 with position offsets, 0 (never) without.
     anchor_below: float | None = field(default=None, metadata=_help(
         "attn0 peakiness under which --anchor-at restarts; auto = 0.2 with --position-offsets, 0 (never) without"))
-    # Restarts share the run's step budget (max_steps), so they never make a run longer: three restarts at most,
-    # each leaving the next attempt at least the steps this one had when judged (e.g. three anchor restarts at
-    # step 1,000 leave 6,000 steps; a plateau restart at step 3,000 leaves 6,000, or 5,000 after an anchor restart).
-    # A plateaued attempt almost never forms the head later (seed_sweep.md, "The plateau restart's evidence"), so a
-    # shorter fresh attempt is the better use of the steps left.
-    max_restarts: int = field(default=3, metadata=_help(
+    # Restarts share the run's step budget (max_steps), so they never make a run longer; each must leave the next
+    # attempt at least the steps this one had when judged. One by default: after a second plateau restart at step
+    # 3,000 the last attempt of a 9,000-step run would have 3,000 steps, fewer than the head takes to form in most
+    # runs. With --anchor-at 1000, --max-restarts 3 allows three anchor restarts (6,000 steps left).
+    max_restarts: int = field(default=1, metadata=_help(
         "restarts at most (they share --max-steps; the wall time of every attempt counts)"))
     attempt: int = 0  # which attempt of the run this is (restarts); not a flag
     restarted_at: tuple[int, ...] = ()  # the step at which each earlier attempt stopped; not a flag
