@@ -117,3 +117,15 @@ def test_detect_run_on_the_bundled_polynomial_model():
     assert det["paper_head"] and det["circuit"] == "iteration head (layer 1)"
     layer0, layer1 = det["attention"]
     assert layer0["top_target"] == "EoI" and layer1["top_target"] == "x_t" and layer1["mass_x_t"] > 0.8
+
+
+def test_anchor_probe_shows_the_bundled_circuit_step_by_step():
+    """benchmarks/anchor_probe.py on the bundled polynomial-cot: layer 2 reads x_t at every step of L = 6."""
+    spec = importlib.util.spec_from_file_location("anchor_probe", ROOT / "benchmarks" / "anchor_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    rows = [r.split(" | ") for r in probe.probe(ROOT / "hf_iterheads" / "checkpoints" / "polynomial-cot", "polynomial", [6])
+            if r.startswith("| 6 |")]
+    assert [int(r[1]) for r in rows] == list(range(1, 7))
+    assert all(float(r[4]) >= 0.9 for r in rows)  # layer 2 -> x_t
+    assert all(abs(sum(float(x) for x in r[4:7]) - 1) < 0.02 for r in rows)  # x_t, EoI, other: every sequence once
