@@ -92,9 +92,9 @@ def auto_restart_below(tasks: list[str], n_len: int) -> float:
     (``few_inputs``: the binary tasks).
 
     Why (benchmarks/results/seed_sweep.md, "The plateau restart's evidence": the step-3,000 layer-2 mass on x_t of
-    every recorded mixed-length attempt against its outcome): the binary tasks' heads form late. 4 of the 9 binary
+    every recorded mixed-length attempt against its outcome): the binary tasks' heads form late. 4 of the 14 binary
     attempts between 0.22 and 0.4 formed the head, at steps 4,000-5,500, where the 0.4 that restarts the other
-    tasks would have thrown them away; none of the 4 below 0.22 formed it (peakiness at most 0.18): those are the
+    tasks would have thrown them away; none of the 6 below 0.22 formed it (peakiness at most 0.18): those are the
     ones to restart."""
     return FEW_INPUTS_RESTART_BELOW if few_inputs(tasks, n_len) else RESTART_BELOW
 
