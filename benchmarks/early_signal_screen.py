@@ -29,7 +29,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from seed_sweep import parse_seeds  # this folder's sibling script (run from the repository root)
+from seed_sweep import best_anchor, parse_seeds  # this folder's sibling script (run from the repository root)
 
 from hf_iterheads.outputs import read_jsonl
 from hf_iterheads.training import FAST
@@ -71,9 +71,7 @@ def screen(name: str, flags: str, task: str, seed: int, until: int, threads: int
     curve = {r["step"]: {k: None if r.get(k) is None else round(r[k], 3) for k in keys} for r in rows if r.get("task") == task}
     at = max((s for s in curve if s <= until), default=None)
     mass = curve[at]["attn1_mass"] if at is not None else None
-    # the anchor check's signal: layer 1's best attn0 peakiness (on EoI) at the evaluations up to --until
-    anchor = max((c["attn0_peakiness"] for s, c in curve.items() if 0 < s <= until and c["attn0_peakiness"] is not None),
-                 default=None)
+    anchor = best_anchor(((s, c["attn0_peakiness"]) for s, c in curve.items()), until)
     return {"candidate": name, "flags": flags, "task": task, "seed": seed, "seconds": round(time.time() - start, 1),
             "signal_step": at, "attn1_mass": mass, "forming": mass is not None and mass >= signal(task), "signal": signal(task),
             "anchor": anchor, "curve": curve, "error": err}

@@ -102,21 +102,32 @@ def parse_seeds(text: str) -> list[int]:
 # --- reading a run --------------------------------------------------------------------------------------------
 
 
-def read_curve(run_dir: Path, task: str) -> list[dict[str, Any]]:
-    """The run's periodic evaluations of ``task`` (``metrics.jsonl`` ``eval`` records), compacted."""
+RESTART_EVENTS = ("unanchored", "plateau")  # the metrics.jsonl events that end an attempt (training.callbacks)
+
+
+def read_records(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of ``run_dir/metrics.jsonl`` (none when it is missing; a line cut by a kill is skipped)."""
     path = run_dir / "metrics.jsonl"
-    curve = []
-    if not path.is_file():
-        return curve
-    for line in path.read_text().splitlines():
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
         try:
-            r = json.loads(line)
+            records.append(json.loads(line))
         except json.JSONDecodeError:
-            continue  # a line cut by a kill
-        if r.get("kind") == "eval" and r.get("task") == task:
-            curve.append({k: (round(r[k], 4) if isinstance(r.get(k), float) else r.get(k)) for k in CURVE_KEYS})
+            continue
+    return records
+
+
+def curve_of(records: list[dict], task: str) -> list[dict[str, Any]]:
+    """The periodic evaluations of ``task`` among ``records`` (``eval`` records), compacted."""
+    curve = [{k: (round(r[k], 4) if isinstance(r.get(k), float) else r.get(k)) for k in CURVE_KEYS}
+             for r in records if r.get("kind") == "eval" and r.get("task") == task]
     # a resumed/restarted log may repeat steps: keep the last record per step
     return list({r["step"]: r for r in curve}.values())
+
+
+def read_curve(run_dir: Path, task: str) -> list[dict[str, Any]]:
+    """The run's periodic evaluations of ``task`` (``metrics.jsonl`` ``eval`` records), compacted."""
+    return curve_of(read_records(run_dir), task)
 
 
 def read_restarts(run_dir: Path, task: str) -> list[dict[str, Any]]:
@@ -124,11 +135,16 @@ def read_restarts(run_dir: Path, task: str) -> list[dict[str, Any]]:
     and its evaluation curve, for the restart rules' evidence."""
     out = []
     for d in sorted((p for p in (run_dir / "attempts").glob("*") if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)):
-        events = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()
-                  if '"kind": "unanchored"' in line or '"kind": "plateau"' in line] if (d / "metrics.jsonl").is_file() else []
-        out.append({"attempt": int(d.name), "kind": events[-1]["kind"] if events else None,
-                    "step": events[-1]["step"] if events else None, "curve": read_curve(d, task)})
+        records = read_records(d)
+        stop = next((r for r in reversed(records) if r.get("kind") in RESTART_EVENTS), {})
+        out.append({"attempt": int(d.name), "kind": stop.get("kind"), "step": stop.get("step"), "curve": curve_of(records, task)})
     return out
+
+
+def best_anchor(points, until: int = 1000) -> float | None:
+    """The anchor check's signal: the best attn0 peakiness (layer 1 on EoI) among (step, peakiness) evaluations
+    at steps 1..``until`` (None when there is none)."""
+    return max((p for step, p in points if 0 < step <= until and p is not None), default=None)
 
 
 def first(curve: list[dict], test) -> tuple[int | None, float | None]:
@@ -592,10 +608,11 @@ def anchor_evidence(records: list[dict]) -> list[str]:
         tries = [(a.get("kind") or "restarted", None, a["curve"]) for a in r.get("restarts") or []]
         tries.append(("end", r, r["curve"]))
         for kind, run, curve in tries:
-            early = [c["attn0_peakiness"] for c in curve if 0 < c["step"] <= ANCHOR_STEP and c["attn0_peakiness"] is not None]
-            if len(early) < 2:
+            if sum(0 < c["step"] <= ANCHOR_STEP for c in curve) < 2:
                 continue  # an attempt without its step-500 and step-1,000 evaluations (an older restart's record)
-            attempts.setdefault((r["task"], max(early) >= ANCHOR_BELOW), []).append((kind, run, curve))
+            anchor = best_anchor(((c["step"], c["attn0_peakiness"]) for c in curve), ANCHOR_STEP)
+            if anchor is not None:
+                attempts.setdefault((r["task"], anchor >= ANCHOR_BELOW), []).append((kind, run, curve))
     for (task, anchored), group in sorted(attempts.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0][1])):
         ended = [(run, curve) for kind, run, curve in group if kind == "end"]
         peaks = [max(c["attn1_peakiness"] or 0 for c in curve) for _, curve in ended]
