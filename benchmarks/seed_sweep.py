@@ -154,6 +154,18 @@ def first(curve: list[dict], test) -> tuple[int | None, float | None]:
     return None, None
 
 
+PER_RUN_KEYS = ("output_dir", "seed", "threads", "attempt", "restarted_at")  # run_config.json keys that vary per run
+
+
+def recipe_config(run_dir: Path) -> dict[str, Any] | None:
+    """The run's resolved configuration (``run_config.json``) less what differs between runs of one recipe: what
+    the recipe's flags meant when it ran, so a later change of defaults cannot silently relabel its rows."""
+    path = run_dir / "run_config.json"
+    if not path.is_file():
+        return None
+    return {k: v for k, v in json.loads(path.read_text()).items() if k not in PER_RUN_KEYS}
+
+
 def summarize_run(run_dir: Path, task: str) -> dict[str, Any]:
     """Milestones from the curve, final numbers from ``eval_results.json`` (None where the run has none)."""
     curve = read_curve(run_dir, task)
@@ -163,7 +175,7 @@ def summarize_run(run_dir: Path, task: str) -> dict[str, Any]:
     solved = first(periodic, lambda r: (r["attn1_peakiness"] or 0) >= FORMED and (r["accuracy"] or 0) >= SOLVED)
     out: dict[str, Any] = {"formed_step": formed[0], "formed_s": formed[1], "acc99_step": acc99[0], "acc99_s": acc99[1],
                            "solved_step": solved[0], "solved_s": solved[1], "curve": curve,
-                           "restarts": read_restarts(run_dir, task)}
+                           "restarts": read_restarts(run_dir, task), "config": recipe_config(run_dir)}
     out["attempts"] = 1 + len(out["restarts"])
     path = run_dir / "eval_results.json"
     if path.is_file():
@@ -460,6 +472,46 @@ def _at(curve: list[dict], step: int, key: str) -> float | None:
     return next((r[key] for r in curve if r["step"] == step), None)
 
 
+# Which recorded recipe is today's default for each task: rows whose flags resolve to exactly the plain command's
+# configuration (tests/test_seed_sweep.py checks it against training.config), so they are the default's results.
+DEFAULT_ROWS = {"binary_copy": "cumsum12k-s11", "parity": "cumsum12k-s11", "polynomial": "steps12k-s12",
+                "cumsum": "default", "s3_product": "default"}
+GOAL = 9  # of seeds 0-9 (issue 12)
+
+
+def default_table(records: list[dict]) -> list[str]:
+    """The issue's goal, task by task, from the rows of ``DEFAULT_ROWS`` (seeds 0-9; other seeds listed apart)."""
+    lines = ["## Today's default against the goal (seeds 0-9; 9 of 10 per task)", "",
+             "The plain command `hf-iterheads train --task T --seed S --output-dir D`, on the rows recorded under "
+             "the recipe whose flags resolve to it (`DEFAULT_ROWS`).", "",
+             "| task | rows | success (seeds 0-9) | goal | head formed at step | 0.99 at step | wall s | failed seeds: "
+             "final accuracy, attn1, circuit | other seeds |", "|---|---|---|---|---|---|---|---|---|"]
+    for task in TASKS:
+        rec = DEFAULT_ROWS[task]
+        rs = sorted((r for r in records if r["recipe"] == rec and r["task"] == task and r["status"] == "ok"),
+                    key=lambda r: r["seed"])
+        main, other = [r for r in rs if r["seed"] < 10], [r for r in rs if r["seed"] >= 10]
+        if not main:
+            continue
+        n_ok = sum(r["success"] for r in main)
+
+        def spread(key: str) -> str:
+            vals = [r[key] for r in main if r.get(key) is not None]
+            return f"{min(vals)}-{max(vals)} ({len(vals)} runs)" if vals else "-"
+
+        fails = "; ".join(f"{r['seed']}: {_f(r.get('accuracy'))}, {_f(r.get('attn1'))}, {circuit_class(r)}"
+                          + (f" ({r['attempts']} attempts)" if (r.get("attempts") or 1) > 1 else "")
+                          for r in main if not r["success"]) or "none"
+        others = (f"{sum(r['success'] for r in other)} of {len(other)} (seeds {other[0]['seed']}-{other[-1]['seed']})"
+                  if other else "-")
+        walls = [r["wall_s"] for r in main]
+        verdict = "met" if n_ok >= GOAL else "not met" if len(main) - n_ok > 10 - GOAL else "pending"
+        lines.append(f"| {task} | {rec} | **{n_ok} of {len(main)}** | {verdict} "
+                     f"| {spread('formed_step')} | {spread('acc99_step')} | {min(walls):.0f}-{max(walls):.0f} "
+                     f"| {fails} | {others} |")
+    return lines + [""]
+
+
 def render(records: list[dict], notes: Path | None) -> str:
     recipes = list(dict.fromkeys(r["recipe"] for r in records))
     order = {t: i for i, t in enumerate(TASKS)}
@@ -468,6 +520,7 @@ def render(records: list[dict], notes: Path | None) -> str:
              "every number below is from a run recorded there. Success = final accuracy >= 0.99 (mean L = 4..16, full "
              "test split) AND final attn1 peakiness >= 0.9 AND the detector ranks a layer-1 (0-based; the paper's "
              "layer 2) head first and flags it.", ""]
+    lines += default_table(records)
     if notes is not None and notes.is_file():
         lines += [notes.read_text().rstrip(), ""]
     lines += ["## Success counts", "", "| recipe | flags | task | runs finished | success | acc >= 0.99 | attn1 >= 0.9 "

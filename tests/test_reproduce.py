@@ -22,8 +22,9 @@ def test_plan_covers_every_experiment_of_the_issue():
         scratch = [j for j in jobs.values() if j.task == task and j.meta.get("cot") and j.meta["layers"] == 2
                    and j.meta["kind"] in ("grid", "seed")]
         assert sorted(j.meta["seed"] for j in scratch) == list(range(QUICK.seeds))
-        assert all(j.steps == QUICK.main_steps and "--stop-when-solved" in j.train_args and "--init-from" not in j.train_args
-                   for j in scratch)
+        budget = 12000  # the three paper tasks' default (auto_max_steps)
+        assert all(j.steps == budget and j.train_args[j.train_args.index("--max-steps") + 1] == str(budget)
+                   and "--stop-when-solved" in j.train_args and "--init-from" not in j.train_args for j in scratch)
         assert [f"--seed {j.meta['seed']}" in " ".join(j.train_args) for j in scratch] == [True] * QUICK.seeds
     assert all(j.deps == ("polynomial-cot-2L",) and "@polynomial-cot-2L" in j.train_args for j in transfer)
     assert {j.meta["width"] for j in jobs.values() if j.meta["kind"] == "width"} == set(QUICK.widths)

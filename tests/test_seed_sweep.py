@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -129,3 +130,28 @@ def test_anchor_probe_shows_the_bundled_circuit_step_by_step():
     assert [int(r[1]) for r in rows] == list(range(1, 7))
     assert all(float(r[4]) >= 0.9 for r in rows)  # layer 2 -> x_t
     assert all(abs(sum(float(x) for x in r[4:7]) - 1) < 0.02 for r in rows)  # x_t, EoI, other: every sequence once
+
+
+def test_default_rows_are_the_plain_command():
+    """The rows that seed_sweep.md reports as today's default were run with flags that resolve to exactly the plain
+    command's configuration (so a changed default, or a wrong DEFAULT_ROWS, fails here)."""
+    import dataclasses
+
+    from hf_iterheads.cli import build_parser
+    from hf_iterheads.training.config import resolve_config
+
+    def config(task: str, flags: list[str]) -> dict:
+        args = build_parser().parse_args(["train", "--task", task, "--seed", "3", "--output-dir", "x", *flags])
+        resolved = json.loads(json.dumps(dataclasses.asdict(resolve_config(args))))  # as run_config.json holds it
+        return {k: v for k, v in resolved.items() if k not in sweep.PER_RUN_KEYS}
+
+    records = sweep.load_records(ROOT / "benchmarks" / "results" / "seed_sweep.jsonl")
+    assert set(sweep.DEFAULT_ROWS) == set(sweep.TASKS)
+    for task, recipe in sweep.DEFAULT_ROWS.items():
+        flags = {r["flags"] for r in records if r["recipe"] == recipe and r["task"] == task}
+        assert len(flags) == 1, (task, recipe, flags)
+        assert config(task, shlex.split(flags.pop())) == config(task, []), (task, recipe)
+        stored = [r["config"] for r in records if r["recipe"] == recipe and r["task"] == task and r.get("config")]
+        assert all(c == config(task, []) for c in stored), (task, recipe)  # what the runs really resolved to
+        assert stored or recipe == "default", (task, recipe)  # rows since session 12 record their configuration
+    assert "## Today's default against the goal" in sweep.render(records, None)

@@ -299,10 +299,10 @@ def test_curriculum_and_adaptive_lengths_are_defaults_of_online_training_only():
         assert isinstance(args, argparse.Namespace)
         return resolve_config(args)
 
-    assert FAST.curriculum == "auto"  # resolved per task: polynomial rows for tasks with few distinct inputs
-    assert cfg().curriculum == "binary_copy:0.5:3000,polynomial:0.3:0"  # parity: 8 training inputs at L = 4
+    assert FAST.curriculum == "auto"  # resolved per task: cumsum rows for tasks with few distinct inputs
+    assert cfg().curriculum == "binary_copy:0.5:3000,cumsum:0.3:0"  # parity: 8 training inputs at L = 4
     assert cfg("--task", "cumsum").curriculum == "binary_copy:0.5:3000"
-    assert cfg("--task", "cumsum", "--n-len", "2").curriculum == "binary_copy:0.5:3000,polynomial:0.3:0"  # 121 inputs
+    assert cfg("--task", "s3_product", "--n-len", "2").curriculum == "binary_copy:0.5:3000,cumsum:0.3:0"  # 36 inputs
     assert cfg("--task", "cumsum", "--curriculum", "auto").curriculum == "binary_copy:0.5:3000"
     assert cfg("--init-from", "polynomial-cot").curriculum == ""
     assert cfg("--data", "fixed").curriculum == ""
@@ -330,6 +330,14 @@ def test_curriculum_and_adaptive_lengths_are_defaults_of_online_training_only():
     assert cfg("--task", "polynomial").restart_below == 0.4 and cfg("--task", "cumsum,s3_product").restart_below == 0.4
     assert cfg("--task", "polynomial,parity").restart_below == 0.22 and cfg("--task", "cumsum", "--n-len", "2").restart_below == 0.22
     assert cfg("--restart-below", "0.3").restart_below == 0.3 and cfg("--task", "polynomial").restart_at == 3000
+    # the step budget: 9,000 for cumsum and s3_product (early heads), 12,000 otherwise; --epochs or --max-steps replace it
+    assert FAST.max_steps is None and PAPER.max_steps is None and PAPER.epochs == 1000
+    assert (cfg().max_steps, cfg("--task", "binary_copy").max_steps, cfg("--task", "polynomial").max_steps) == (12000, 12000, 12000)
+    assert cfg("--task", "cumsum,s3_product").max_steps == 9000 and cfg("--task", "cumsum", "--n-len", "2").max_steps == 12000
+    assert cfg("--task", "cumsum,polynomial").max_steps == 12000
+    assert cfg("--max-steps", "500").max_steps == 500 and (cfg("--epochs", "3").max_steps, cfg("--epochs", "3").epochs) == (None, 3)
+    assert (cfg("--recipe", "paper").max_steps, cfg("--recipe", "paper").epochs) == (None, 1000)
+    assert (cfg("--recipe", "paper", "--max-steps", "50").max_steps, cfg("--recipe", "paper", "--max-steps", "50").epochs) == (50, None)
 
 
 def test_bad_max_train_len_is_one_line(tmp_path, capsys):
@@ -398,7 +406,7 @@ def test_the_plateau_signal_reads_the_layer2_mass_and_only_where_there_is_one():
 def test_restarts_share_the_runs_step_budget():
     # --max-steps is the whole run's: an attempt restarted at step 3,000 leaves the next one 6,000 of the 9,000.
     cfg = TrainConfig(restart_at=3000, eval_every=500, max_steps=9000)
-    assert FAST.max_steps == 9000 and cfg.restart_step == 3000 and TrainConfig(restart_at=2700, eval_every=500).restart_step == 3000
+    assert FAST.max_steps is None and cfg.restart_step == 3000 and TrainConfig(restart_at=2700, eval_every=500).restart_step == 3000
     assert cfg.attempt_steps(9000) == 9000 and replace(cfg, attempt=1, restarted_at=(3000,)).attempt_steps(9000) == 6000
     # a restart must leave the next attempt at least the steps this one had when judged; --max-restarts at most
     assert not replace(cfg, attempt=1, restarted_at=(3000,)).may_restart(9000, 1000)  # --max-restarts 1 (default)

@@ -40,7 +40,7 @@ from ..errors import IterHeadsError
 from ..evaluation import FORMED, SOLVED, first_step
 from ..outputs import check_writable, write_json_atomic
 from ..tasks import PAPER_TASKS
-from ..training.config import FAST
+from ..training.config import auto_max_steps
 from .report import update_readme, write_report
 
 VARIANTS = (("cot", 2), ("nocot", 2), ("cot", 1))  # the paper's ablations: CoT vs none, 2 layers vs 1
@@ -53,7 +53,9 @@ class Scale:
     name: str
     recipe: str  # training recipe of every run (training.RECIPES)
     n_len: int
-    main_steps: int  # CoT, 2 layers, from scratch: every task and seed (stopped once solved), the length run
+    # CoT, 2 layers, from scratch: every task and seed (stopped once solved), the length run; None = each task's
+    # default budget (training.config.auto_max_steps)
+    main_steps: int | None
     short_steps: int  # no-CoT and 1-layer runs
     transfer_steps: int  # fine-tuning budget of the transfer runs
     width_steps: int
@@ -72,7 +74,7 @@ class Scale:
 # The quick scale is the default recipe throughout. Fine-tuning uses the paper's learning rate: at 1e-3 the
 # transferred head was first disrupted, then relearned.
 # The width sweep's wide end is the main run (d = 128); d = 16 is the narrow end.
-QUICK = Scale("quick", "fast", 16, main_steps=FAST.max_steps, short_steps=2000, transfer_steps=2500, width_steps=4000,
+QUICK = Scale("quick", "fast", 16, main_steps=None, short_steps=2000, transfer_steps=2500, width_steps=4000,
               seeds=3, transfer_seeds=2, widths=(16,), train_len=12, per_length=1024, eval_every=500, curve_every=250,
               probes=64, transfer_args=("--lr", "3e-4"))
 FULL = Scale("full", "paper", 16, main_steps=64000, short_steps=64000, transfer_steps=64000, width_steps=64000, seeds=5,
@@ -108,6 +110,7 @@ def plan(scale: Scale) -> list[Job]:
 
     def add(name, task, steps, extra=(), deps=(), detect=None, **meta):
         meta = {"task": task, "cot": True, "layers": 2, "width": 128, "seed": 0, **meta}
+        steps = steps or auto_max_steps([task], scale.n_len)
         args = ["--task", task, *common, "--max-steps", str(steps), "--seed", str(meta["seed"]), *extra]
         if not meta["cot"]:
             args.append("--no-cot")

@@ -56,7 +56,7 @@ def parse_curriculum(spec: str) -> tuple[Helper, ...]:
 
 AUTO = "auto"
 COPY_HELPER = "binary_copy:0.5:3000"
-FEW_INPUTS_HELPER = "polynomial:0.3:0"  # for tasks with few distinct inputs (auto_curriculum)
+FEW_INPUTS_HELPER = "cumsum:0.3:0"  # for tasks with few distinct inputs (auto_curriculum)
 FEW_INPUTS = 256
 
 
@@ -112,16 +112,39 @@ def auto_anchor_below(position_offsets: bool) -> float:
 
 
 def auto_curriculum(tasks: list[str], n_len: int) -> str:
-    """The default curriculum of these tasks: the copy helper always; the polynomial helper too when a task has
-    fewer than ``FEW_INPUTS`` distinct inputs at some evaluated length (4..n_len).
+    """The default curriculum of these tasks: the copy helper always; a constant 30% of cumsum rows too when a
+    task has fewer than ``FEW_INPUTS`` distinct inputs at some evaluated length (4..n_len).
 
     Why (benchmarks/results/seed_sweep_notes.md): such a task has few training inputs there (parity: 8 at L = 4,
-    the other 8 are test inputs), and a model memorises them instead of looking x_t up; polynomial rows train the
-    same (length, position) look-ups on inputs it cannot memorise (parity then reached 1.000 at every length). On
-    tasks with plenty of inputs (cumsum, s3_product) the same helper kept the head from forming, so they do
-    without it. Cumsum rows instead (session 11) made layer 1 anchor on EoI in binary copy, but its heads then
-    formed late or not at all: binary copy seeds 0-9 did no better (seed_sweep.md, ``cumsum-helper-s11``)."""
+    the other 8 are test inputs), and a model memorises them instead of looking x_t up; rows of a task with many
+    inputs train the same (length, position) look-ups on inputs it cannot memorise. Polynomial rows did that at
+    first (parity 8 of 10 seeds, binary copy 3 of 10), but in binary copy layer 1 then often anchored on the task
+    token instead of EoI (a partial head, the last step confused with EoI). Cumsum rows, which share position
+    offsets with the binary tasks, made layer 1 anchor on EoI in all 10 binary-copy runs; with the 12,000-step
+    budget (auto_max_steps) they gave binary copy 8 of 10 and parity 10 of 10 (seed_sweep.md, ``cumsum12k-s11``).
+    On tasks with plenty of inputs (cumsum, s3_product) a permanent helper kept the head from forming (polynomial
+    rows: accuracy 0.01-0.02), so they do without it."""
     return COPY_HELPER + ("," + FEW_INPUTS_HELPER if few_inputs(tasks, n_len) else "")
+
+
+MAX_STEPS, QUICK_MAX_STEPS = 12000, 9000  # the run's step budget (auto_max_steps)
+QUICK_TASKS = ("cumsum", "s3_product")  # heads that form early, restarts that are rare: 9,000 steps
+
+
+def auto_max_steps(tasks: list[str], n_len: int) -> int:
+    """The default of ``--max-steps`` (unless ``--epochs`` is given): 12,000 steps, or 9,000 when every task is in
+    ``QUICK_TASKS`` (cumsum, s3_product) and none has few distinct inputs (``few_inputs``).
+
+    Why (benchmarks/results/seed_sweep.md): at 9,000 steps an attempt restarted at step 3,000 had 6,000 steps, and
+    that was where binary copy, parity and polynomial failed: parity seeds 0 and 3 and polynomial seed 1 formed the
+    head late in the second attempt and ended short of 0.99; none of the restarted binary-copy runs succeeded. The
+    binary tasks' heads also form late (steps 3,000-10,500) and sharpen for thousands of steps after. With 12,000
+    steps parity went from 8 to 10 of 10 seeds, binary copy (with cumsum rows) from 4 to 8, polynomial from 8 to
+    9 (rows ``cumsum12k-s11`` and ``steps12k-s12``), at 414-603 s per binary run and 445-481 s per polynomial
+    run two at a time on the 2-core Xeon. Cumsum and s3_product formed the head in 10 of 10 seeds at 9,000 steps
+    (at steps 2,000-4,500, one restart in 20 runs), so they keep the shorter run."""
+    quick = all(t in QUICK_TASKS for t in tasks) and not few_inputs(tasks, n_len)
+    return QUICK_MAX_STEPS if quick else MAX_STEPS
 
 
 def _help(text: str, **extra) -> dict:
@@ -173,12 +196,12 @@ class TrainConfig:
         "one length per batch, as the paper's loader (the default mixes lengths in every batch, padded)"))
     task_weights: list[float] | None = field(default=None, metadata=_help("mixture weights, one per --task, e.g. 0.3,0.7"))
     # "auto": binary copy fading out for every task (copy needs exactly the circuit's attention with a trivial
-    # MLP, so it teaches the head before the harder F), plus a constant share of polynomial rows for tasks with
+    # MLP, so it teaches the head before the harder F), plus a constant share of cumsum rows for tasks with
     # few distinct inputs at the evaluated lengths (auto_curriculum). Applies to training from scratch on online
     # data (resolve_config); the run stores the curriculum it resolved to.
     curriculum: str = field(default=AUTO, metadata=_help(
         "helper tasks, TASK:SHARE:STEPS[,...]: SHARE of the rows at step 0, fading to none over STEPS (0 = constant); "
-        "'' for none; auto = binary_copy:0.5:3000, plus polynomial:0.3:0 for a task with fewer than 256 distinct "
+        "'' for none; auto = binary_copy:0.5:3000, plus cumsum:0.3:0 for a task with fewer than 256 distinct "
         "inputs at some length from 4 (binary tasks)"))
     length_warmup: int = field(default=0, metadata=_help("steps over which the longest length grows from 1 to n_len"))
     # Once the head forms, runs that miss 0.99 miss whole lengths: draw the lengths still wrong more often.
@@ -202,11 +225,14 @@ class TrainConfig:
         "over --decay-steps and stop)"))
     decay_steps: int = field(default=4000, metadata=_help("formed-cosine: decay steps after the head forms"))
     epochs: int | None = field(default=None, metadata=_help("epochs (paper: 1000 of 64 steps)", group="length"))
-    # The run's whole budget, restarts included: an attempt restarted at step 3,000 leaves the next one 6,000.
-    # 9,000 steps took 801-828 s two at a time on the slowest 2-core CPU we measured (a run may take 15 minutes),
-    # and heads that form late (parity, some s3_product seeds: still sharpening at step 6,000) get to finish.
-    max_steps: int | None = field(default=9000, metadata=_help(
-        "optimizer steps in all: an attempt after a restart gets what the attempts before it left", group="length"))
+    # The run's whole budget, restarts included: an attempt restarted at step 3,000 leaves the next one the rest.
+    # None = auto (auto_max_steps, unless --epochs is given): 12,000, and 9,000 for cumsum and s3_product, whose
+    # heads form early. 12,000 steps took 414-603 s two at a time on the 2-core Xeon (a run may take 15 minutes;
+    # 9,000 took 801-828 s on the slowest 2-core CPU we measured).
+    max_steps: int | None = field(default=None, metadata=_help(
+        "optimizer steps in all: an attempt after a restart gets what the attempts before it left; auto = 12,000, "
+        "or 9,000 for cumsum and s3_product",
+        group="length"))
     grad_accum: int = field(default=1, metadata=_help("gradient accumulation steps"))
     mixed_precision: MixedPrecision = field(default="no", metadata=_help("no, fp16 or bf16"))
     compile: bool = field(default=False, metadata=_help("torch.compile the model (inductor)"))
@@ -259,6 +285,8 @@ class TrainConfig:
         if self.curriculum == AUTO and self.tasks:
             self.curriculum = auto_curriculum(self.tasks, self.n_len)
         self.helpers = parse_curriculum("" if self.curriculum == AUTO else self.curriculum)  # not a field: not saved
+        if self.max_steps is None and self.epochs is None and self.tasks:
+            self.max_steps = auto_max_steps(self.tasks, self.n_len)
         if self.position_offsets is None and self.tasks:
             self.position_offsets = auto_position_offsets(self.tasks)
         if self.restart_below is None and self.tasks:
@@ -339,7 +367,7 @@ def _comma(kind: type):
 
 
 # fields whose None means "chosen from the tasks" (TrainConfig.__post_init__)
-AUTO_FIELDS = ("position_offsets", "restart_below", "anchor_below")
+AUTO_FIELDS = ("max_steps", "position_offsets", "restart_below", "anchor_below")
 
 
 def shown(value) -> str:
@@ -349,10 +377,14 @@ def shown(value) -> str:
     return "none" if value in (None, "") else str(value)
 
 
+def is_auto(cfg: TrainConfig, name: str) -> bool:
+    """Whether the recipe leaves field ``name`` to be chosen from the tasks (``--max-steps``: unless ``--epochs``)."""
+    return getattr(cfg, name) is None and name in AUTO_FIELDS and not (name == "max_steps" and cfg.epochs)
+
+
 def _recipe_note(name: str) -> str:
     """`` (default X)``, or `` (fast: X; paper: Y)`` where the recipes differ; nothing for an empty default."""
-    values = {recipe: "auto" if getattr(cfg, name) is None and name in AUTO_FIELDS else shown(getattr(cfg, name))
-              for recipe, cfg in RECIPES.items()}
+    values = {recipe: "auto" if is_auto(cfg, name) else shown(getattr(cfg, name)) for recipe, cfg in RECIPES.items()}
     if len(set(values.values())) > 1:
         return " (" + "; ".join(f"{recipe}: {v}" for recipe, v in values.items()) + ")"
     return "" if values["fast"] in ("none", "") else f" (default {values['fast']})"
