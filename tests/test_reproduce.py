@@ -71,6 +71,10 @@ def test_verdicts_follow_the_numbers():
     assert _verdicts(good + collapse)["parityhas"] == "not reproduced"  # the same share: no difference shown
     no_collapse = collapse[:-1] + [_row("polynomial-cot-1L", 0.9)]
     assert _verdicts(good + no_collapse)["withoutCoT,"].startswith("partly")
+    # parity without CoT at chance (0.5 +- noise) has collapsed; 0.6 is above guessing and above 0.5
+    chance = [r for r in collapse if r["name"] != "parity-nocot-2L"]
+    assert _verdicts(good + chance + [_row("parity-nocot-2L", 0.52)])["withoutCoT,"] == "reproduced"
+    assert _verdicts(good + chance + [_row("parity-nocot-2L", 0.6)])["withoutCoT,"].startswith("partly")
 
 
 def test_transfer_verdict_uses_steps_to_accuracy_on_the_curves():

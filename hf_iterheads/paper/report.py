@@ -14,7 +14,7 @@ import numpy as np
 
 from ..evaluation import FORMED, SOLVED, first_step
 from ..outputs import atomic_file, write_json_atomic
-from ..tasks import PAPER_TASKS
+from ..tasks import PAPER_TASKS, get_task
 
 RESULTS_START, RESULTS_END = "<!-- reproduce:results:start -->", "<!-- reproduce:results:end -->"
 
@@ -110,9 +110,17 @@ def _learn_all(rows: dict[str, dict]) -> dict[str, str]:
     return _finding(*what, measured, verdict)
 
 
+CHANCE_MARGIN = 0.05  # accuracy this close to guessing counts as collapsed (sampling noise on a binary answer)
+
+
+def _guess(task: str, cot: bool) -> float:
+    """Accuracy of guessing the answer: one state token without CoT (parity: 0.5), a whole chain with CoT (~0)."""
+    return 0.0 if cot else 1.0 / len(get_task(task).states)
+
+
 def _collapse(rows: dict[str, dict]) -> dict[str, str]:
     what = ("without CoT, or with 1 layer, accuracy collapses as L grows",
-            "accuracy over the longest quarter of lengths <= 0.5")
+            f"accuracy over the longest quarter of lengths <= 0.5, or within {CHANCE_MARGIN} of guessing")
     needed = [f"{t}-{v}" for t in PAPER_TASKS for v in ("nocot-2L", "cot-1L")]
     if (none := _unjudged(*what, rows, [n for n in needed if n in rows] or needed)) is not None:
         return none
@@ -123,7 +131,8 @@ def _collapse(rows: dict[str, dict]) -> dict[str, str]:
             if long is None:
                 continue
             cells.append(f"{t} {variant} {_f(long, 2)}")
-            collapsed.append(long <= 0.5)
+            # parity without CoT at chance scores 0.5 +- noise: "<= 0.5" alone would be a coin flip
+            collapsed.append(long <= 0.5 or long <= _guess(t, variant.startswith("cot")) + CHANCE_MARGIN)
     verdict = "reproduced" if collapsed and all(collapsed) else (
         f"partly: {sum(collapsed)} of {len(collapsed)} collapse" if any(collapsed) else "not reproduced")
     return _finding(*what, "; ".join(cells) + " (binary copy without CoT only outputs x_L, which needs no iteration)", verdict)
