@@ -479,6 +479,12 @@ DEFAULT_ROWS = {"binary_copy": "cumsum12k-s11", "parity": "cumsum12k-s11", "poly
 GOAL = 9  # of seeds 0-9 (issue 12)
 
 
+def _spread(rows: list[dict], key: str) -> str:
+    """``min-max (n runs)`` of a milestone over the runs that reached it."""
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return f"{min(vals)}-{max(vals)} ({len(vals)} runs)" if vals else "-"
+
+
 def default_table(records: list[dict]) -> list[str]:
     """The issue's goal, task by task, from the rows of ``DEFAULT_ROWS`` (seeds 0-9; other seeds listed apart)."""
     lines = ["## Today's default against the goal (seeds 0-9; 9 of 10 per task)", "",
@@ -495,9 +501,6 @@ def default_table(records: list[dict]) -> list[str]:
             continue
         n_ok = sum(r["success"] for r in main)
 
-        def spread(key: str) -> str:
-            vals = [r[key] for r in main if r.get(key) is not None]
-            return f"{min(vals)}-{max(vals)} ({len(vals)} runs)" if vals else "-"
 
         fails = "; ".join(f"{r['seed']}: {_f(r.get('accuracy'))}, {_f(r.get('attn1'))}, {circuit_class(r)}"
                           + (f" ({r['attempts']} attempts)" if (r.get("attempts") or 1) > 1 else "")
@@ -507,7 +510,7 @@ def default_table(records: list[dict]) -> list[str]:
         walls = [r["wall_s"] for r in main]
         verdict = "met" if n_ok >= GOAL else "not met" if len(main) - n_ok > 10 - GOAL else "pending"
         lines.append(f"| {task} | {rec} | **{n_ok} of {len(main)}** | {verdict} "
-                     f"| {spread('formed_step')} | {spread('acc99_step')} | {min(walls):.0f}-{max(walls):.0f} "
+                     f"| {_spread(main, 'formed_step')} | {_spread(main, 'acc99_step')} | {min(walls):.0f}-{max(walls):.0f} "
                      f"| {fails} | {others} |")
     return lines + [""]
 
