@@ -500,8 +500,6 @@ def default_table(records: list[dict]) -> list[str]:
         if not main:
             continue
         n_ok = sum(r["success"] for r in main)
-
-
         fails = "; ".join(f"{r['seed']}: {_f(r.get('accuracy'))}, {_f(r.get('attn1'))}, {circuit_class(r)}"
                           + (f" ({r['attempts']} attempts)" if (r.get("attempts") or 1) > 1 else "")
                           for r in main if not r["success"]) or "none"

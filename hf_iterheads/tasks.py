@@ -61,6 +61,11 @@ class IterativeTask:
                 raise IterHeadsError(f"task {self.name!r}: {what} must be distinct non-negative integers")
 
     @property
+    def chance(self) -> float:
+        """Accuracy of guessing one state uniformly (parity: 0.5, polynomial: 1/11)."""
+        return 1.0 / len(self.states)
+
+    @property
     def n_values(self) -> int:
         """How many value tokens (0 .. n_values - 1) a vocabulary needs for this task."""
         return max(self.inputs + self.states) + 1

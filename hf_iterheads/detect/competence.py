@@ -112,7 +112,7 @@ def _summary(task: str, lengths: np.ndarray, steps: np.ndarray, hits: np.ndarray
     """Means from the sums; ``steps`` (N, L_max) marks real steps, ``lengths`` (N,) each probe's length."""
     n_steps = int(steps.sum())
     accuracy = float(hits[steps].sum()) / max(n_steps, 1)
-    chance = 1.0 / len(get_task(task).states)
+    chance = get_task(task).chance
     per_length = {}
     for L in sorted(set(lengths.tolist())):
         rows = lengths == L

@@ -115,7 +115,7 @@ CHANCE_MARGIN = 0.05  # accuracy this close to guessing counts as collapsed (sam
 
 def _guess(task: str, cot: bool) -> float:
     """Accuracy of guessing the answer: one state token without CoT (parity: 0.5), a whole chain with CoT (~0)."""
-    return 0.0 if cot else 1.0 / len(get_task(task).states)
+    return 0.0 if cot else get_task(task).chance
 
 
 def _collapse(rows: dict[str, dict]) -> dict[str, str]:
