@@ -326,10 +326,16 @@ def test_curriculum_and_adaptive_lengths_are_defaults_of_online_training_only():
     assert cfg("--task", "cumsum", "--recipe", "paper").position_offsets is False
     # the plateau restart's threshold: 0.4, and 0.22 for the binary tasks (late heads); the paper's recipe never restarts
     assert FAST.restart_below is None and PAPER.restart_at == 0
-    assert cfg().restart_below == 0.22 and cfg("--task", "binary_copy").restart_below == 0.22
+    assert cfg().restart_below == 0.22 and cfg("--task", "parity", "--restart-at", "1000").restart_below == 0.4
     assert cfg("--task", "polynomial").restart_below == 0.4 and cfg("--task", "cumsum,s3_product").restart_below == 0.4
     assert cfg("--task", "polynomial,parity").restart_below == 0.22 and cfg("--task", "cumsum", "--n-len", "2").restart_below == 0.22
     assert cfg("--restart-below", "0.3").restart_below == 0.3 and cfg("--task", "polynomial").restart_at == 3000
+    # binary copy is judged at step 1,000 (its head shows by then or not at all), at 0.4, with five restarts
+    bc = cfg("--task", "binary_copy")
+    assert (bc.restart_at, bc.restart_below, bc.max_restarts) == (1000, 0.4, 5) and FAST.restart_at is None
+    assert (cfg().restart_at, cfg().max_restarts, cfg("--task", "binary_copy,parity").restart_at) == (3000, 1, 3000)
+    assert cfg("--task", "binary_copy", "--restart-at", "3000").restart_below == 0.22  # judged late: the late rule
+    assert cfg("--task", "binary_copy", "--max-restarts", "2").max_restarts == 2 and cfg("--recipe", "paper").restart_at == 0
     # the step budget: 9,000 for cumsum and s3_product (early heads), 12,000 otherwise; --epochs or --max-steps replace it
     assert FAST.max_steps is None and PAPER.max_steps is None and PAPER.epochs == 1000
     assert (cfg().max_steps, cfg("--task", "binary_copy").max_steps, cfg("--task", "polynomial").max_steps) == (12000, 12000, 12000)
@@ -395,7 +401,7 @@ def test_the_plateau_signal_reads_the_layer2_mass_and_only_where_there_is_one():
 
     assert _plateau(results(0.9, 0.3), 0.5) and not _plateau(results(0.9, 0.6), 0.5)
     assert not _plateau(results(None), 0.5) and not _plateau(None, 0.5)  # no second layer or no CoT: no restart
-    assert FAST.restart_at == 3000 and PAPER.restart_at == 0  # the paper's recipe never restarts
+    assert TrainConfig(tasks=["parity"]).restart_at == 3000 and PAPER.restart_at == 0  # the paper's never restarts
     watch = HeadWatch.__new__(HeadWatch)
     watch.cfg = TrainConfig(restart_at=2500, eval_every=300)
     assert [s for s in range(0, 6001, 300) if watch.restart_due(s)] == [2700]  # the first evaluation from 2,500 on
@@ -405,7 +411,7 @@ def test_the_plateau_signal_reads_the_layer2_mass_and_only_where_there_is_one():
 
 def test_restarts_share_the_runs_step_budget():
     # --max-steps is the whole run's: an attempt restarted at step 3,000 leaves the next one 6,000 of the 9,000.
-    cfg = TrainConfig(restart_at=3000, eval_every=500, max_steps=9000)
+    cfg = TrainConfig(restart_at=3000, eval_every=500, max_steps=9000, max_restarts=1)
     assert FAST.max_steps is None and cfg.restart_step == 3000 and TrainConfig(restart_at=2700, eval_every=500).restart_step == 3000
     assert cfg.attempt_steps(9000) == 9000 and replace(cfg, attempt=1, restarted_at=(3000,)).attempt_steps(9000) == 6000
     # a restart must leave the next attempt at least the steps this one had when judged; --max-restarts at most
@@ -434,7 +440,7 @@ def test_the_anchor_check_reads_layer1_on_eoi_with_offsets_only():
     assert TrainConfig(tasks=["binary_copy"]).anchor_below == 0.2 and TrainConfig(tasks=["cumsum"]).anchor_below == 0.2
     assert TrainConfig(tasks=["polynomial"]).anchor_below == 0.0  # no offsets: layer 1 finds EoI later
     assert TrainConfig(tasks=["polynomial"], position_offsets=True).anchor_below == 0.2
-    assert FAST.anchor_at == 0 and PAPER.anchor_at == 0 and FAST.max_restarts == 1  # opt-in: --anchor-at 1000
+    assert FAST.anchor_at == 0 and PAPER.anchor_at == 0 and TrainConfig(tasks=["cumsum"]).max_restarts == 1  # opt-in
 
 
 def test_an_unanchored_attempt_restarts_early_and_the_card_says_where(tmp_path):

@@ -83,20 +83,51 @@ def auto_position_offsets(tasks: list[str]) -> bool:
     return bool(tasks) and all(t in OFFSET_TASKS for t in tasks)
 
 
+RESTART_AT, EARLY_RESTART_AT = 3000, 1000  # the plateau restart's step (auto_restart_at)
 RESTART_BELOW, FEW_INPUTS_RESTART_BELOW = 0.4, 0.22  # the plateau restart's threshold (auto_restart_below)
+MAX_RESTARTS, EARLY_MAX_RESTARTS = 1, 5  # restarts at most (auto_max_restarts)
+EARLY_TASKS = ("binary_copy",)  # heads that show by step 1,000 or not at all: judged there, restarted cheaply
 ANCHOR_BELOW = 0.2  # the anchor restart's threshold on attn0 peakiness (auto_anchor_below)
 
 
-def auto_restart_below(tasks: list[str], n_len: int) -> float:
+def early_head(tasks: list[str]) -> bool:
+    """Whether every task is in ``EARLY_TASKS`` (binary copy): the run is judged at step 1,000, not 3,000."""
+    return bool(tasks) and all(t in EARLY_TASKS for t in tasks)
+
+
+def auto_restart_at(tasks: list[str]) -> int:
+    """The default of ``--restart-at``: step 3,000, and 1,000 for binary copy (``early_head``).
+
+    Why (benchmarks/results/seed_sweep.md, session 13): binary copy's attempts split at step 1,000. Every attempt
+    whose layer-2 mass on x_t was 0.45-0.51 there formed the head (at steps 4,000-6,000); the others sat at
+    0.15-0.29, and of those only two in eleven formed it, late (steps 5,000 and 10,500), while the rest ended with
+    layer 2 not looking x_t up (accuracy 0.36-0.90). A restart at step 1,000 costs a twelfth of the budget, so a
+    run can afford several (``auto_max_restarts``). The other tasks' masses rise later (parity: 0.14-0.25 at step
+    1,000 in runs that formed the head), so they are judged at step 3,000."""
+    return EARLY_RESTART_AT if early_head(tasks) else RESTART_AT
+
+
+def auto_restart_below(tasks: list[str], n_len: int, restart_at: int = RESTART_AT) -> float:
     """The default of ``--restart-below``: ``RESTART_BELOW`` (0.4), or 0.22 when a task has few distinct inputs
-    (``few_inputs``: the binary tasks).
+    (``few_inputs``: the binary tasks) and the run is judged after step 1,000.
 
     Why (benchmarks/results/seed_sweep.md, "The plateau restart's evidence": the step-3,000 layer-2 mass on x_t of
     every recorded mixed-length attempt against its outcome): the binary tasks' heads form late. 4 of the 14 binary
     attempts between 0.22 and 0.4 formed the head, at steps 4,000-5,500, where the 0.4 that restarts the other
     tasks would have thrown them away; none of the 6 below 0.22 formed it (peakiness at most 0.18): those are the
-    ones to restart."""
-    return FEW_INPUTS_RESTART_BELOW if few_inputs(tasks, n_len) else RESTART_BELOW
+    ones to restart. Judged at step 1,000 (binary copy, ``auto_restart_at``) 0.4 splits the two groups there."""
+    late = not restart_at or restart_at > EARLY_RESTART_AT  # 0: never judged
+    return FEW_INPUTS_RESTART_BELOW if late and few_inputs(tasks, n_len) else RESTART_BELOW
+
+
+def auto_max_restarts(tasks: list[str]) -> int:
+    """The default of ``--max-restarts``: 1, and 5 for binary copy (``early_head``), whose restarts at step 1,000
+    leave the last attempt at least 7,000 of the 12,000 steps.
+
+    Why (seed_sweep.md, session 13): about half of binary copy's fresh attempts are forming at step 1,000 (the
+    early-signal screen of seeds 20-39 and the recorded attempts), so six attempts all miss it in about 2% of runs.
+    Two judged at step 3,000 would leave the last attempt 3,000 of 9,000 steps, fewer than most heads take."""
+    return EARLY_MAX_RESTARTS if early_head(tasks) else MAX_RESTARTS
 
 
 def auto_anchor_below(position_offsets: bool) -> float:
@@ -251,13 +282,14 @@ class TrainConfig:
     # With position offsets the mass rises later (a cumsum run at 0.22 at step 2,500 was at 0.50 at 3,000 and formed
     # the head), hence step 3,000 and 0.4.
     # Starting again from a fresh initialisation is cheaper than waiting.
-    restart_at: int = field(default=3000, metadata=_help(
+    # None = auto (auto_restart_at): 3,000, and 1,000 for binary copy, whose head shows by then or not at all.
+    restart_at: int | None = field(default=None, metadata=_help(
         "at the first evaluation from this step on, restart from a fresh initialisation if the iteration head is "
-        "not forming (attn1 mass below --restart-below); 0 = never"))
-    # None = auto (auto_restart_below): 0.4, and 0.22 for the binary tasks, whose heads form late.
+        "not forming (attn1 mass below --restart-below); 0 = never; auto = 3000, or 1000 for binary_copy"))
+    # None = auto (auto_restart_below): 0.4, and 0.22 for the binary tasks judged at step 3,000 (late heads).
     restart_below: float | None = field(default=None, metadata=_help(
         "attn1 mass under which --restart-at restarts; auto = 0.4, or 0.22 for a task with fewer than 256 distinct "
-        "inputs at some length from 4 (binary tasks)"))
+        "inputs at some length from 4 (binary tasks) judged after step 1000"))
     # Layer 1's anchor is decided early: an attempt whose layer 1 has not found EoI by step 1,000 (attn0 peakiness
     # below 0.2 at every evaluation so far) settled on another anchor, and its head never formed (0 of 8 recorded
     # attempts; auto_anchor_below). A restart there costs 1,000 steps. Off by default: in binary copy most fresh
@@ -269,11 +301,12 @@ class TrainConfig:
     anchor_below: float | None = field(default=None, metadata=_help(
         "attn0 peakiness under which --anchor-at restarts; auto = 0.2 with --position-offsets, 0 (never) without"))
     # Restarts share the run's step budget (max_steps), so they never make a run longer; each must leave the next
-    # attempt at least the steps this one had when judged. One by default: after a second plateau restart at step
-    # 3,000 the last attempt of a 9,000-step run would have 3,000 steps, fewer than the head takes to form in most
-    # runs. With --anchor-at 1000, --max-restarts 3 allows three anchor restarts (6,000 steps left).
-    max_restarts: int = field(default=1, metadata=_help(
-        "restarts at most (they share --max-steps; the wall time of every attempt counts)"))
+    # attempt at least the steps this one had when judged. None = auto (auto_max_restarts): one, as a second
+    # restart at step 3,000 would leave the last attempt 6,000 of 12,000 steps; five for binary copy, judged at
+    # step 1,000 (7,000 steps left after all five).
+    max_restarts: int | None = field(default=None, metadata=_help(
+        "restarts at most (they share --max-steps; the wall time of every attempt counts); auto = 1, or 5 for "
+        "binary_copy"))
     attempt: int = 0  # which attempt of the run this is (restarts); not a flag
     restarted_at: tuple[int, ...] = ()  # the step at which each earlier attempt stopped; not a flag
     # On a busy 2-core CPU one thread can be many times faster than two (OpenMP spinning); results differ in
@@ -289,8 +322,13 @@ class TrainConfig:
             self.max_steps = auto_max_steps(self.tasks, self.n_len)
         if self.position_offsets is None and self.tasks:
             self.position_offsets = auto_position_offsets(self.tasks)
+        if self.restart_at is None and self.tasks:
+            self.restart_at = auto_restart_at(self.tasks)
         if self.restart_below is None and self.tasks:
-            self.restart_below = auto_restart_below(self.tasks, self.n_len)
+            self.restart_below = auto_restart_below(self.tasks, self.n_len, RESTART_AT if self.restart_at is None
+                                                    else self.restart_at)
+        if self.max_restarts is None and self.tasks:
+            self.max_restarts = auto_max_restarts(self.tasks)
         if self.anchor_below is None and self.position_offsets is not None:
             self.anchor_below = auto_anchor_below(self.position_offsets)
         self.restarted_at = tuple(self.restarted_at)
@@ -367,7 +405,7 @@ def _comma(kind: type):
 
 
 # fields whose None means "chosen from the tasks" (TrainConfig.__post_init__)
-AUTO_FIELDS = ("max_steps", "position_offsets", "restart_below", "anchor_below")
+AUTO_FIELDS = ("max_steps", "position_offsets", "restart_at", "restart_below", "max_restarts", "anchor_below")
 
 
 def shown(value) -> str:
