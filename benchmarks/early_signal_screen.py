@@ -33,13 +33,14 @@ from seed_sweep import best_anchor, parse_seeds  # this folder's sibling script 
 
 from hf_iterheads.outputs import read_jsonl
 from hf_iterheads.training import FAST
-from hf_iterheads.training.config import ANCHOR_BELOW, auto_restart_below
+from hf_iterheads.training.config import ANCHOR_BELOW, auto_restart_at, auto_restart_below
 
 
-def signal(task: str) -> float:
-    """The attn1 mass from which a run counts as forming: the task's default ``--restart-below`` (rows: 0.22 before
-    session 7, 0.5 in 7-8, 0.4 in 8; from session 9 0.4, and 0.22 for the binary tasks)."""
-    return auto_restart_below([task], FAST.n_len)
+def signal(task: str, step: int | None = None) -> float:
+    """The attn1 mass from which a run counts as forming at ``step`` (default: the task's ``--restart-at``): today's
+    default ``--restart-below`` there (rows: 0.22 before session 7, 0.5 in 7-8, 0.4 in 8; from session 9 0.4, and
+    0.22 for the binary tasks; from session 13 0.4 for a binary task judged at step 1,000)."""
+    return auto_restart_below([task], FAST.n_len, auto_restart_at([task]) if step is None else step)
 
 
 def evals(metrics: Path) -> list[dict]:
@@ -73,7 +74,7 @@ def screen(name: str, flags: str, task: str, seed: int, until: int, threads: int
     mass = curve[at]["attn1_mass"] if at is not None else None
     anchor = best_anchor(((s, c["attn0_peakiness"]) for s, c in curve.items()), until)
     return {"candidate": name, "flags": flags, "task": task, "seed": seed, "seconds": round(time.time() - start, 1),
-            "signal_step": at, "attn1_mass": mass, "forming": mass is not None and mass >= signal(task), "signal": signal(task),
+            "signal_step": at, "attn1_mass": mass, "forming": mass is not None and mass >= signal(task, at), "signal": signal(task, at),
             "anchor": anchor, "curve": curve, "error": err}
 
 
@@ -85,17 +86,20 @@ def table(rows: list[dict]) -> str:
         mine = [r for r in rows if r["task"] == task]
         seeds = sorted({r["seed"] for r in mine})
         steps = sorted({r["signal_step"] for r in mine if r["signal_step"] is not None})
-        out += [f"{task}: attn1 mass at step {'/'.join(map(str, steps))} (forming: >= {signal(task)}, today's --restart-below)", "",
+        marks = ", ".join(f"{signal(task, s)} at step {s}" for s in steps)
+        out += [f"{task}: attn1 mass at step {'/'.join(map(str, steps))} (forming: >= {marks}, today's --restart-below)", "",
                 "| candidate | " + " | ".join(f"seed {s}" for s in seeds) + " | forming | mean |",
                 "|---" * (len(seeds) + 3) + "|"]
         for name in dict.fromkeys(r["candidate"] for r in mine):
             by_seed = {r["seed"]: r["attn1_mass"] for r in mine if r["candidate"] == name}
+            at = {r["seed"]: r["signal_step"] for r in mine if r["candidate"] == name}
             got = [m for m in by_seed.values() if m is not None]
+            forming = sum(m is not None and m >= signal(task, at[s]) for s, m in by_seed.items())
             cells = [f"{by_seed[s]:.3f}" if by_seed.get(s) is not None else "" for s in seeds]
             flags = next(r["flags"] for r in mine if r["candidate"] == name) or "(default)"
             mean = f"{sum(got) / len(got):.3f}" if got else ""
             out.append(f"| {name} (`{flags}`) | " + " | ".join(cells)
-                       + f" | {sum(m >= signal(task) for m in got)}/{len(got)} | {mean} |")
+                       + f" | {forming}/{len(got)} | {mean} |")
         out.append("")
         anchored = [r for r in mine if r.get("anchor") is not None]
         if anchored:  # rows from session 11 on: layer 1's best attn0 peakiness (the anchor check's signal)
@@ -114,7 +118,8 @@ def main() -> None:
     p.add_argument("--tasks", default="polynomial")
     p.add_argument("--seeds", default="100-103", help="e.g. 100-103,110")
     p.add_argument("--candidate", action="append", default=[], help="NAME=FLAGS (repeatable)")
-    p.add_argument("--until", type=int, default=FAST.restart_at, help="stop each run after this step's evaluation (default: --restart-at's)")
+    p.add_argument("--until", type=int, default=None,
+                   help="stop each run after this step's evaluation (default: the task's --restart-at)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/early_signal_screen.jsonl"))
@@ -138,7 +143,7 @@ def main() -> None:
     jobs.sort(key=lambda j: j[3])
     a.out.parent.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(a.workers) as pool:
-        for future in as_completed([pool.submit(screen, *j, a.until, a.threads) for j in jobs]):
+        for future in as_completed([pool.submit(screen, *j, a.until or auto_restart_at([j[2]]), a.threads) for j in jobs]):
             row = future.result()
             with a.out.open("a") as f:
                 f.write(json.dumps(row) + "\n")

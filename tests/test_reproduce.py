@@ -119,6 +119,15 @@ def test_smoke_reproduction_end_to_end_and_resumes(tmp_path, capsys):
     stamp = (out / "runs" / "polynomial-cot-2L" / "model.safetensors").stat().st_mtime_ns
     assert main(["reproduce", "--smoke", "--output-dir", str(out), "--workers", "2"]) == 0
     assert (out / "runs" / "polynomial-cot-2L" / "model.safetensors").stat().st_mtime_ns == stamp
+    # a finished run trained with another configuration than the plan resolves to today is stale (retrained)
+    from hf_iterheads.paper.reproduce import _stale
+
+    job = next(j for j in plan(SMOKE) if j.name == "polynomial-cot-2L")
+    run = out / "runs" / job.name
+    assert not _stale(run, list(job.train_args)) and not _stale(out / "runs" / "absent", list(job.train_args))
+    stored = json.loads((run / "run_config.json").read_text())
+    (run / "run_config.json").write_text(json.dumps({**stored, "restart_at": stored["restart_at"] + 500}))
+    assert _stale(run, list(job.train_args))
 
 
 def _one_line(capsys) -> str:

@@ -109,6 +109,24 @@ def test_anchor_evidence_counts_every_attempt_with_offsets_by_its_early_attn0():
     assert not any(r.startswith("| polynomial") for r in rows)
 
 
+def test_early_evidence_bands_binary_copy_attempts_with_cumsum_rows_by_their_step_1000_mass():
+    def curve(mass, formed_at=None):
+        return [{"step": 1000, "attn1_mass": mass, "attn1_peakiness": 0.3},
+                {"step": 4500, "attn1_mass": 0.8, "attn1_peakiness": 0.95 if formed_at else 0.3}]
+
+    cumsum = {"curriculum": "binary_copy:0.5:3000,cumsum:0.3:0"}
+    rows = sweep.early_evidence([
+        {"task": "binary_copy", "status": "ok", "flags": "", "config": cumsum, "curve": curve(0.48, 4500), "success": True,
+         "restarts": [{"step": 1000, "curve": curve(0.2)}, {"step": 3000, "curve": curve(0.25)}]},
+        {"task": "binary_copy", "status": "ok", "flags": "--curriculum binary_copy:0.5:3000,cumsum:0.3:0 --restart-at 3000",
+         "curve": curve(0.3), "success": False},
+        {"task": "binary_copy", "status": "ok", "flags": "--curriculum ''", "curve": curve(0.6, 4500), "success": True},
+        {"task": "parity", "status": "ok", "flags": "", "config": cumsum, "curve": curve(0.1), "success": False},
+    ])
+    assert "| < 0.4 | 3 | 1 | 1 | 1 | 0 | - | 0 |" in rows  # the no-helper run and parity are left out
+    assert "| >= 0.4 | 1 | 0 | 0 | 1 | 1 | 4500 - 4500 | 1 |" in rows
+
+
 def test_detect_run_on_the_bundled_polynomial_model():
     """The bundled polynomial-cot checkpoint has the paper's circuit: layer 0 -> EoI, layer 1 -> x_t."""
     path = ROOT / "hf_iterheads" / "checkpoints" / "polynomial-cot"

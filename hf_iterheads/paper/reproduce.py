@@ -152,10 +152,29 @@ def _done(run: Path) -> bool:
     return (run / "eval_results.json").is_file() and (run / "model.safetensors").is_file()
 
 
+PER_RUN_KEYS = ("output_dir", "threads", "attempt", "restarted_at")  # run_config.json keys that vary per run
+
+
+def _stale(run: Path, args: list[str]) -> bool:
+    """Whether the run in ``run`` was trained (or started) with another configuration than ``args`` resolve to today:
+    the plan, or a default it leaves to the tasks, changed since. Such a run is trained again, not reported."""
+    from ..training.cli import config_of
+
+    stored = run / "run_config.json"
+    if not stored.is_file():
+        return False
+    then = json.loads(stored.read_text())
+    now = json.loads(json.dumps(dataclasses.asdict(config_of(["--output-dir", str(run), *args]))))
+    return any(then.get(k) != v for k, v in now.items() if k not in PER_RUN_KEYS)
+
+
 def run_job(job: Job, out: Path, threads: int, probes: int, lengths: str, env: dict[str, str]) -> None:
-    """Train (or resume, or skip when finished), then detect; logs go to ``runs/NAME/*.log``."""
+    """Train (or resume, or skip when finished with today's configuration), then detect; logs go to
+    ``runs/NAME/*.log``."""
     run = out / "runs" / job.name
     args = [a.replace("@", str(out / "runs") + os.sep) if a.startswith("@") else a for a in job.train_args]
+    if _stale(run, args):
+        shutil.rmtree(run)  # its weights, logs and detections answer another plan
     if not _done(run):
         resume = (run / "run_config.json").is_file() and (run / "checkpoints").is_dir()
         if run.exists() and not resume:

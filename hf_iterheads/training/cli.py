@@ -45,6 +45,14 @@ def resume_config(args: argparse.Namespace) -> TrainConfig:
     return cfg
 
 
+def config_of(argv: list[str]) -> TrainConfig:
+    """The configuration ``hf-iterheads train ARGV`` would run today (a finished run's ``run_config.json`` holds the
+    one it ran: the two differ when a flag or a default has changed since)."""
+    parser = argparse.ArgumentParser(prog="hf-iterheads", exit_on_error=False)
+    add_cli(parser.add_subparsers())
+    return resolve_config(parser.parse_args(["train", *argv]))
+
+
 def run_train(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 

@@ -98,12 +98,13 @@ def early_head(tasks: list[str]) -> bool:
 def auto_restart_at(tasks: list[str]) -> int:
     """The default of ``--restart-at``: step 3,000, and 1,000 for binary copy (``early_head``).
 
-    Why (benchmarks/results/seed_sweep.md, session 13): binary copy's attempts split at step 1,000. Every attempt
-    whose layer-2 mass on x_t was 0.45-0.51 there formed the head (at steps 4,000-6,000); the others sat at
-    0.15-0.29, and of those only two in eleven formed it, late (steps 5,000 and 10,500), while the rest ended with
-    layer 2 not looking x_t up (accuracy 0.36-0.90). A restart at step 1,000 costs a twelfth of the budget, so a
-    run can afford several (``auto_max_restarts``). The other tasks' masses rise later (parity: 0.14-0.25 at step
-    1,000 in runs that formed the head), so they are judged at step 3,000."""
+    Why (benchmarks/results/seed_sweep.md, "Binary copy's early restart's evidence"): binary copy's attempts
+    split at step 1,000. All 12 recorded attempts (cumsum rows) whose layer-2 mass on x_t was 0.47-0.51 there formed
+    the head (at steps 4,000-6,000); the others sat at 0.15-0.29, and of the 10 of them that ran to the end only 2
+    formed it, late (steps 5,000 and 10,500): the other 8 ended with layer 2 not looking x_t up (accuracy
+    0.36-0.90). A restart at step 1,000 costs a twelfth of the budget, so a run can afford several
+    (``auto_max_restarts``). The other tasks' masses rise later (parity: 0.14-0.25 at step 1,000 in runs that
+    formed the head), so they are judged at step 3,000."""
     return EARLY_RESTART_AT if early_head(tasks) else RESTART_AT
 
 
@@ -124,9 +125,10 @@ def auto_max_restarts(tasks: list[str]) -> int:
     """The default of ``--max-restarts``: 1, and 5 for binary copy (``early_head``), whose restarts at step 1,000
     leave the last attempt at least 7,000 of the 12,000 steps.
 
-    Why (seed_sweep.md, session 13): about half of binary copy's fresh attempts are forming at step 1,000 (the
-    early-signal screen of seeds 20-39 and the recorded attempts), so six attempts all miss it in about 2% of runs.
-    Two judged at step 3,000 would leave the last attempt 3,000 of 9,000 steps, fewer than most heads take."""
+    Why: about half of binary copy's fresh attempts are forming at step 1,000 (11 of 20 fresh seeds in the early
+    signal screen, benchmarks/results/early_signal_screen.jsonl, and 12 of 29 recorded attempts), so six attempts
+    all miss it in about 2% of runs. Two judged at step 3,000 would leave the last attempt 6,000 of 12,000 steps,
+    where restarted runs failed (seed_sweep.md, session 12)."""
     return EARLY_MAX_RESTARTS if early_head(tasks) else MAX_RESTARTS
 
 
