@@ -485,6 +485,17 @@ def _spread(rows: list[dict], key: str) -> str:
     return f"{min(vals)}-{max(vals)} ({len(vals)} runs)" if vals else "-"
 
 
+def seed_ranges(seeds: list[int]) -> str:
+    """``[10, 11, 40, 41, 42]`` -> ``10-11, 40-42`` (the inverse of ``parse_seeds``)."""
+    spans: list[list[int]] = []
+    for seed in sorted(set(seeds)):
+        if spans and seed == spans[-1][1] + 1:
+            spans[-1][1] = seed
+        else:
+            spans.append([seed, seed])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
 def default_table(records: list[dict]) -> list[str]:
     """The issue's goal, task by task, from the rows of ``DEFAULT_ROWS`` (seeds 0-9; other seeds listed apart)."""
     lines = ["## Today's default against the goal (seeds 0-9; 9 of 10 per task)", "",
@@ -503,8 +514,9 @@ def default_table(records: list[dict]) -> list[str]:
         fails = "; ".join(f"{r['seed']}: {_f(r.get('accuracy'))}, {_f(r.get('attn1'))}, {circuit_class(r)}"
                           + (f" ({r['attempts']} attempts)" if (r.get("attempts") or 1) > 1 else "")
                           for r in main if not r["success"]) or "none"
-        others = (f"{sum(r['success'] for r in other)} of {len(other)} (seeds {other[0]['seed']}-{other[-1]['seed']})"
-                  if other else "-")
+        failed = [r["seed"] for r in other if not r["success"]]
+        others = (f"{sum(r['success'] for r in other)} of {len(other)} (seeds {seed_ranges([r['seed'] for r in other])}"
+                  + (f"; failed: {seed_ranges(failed)})" if failed else ")") if other else "-")
         walls = [r["wall_s"] for r in main]
         verdict = "met" if n_ok >= GOAL else "not met" if len(main) - n_ok > 10 - GOAL else "pending"
         lines.append(f"| {task} | {rec} | **{n_ok} of {len(main)}** | {verdict} "

@@ -18,6 +18,11 @@ sys.modules["seed_sweep"] = sweep  # dataclasses look their module up there
 spec.loader.exec_module(sweep)
 
 
+def test_seed_ranges_inverts_parse_seeds():
+    assert sweep.seed_ranges([41, 10, 11, 40, 7]) == "7, 10-11, 40-41"
+    assert sweep.parse_seeds(sweep.seed_ranges([0, 1, 2, 5, 9])) == [0, 1, 2, 5, 9]
+
+
 def test_recipe_and_seeds_parse():
     r = sweep.Recipe.parse("helper:parity,binary_copy=--curriculum binary_copy:0.5:3000,polynomial:0.3:0 --stop-when-solved")
     assert r.name == "helper" and r.tasks == ("parity", "binary_copy")
