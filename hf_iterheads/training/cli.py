@@ -48,7 +48,7 @@ def resume_config(args: argparse.Namespace) -> TrainConfig:
 def config_of(argv: list[str]) -> TrainConfig:
     """The configuration ``hf-iterheads train ARGV`` would run today (a finished run's ``run_config.json`` holds the
     one it ran: the two differ when a flag or a default has changed since)."""
-    parser = argparse.ArgumentParser(prog="hf-iterheads", exit_on_error=False)
+    parser = argparse.ArgumentParser(prog="hf-iterheads")
     add_cli(parser.add_subparsers())
     return resolve_config(parser.parse_args(["train", *argv]))
 
