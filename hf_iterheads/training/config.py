@@ -108,7 +108,7 @@ def auto_restart_at(tasks: list[str]) -> int:
     return EARLY_RESTART_AT if early_head(tasks) else RESTART_AT
 
 
-def auto_restart_below(tasks: list[str], n_len: int, restart_at: int = RESTART_AT) -> float:
+def auto_restart_below(tasks: list[str], n_len: int, restart_at: int) -> float:
     """The default of ``--restart-below``: ``RESTART_BELOW`` (0.4), or 0.22 when a task has few distinct inputs
     (``few_inputs``: the binary tasks) and the run is judged after step 1,000.
 
@@ -327,8 +327,7 @@ class TrainConfig:
         if self.restart_at is None and self.tasks:
             self.restart_at = auto_restart_at(self.tasks)
         if self.restart_below is None and self.tasks:
-            self.restart_below = auto_restart_below(self.tasks, self.n_len, RESTART_AT if self.restart_at is None
-                                                    else self.restart_at)
+            self.restart_below = auto_restart_below(self.tasks, self.n_len, self.restart_at)  # resolved just above
         if self.max_restarts is None and self.tasks:
             self.max_restarts = auto_max_restarts(self.tasks)
         if self.anchor_below is None and self.position_offsets is not None:
