@@ -186,7 +186,9 @@ def summarize_run(run_dir: Path, task: str) -> dict[str, Any]:
                    generation_accuracy=s.get("generation_accuracy"), attn0=s.get("attn0_peakiness"),
                    attn1=s.get("attn1_peakiness"), summary_lengths=res.get("summary_lengths"),
                    worst_length=min(((int(L), m["accuracy"]) for L, m in res["per_length"].items()
-                                     if 4 <= int(L)), key=lambda p: p[1], default=None))
+                                     if 4 <= int(L)), key=lambda p: p[1], default=None),
+                   per_length={L: {"accuracy": m["accuracy"], "attn1": m.get("attn1_peakiness")}
+                               for L, m in res["per_length"].items()})  # length generalisation reads it
     return out
 
 

@@ -85,6 +85,28 @@ def test_summary_render_and_circuit_classes(tmp_path):
     assert "| default | `(default)` | parity | 2 | **1** |" in md and "EoI head, no look-up: 1" in md
 
 
+def test_length_generalisation_judges_every_unseen_length_and_the_head(tmp_path):
+    spec = importlib.util.spec_from_file_location("length_generalisation", ROOT / "benchmarks" / "length_generalisation.py")
+    lengen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lengen)
+    _fake_run(tmp_path / "run")
+    s = sweep.summarize_run(tmp_path / "run", "parity")
+    assert s["per_length"]["9"]["accuracy"] == 0.98 and s["per_length"]["9"]["attn1"] is None
+    for L in range(1, 17):
+        s["per_length"][str(L)]["attn1"] = 0.95
+    head = {"paper_head": True}
+    rec = {"recipe": "copy16", "task": "parity", "seed": 0, "flags": "--max-train-len 12", "status": "ok", "wall_s": 9.0,
+           "detection": head, **s}
+    assert lengen.judge(rec)["goal"] and lengen.judge(rec)["mean_unseen"] == 1.0
+    one_low = {**rec, "seed": 1, "per_length": {**s["per_length"], "15": {"accuracy": 0.89, "attn1": 0.95}}}
+    assert not lengen.judge(one_low)["goal"]  # every unseen length must reach 0.9, not their mean
+    assert not lengen.judge({**rec, "detection": {"paper_head": False}})["goal"]
+    assert lengen.judge({**rec, "per_length": None}) == {}
+    md = lengen.render([rec, one_low, {**rec, "seed": 2, "status": "failed"}], None)
+    assert "| copy16 | parity | 1 | 0.998 | 1.000 | 1.000 | 0.890 | 1.000 |" in md
+    assert "| copy16 | parity | 1 of 2 | `--max-train-len 12` |" in md
+
+
 def test_restart_evidence_bands_runs_by_their_step_3000_mass():
     def run(task, mass, formed, flags=""):
         curve = [{"step": 3000, "attn1_mass": mass, "attn1_peakiness": 0.95 if formed else 0.2}]

@@ -289,6 +289,40 @@ def test_max_train_len_limits_training_lengths_not_evaluation():
     assert TaskSchedule(cfg).max_len(0) == 3 and TaskSchedule(cfg).max_len(10**6) == 3
 
 
+@pytest.mark.parametrize("bucket,sampling", [(True, "uniform"), (False, "uniform"), (False, "adaptive")])
+def test_a_helper_trains_on_its_own_longer_lengths(bucket, sampling):
+    """Length generalisation's helper: the main task stays on 1..--max-train-len, the helper goes to its MAX_LEN."""
+    tok = build_tokenizer()
+    cfg = TrainConfig(tasks=["parity"], output_dir="x", n_len=8, max_train_len=3, batch_size=32, length_warmup=0,
+                      bucket=bucket, curriculum="binary_copy:0.5:0:8", length_sampling=sampling)
+    assert cfg.helpers[0].max_len == 8 and (cfg.longest_trained, cfg.longest_drawn) == (3, 8)
+    layouts = {n: Layout(tok, n) for n in cfg.all_tasks}
+    lengths = AdaptiveLengths(cfg.all_tasks, cfg.longest_drawn) if sampling == "adaptive" else None
+    data = OnlineData(cfg, layouts, {}, 0, epoch_len=4, lengths=lengths)
+    seen = {"parity": set(), "binary_copy": set()}
+    for b in range(40):
+        batch = data.__getitems__(list(range(b * 32, (b + 1) * 32)))
+        task_ids, n = batch["input_ids"][:, 0].tolist(), ((batch["attention_mask"].sum(1) - 3) // 2).tolist()
+        for t, L in zip(task_ids, n):
+            seen[next(k for k, lay in layouts.items() if lay.task_id == t)].add(L)
+    assert seen["parity"] == {1, 2, 3} and seen["binary_copy"] == set(range(1, 9))
+
+
+def test_a_helpers_longest_length_is_read_and_checked(tmp_path, capsys):
+    assert parse_curriculum("cumsum:0.2:0:16,binary_copy:0.5:3000") == (("cumsum", 0.2, 0, 16),
+                                                                         ("binary_copy", 0.5, 3000, None))
+    schedule = TaskSchedule(TrainConfig(tasks=["parity"], output_dir="x", n_len=16, max_train_len=12,
+                                        curriculum="cumsum:0.2:0:16", length_warmup=10))
+    assert schedule.max_lens(0) == [1, 1] and schedule.max_lens(5) == [6, 8] and schedule.max_lens(10) == [12, 16]
+    for spec in ("cumsum:0.2:0:0", "cumsum:0.2:0:x", "cumsum:0.2:0:4:1"):
+        with pytest.raises(IterHeadsError, match="curriculum"):
+            parse_curriculum(spec)
+    out = tmp_path / "run"
+    assert main(["train", "--task", "parity", "--n-len", "8", "--curriculum", "cumsum:0.2:0:9", "--output-dir",
+                 str(out), "--max-steps", "2", "--report-to", "none"]) == 2
+    assert "longest length 9 is over --n-len (8)" in _one_line_error(capsys) and not out.exists()
+
+
 def test_curriculum_and_adaptive_lengths_are_defaults_of_online_training_only():
     import argparse
 

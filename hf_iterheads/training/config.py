@@ -28,26 +28,35 @@ MixedPrecision = Literal["no", "fp16", "bf16"]
 
 
 class Helper(NamedTuple):
-    """A helper task of the curriculum: its share of the batches at step 0, fading to 0 over ``steps``."""
+    """A helper task of the curriculum: its share of the batches at step 0, fading to 0 over ``steps``, trained on
+    lengths 1..``max_len``."""
 
     task: str
     share: float
     steps: int  # 0 = a constant share
+    # None = the run's own (--max-train-len, else --n-len). Longer than the run's: the helper trains the look-up at
+    # distances the main task never sees (length generalisation, benchmarks/results/length_generalisation.md).
+    max_len: int | None = None
 
 
 def parse_curriculum(spec: str) -> tuple[Helper, ...]:
-    """``"binary_copy:0.5:1000,parity:0.2:0"`` -> helpers (task, share at step 0, steps to fade; 0 = constant)."""
+    """``"binary_copy:0.5:1000,cumsum:0.2:0:16"`` -> helpers (task, share at step 0, steps to fade (0 = constant),
+    longest length (default: the run's))."""
     out = []
     for part in filter(None, (spec or "").split(",")):
         bits = part.split(":")
         try:
-            helper = Helper(bits[0], float(bits[1]), int(bits[2] if len(bits) > 2 else 0))
+            if len(bits) > 4:
+                raise ValueError
+            helper = Helper(bits[0], float(bits[1]), int(bits[2] if len(bits) > 2 else 0),
+                            int(bits[3]) if len(bits) > 3 else None)
         except (IndexError, ValueError):
-            raise IterHeadsError(
-                f"cannot read curriculum {part!r}; write TASK:SHARE[:STEPS], e.g. binary_copy:0.5:1000") from None
+            raise IterHeadsError(f"cannot read curriculum {part!r}; write TASK:SHARE[:STEPS[:MAX_LEN]], "
+                                 "e.g. binary_copy:0.5:1000") from None
         get_task(helper.task)
-        if not 0 <= helper.share < 1 or helper.steps < 0:
-            raise IterHeadsError(f"curriculum {part!r}: the share must be in [0, 1) and the steps >= 0")
+        if not 0 <= helper.share < 1 or helper.steps < 0 or (helper.max_len is not None and helper.max_len < 1):
+            raise IterHeadsError(f"curriculum {part!r}: the share must be in [0, 1), the steps >= 0 and the longest "
+                                 "length >= 1")
         out.append(helper)
     if sum(h.share for h in out) >= 1:
         raise IterHeadsError(f"curriculum {spec!r}: the helper tasks' shares must sum to less than 1")
@@ -233,8 +242,8 @@ class TrainConfig:
     # few distinct inputs at the evaluated lengths (auto_curriculum). Applies to training from scratch on online
     # data (resolve_config); the run stores the curriculum it resolved to.
     curriculum: str = field(default=AUTO, metadata=_help(
-        "helper tasks, TASK:SHARE:STEPS[,...]: SHARE of the rows at step 0, fading to none over STEPS (0 = constant); "
-        "'' for none; auto = binary_copy:0.5:3000, plus cumsum:0.3:0 for a task with fewer than 256 distinct "
+        "helper tasks, TASK:SHARE:STEPS[:MAX_LEN][,...]: SHARE of the rows at step 0, fading to none over STEPS "
+        "(0 = constant), on lengths 1..MAX_LEN (default: the run's, --max-train-len); '' for none; auto = binary_copy:0.5:3000, plus cumsum:0.3:0 for a task with fewer than 256 distinct "
         "inputs at some length from 4 (binary tasks)"))
     length_warmup: int = field(default=0, metadata=_help("steps over which the longest length grows from 1 to n_len"))
     # Once the head forms, runs that miss 0.99 miss whole lengths: draw the lengths still wrong more often.
@@ -365,6 +374,11 @@ class TrainConfig:
     def longest_trained(self) -> int:
         """The longest length the run trains on (``max_train_len``, else ``n_len``); evaluation goes to n_len."""
         return self.max_train_len or self.n_len
+
+    @property
+    def longest_drawn(self) -> int:
+        """The longest length any training row has: the run's, or a helper's when it trains on longer ones."""
+        return max([self.longest_trained, *(h.max_len or 0 for h in self.helpers)])
 
     @property
     def all_tasks(self) -> list[str]:
@@ -527,6 +541,10 @@ def check_config(cfg: TrainConfig) -> None:
             raise IterHeadsError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if cfg.max_train_len is not None and not 1 <= cfg.max_train_len <= cfg.n_len:
         raise IterHeadsError(f"--max-train-len must be between 1 and --n-len ({cfg.n_len}), got {cfg.max_train_len}")
+    for h in cfg.helpers:
+        if h.max_len is not None and h.max_len > cfg.n_len:
+            raise IterHeadsError(f"--curriculum: {h.task}'s longest length {h.max_len} is over --n-len ({cfg.n_len}), "
+                                 "which sets the model's context")
     if not cfg.lr > 0:
         raise IterHeadsError(f"--lr must be > 0, got {cfg.lr}")
     if not all(0 <= b < 1 for b in cfg.betas) or len(cfg.betas) != 2:

@@ -113,7 +113,8 @@ class OnlineData(Dataset):
     """Fresh sequences for every batch, a pure function of (seed, batch number): resumable and shardable.
 
     A batch is one (task, length) when bucketed, otherwise every row draws its own task and length. Tasks are
-    drawn with the curriculum's weights at that step; lengths uniformly in 1..max_len(step). Rows equal to a
+    drawn with the curriculum's weights at that step; lengths uniformly in 1..max_len(step) of that task (a helper
+    may have its own longest length). Rows equal to a
     test sequence are redrawn, so test accuracy never measures memorisation.
     """
 
@@ -149,19 +150,20 @@ class OnlineData(Dataset):
         rng = np.random.default_rng([self.cfg.run_seed, batch_no, 0x1CE])
         step = batch_no // self.cfg.grad_accum
         names, weights = self.schedule.weights(step)
-        max_len = self.schedule.max_len(step)
+        max_lens = self.schedule.max_lens(step)  # one per name: helpers may train on longer lengths
         n = len(indices)
         if self.cfg.bucket:
-            task = get_task(names[rng.choice(len(names), p=weights)])
-            picks = [(task.name, int(self._lengths(task.name, step, max_len, None, rng)), n)]
+            i = rng.choice(len(names), p=weights)
+            picks = [(names[i], int(self._lengths(names[i], step, max_lens[i], None, rng)), n)]
         else:
             t = rng.choice(len(names), size=n, p=weights)
             if self.lengths is None:
-                lengths = rng.integers(1, max_len + 1, size=n)
+                same = len(set(max_lens)) == 1  # the draw every run without per-helper lengths has always made
+                lengths = rng.integers(1, max_lens[0] + 1, size=n) if same else rng.integers(1, np.asarray(max_lens)[t] + 1)
             else:
                 lengths = np.zeros(n, dtype=np.int64)
                 for i in np.unique(t):
-                    lengths[t == i] = self._lengths(names[i], step, max_len, int((t == i).sum()), rng)
+                    lengths[t == i] = self._lengths(names[i], step, max_lens[i], int((t == i).sum()), rng)
             keys, counts = np.unique(np.stack([t, lengths], 1), axis=0, return_counts=True)
             picks = [(names[k[0]], int(k[1]), int(c)) for k, c in zip(keys, counts)]
         groups = []
@@ -201,7 +203,7 @@ class OnlineSampler:
 
 
 class TaskSchedule:
-    """Task weights and longest length at a given step: mixtures, a fading helper task, short lengths first."""
+    """Task weights and longest lengths at a given step: mixtures, a fading helper task, short lengths first."""
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.primary = list(cfg.tasks)
@@ -209,17 +211,24 @@ class TaskSchedule:
         self.primary_w = np.asarray(w, dtype=float) / sum(w)
         self.aux = cfg.helpers
         self.n_len, self.length_warmup = cfg.longest_trained, cfg.length_warmup
+        self.caps = [self.n_len] * len(self.primary) + [h.max_len or self.n_len for h in self.aux]  # per name
 
     def weights(self, step: int) -> tuple[list[str], np.ndarray]:
-        shares = [s if n == 0 else s * max(0.0, 1.0 - step / n) for _, s, n in self.aux]
-        names = self.primary + [name for name, _, _ in self.aux]
+        shares = [h.share if h.steps == 0 else h.share * max(0.0, 1.0 - step / h.steps) for h in self.aux]
+        names = self.primary + [h.task for h in self.aux]
         w = np.concatenate([self.primary_w * (1.0 - sum(shares)), np.asarray(shares, dtype=float)])
         return names, w / w.sum()
 
-    def max_len(self, step: int) -> int:
+    def max_len(self, step: int, cap: int | None = None) -> int:
+        """The longest length at ``step`` of a task trained on 1..``cap`` (default: the run's longest)."""
+        cap = cap or self.n_len
         if not self.length_warmup:
-            return self.n_len
-        return min(self.n_len, 1 + int((self.n_len - 1) * step / self.length_warmup))
+            return cap
+        return min(cap, 1 + int((cap - 1) * step / self.length_warmup))
+
+    def max_lens(self, step: int) -> list[int]:
+        """``max_len`` of every name ``weights`` returns, in its order."""
+        return [self.max_len(step, cap) for cap in self.caps]
 
 
 class AdaptiveLengths:
@@ -337,7 +346,7 @@ def build_train_data(cfg: TrainConfig, tokenizer, wait_for_head: bool) -> TrainD
     else:
         epoch_len = max(1, math.ceil(len(cfg.tasks) * cfg.n_len * cfg.per_length / cfg.batch_size))  # paper: 64
         if cfg.length_sampling == "adaptive":
-            lengths = AdaptiveLengths(list(layouts), cfg.longest_trained, every=cfg.log_every, wait=wait_for_head)
+            lengths = AdaptiveLengths(list(layouts), cfg.longest_drawn, every=cfg.log_every, wait=wait_for_head)
             task_index = torch.full((len(tokenizer),), -1, dtype=torch.long)
             for i, name in enumerate(lengths.tasks):
                 task_index[layouts[name].task_id] = i
