@@ -243,8 +243,9 @@ class TrainConfig:
     # data (resolve_config); the run stores the curriculum it resolved to.
     curriculum: str = field(default=AUTO, metadata=_help(
         "helper tasks, TASK:SHARE:STEPS[:MAX_LEN][,...]: SHARE of the rows at step 0, fading to none over STEPS "
-        "(0 = constant), on lengths 1..MAX_LEN (default: the run's, --max-train-len); '' for none; auto = binary_copy:0.5:3000, plus cumsum:0.3:0 for a task with fewer than 256 distinct "
-        "inputs at some length from 4 (binary tasks)"))
+        "(0 = constant), on lengths 1..MAX_LEN (default: the run's, --max-train-len); '' for none; "
+        "auto = binary_copy:0.5:3000, plus cumsum:0.3:0 for a task with fewer than 256 distinct inputs at some length "
+        "from 4 (binary tasks)"))
     length_warmup: int = field(default=0, metadata=_help("steps over which the longest length grows from 1 to n_len"))
     # Once the head forms, runs that miss 0.99 miss whole lengths: draw the lengths still wrong more often.
     length_sampling: LengthSampling = field(default="adaptive", metadata=_help(
