@@ -57,20 +57,20 @@ def render(records: list[dict], notes: Path | None) -> str:
              "| recipe | task | seed | acc 4..12 | acc 13 | 14 | 15 | 16 | attn1 4..12 | attn1 13..16 | head | goal | wall s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     summary: dict[tuple[str, str], list[bool]] = {}
-    flags: dict[str, str] = {}
+    flags: dict[tuple[str, str], str] = {}
     for r in rows:
         j = judge(r)
         if not j:
             continue
         summary.setdefault((r["recipe"], r["task"]), []).append(j["goal"])
-        flags[r["recipe"]] = r.get("flags", "")
+        flags[(r["recipe"], r["task"])] = r.get("flags", "")
         lines.append("| " + " | ".join([
             r["recipe"], r["task"], str(r["seed"]), _f(j["trained"]), *(_f(a) for a in j["unseen"]),
             _f(j["attn1_trained"]), " / ".join(_f(a, 2) for a in j["attn1_unseen"]), "yes" if j["head"] else "no",
             "**yes**" if j["goal"] else "no", _f(r.get("wall_s"), 0)]) + " |")
     lines += ["", "## Per recipe", "", "| recipe | task | goal met | flags |", "|---|---|---|---|"]
     for (recipe, task), goals in summary.items():
-        lines.append(f"| {recipe} | {task} | {sum(goals)} of {len(goals)} | `{flags[recipe]}` |")
+        lines.append(f"| {recipe} | {task} | {sum(goals)} of {len(goals)} | `{flags[(recipe, task)]}` |")
     if notes is not None and notes.is_file():
         lines += ["", notes.read_text().strip()]
     return "\n".join(lines) + "\n"

@@ -6,7 +6,8 @@ JSON line per finished run to ``--jsonl`` as soon as it finishes (resumable: fin
 are skipped). Per run it records:
 
 * steps and seconds until the head formed (first evaluation with attn1 peakiness >= 0.9) and until accuracy 0.99;
-* the final accuracy (mean over L = 4..16, full test split) and attn1 peakiness, from ``eval_results.json``;
+* the final accuracy (mean over L = 4..16, full test split) and attn1 peakiness, from ``eval_results.json``, and both
+  per length (``benchmarks/length_generalisation.py`` renders runs trained on 1..12 from them);
 * which circuit formed: ``detect_iteration_heads`` on the final model (is the top head in layer 1, 0-based, i.e. the
   paper's layer 2, and flagged?) plus, per layer, where the positions that predict s_t put their attention
   (x_t, another input, EoI, the chain), so "no head" runs say what they do instead;

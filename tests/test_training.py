@@ -428,13 +428,19 @@ def test_restart_at_a_plateau_starts_a_fresh_attempt_and_resumes_into_it(tmp_pat
 
 
 def test_the_plateau_signal_reads_the_layer2_mass_and_only_where_there_is_one():
-    from hf_iterheads.training.callbacks import HeadWatch, _plateau
+    from hf_iterheads.training.callbacks import HeadWatch, _plateau, trained_mean
 
-    def results(*masses):
-        return [{"summary": {"attn1_mass": m}} for m in masses]
+    def results(*masses, unseen=None):  # one result per mass: that mass at L = 1..12, ``unseen`` at 13..16
+        return [{"summary": {"attn1_mass": m}, "per_length": {L: {"n": 8, "attn1_mass": m if L <= 12 else unseen}
+                                                               for L in range(1, 17)}} for m in masses]
 
-    assert _plateau(results(0.9, 0.3), 0.5) and not _plateau(results(0.9, 0.6), 0.5)
-    assert not _plateau(results(None), 0.5) and not _plateau(None, 0.5)  # no second layer or no CoT: no restart
+    assert _plateau(results(0.9, 0.3), 0.5, 16) and not _plateau(results(0.9, 0.6), 0.5, 16)
+    assert not _plateau(results(None), 0.5, 16) and not _plateau(None, 0.5, 16)  # no second layer or CoT: no restart
+    # trained on 1..12: the untrained lengths' low mass must not make a forming head look like a plateau
+    assert _plateau(results(0.45, unseen=0.05), 0.4, 16) and not _plateau(results(0.45, unseen=0.05), 0.4, 12)
+    r = results(0.45, unseen=0.05)[0]
+    r["summary"]["attn1_mass"] = float(np.mean([r["per_length"][L]["attn1_mass"] for L in range(4, 17)]))
+    assert trained_mean(r, "attn1_mass", 16) == r["summary"]["attn1_mass"]  # the whole range: the summary, exactly
     assert TrainConfig(tasks=["parity"]).restart_at == 3000 and PAPER.restart_at == 0  # the paper's never restarts
     watch = HeadWatch.__new__(HeadWatch)
     watch.cfg = TrainConfig(restart_at=2500, eval_every=300)

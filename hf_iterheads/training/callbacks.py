@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..evaluation import FORMED, SOLVED, evaluate_model
+from ..evaluation import FORMED, SOLVED, evaluate_model, summarize_lengths
 from .artifacts import MetricsLog, read_metrics, save_checkpoint
 from .config import TrainConfig
 from .data import AdaptiveLengths, TrainData
@@ -208,7 +208,7 @@ class HeadWatch(Callback):
         if run.main:
             results = self.evaluate(run)
             for r in results:
-                self.remember_anchor(r["task"], r["summary"].get("attn0_peakiness"))
+                self.remember_anchor(r["task"], trained_mean(r, "attn0_peakiness", self.cfg.longest_trained))
             if self.log_eval(run, results, run.time) and not self.solved_logged:
                 self.solved_logged = True
                 self.event(run, "solved", f"solved (accuracy >= {SOLVED}, attn1 peakiness >= {FORMED})")
@@ -221,7 +221,7 @@ class HeadWatch(Callback):
             self.restart_if(run, run.main and _unanchored(self.anchor, cfg.anchor_below), "unanchored",
                             f"attn0 peakiness below {cfg.anchor_below}: layer 1 has not anchored on EoI")
         if self.restart_due(run.step) and cfg.may_restart(run.budget, run.step):
-            self.restart_if(run, _plateau(results, cfg.restart_below), "plateau",
+            self.restart_if(run, _plateau(results, cfg.restart_below, cfg.longest_trained), "plateau",
                             f"attn1 mass below {cfg.restart_below}: the iteration head is not forming")
         lengths = self.data.lengths
         waiting = (self.formed is not None and self.formed.decay_start is None, lengths is not None and lengths.wait)
@@ -239,10 +239,19 @@ class HeadWatch(Callback):
             lengths.wait = False
 
 
-def _plateau(results: list[dict] | None, below: float) -> bool:
-    """The layer-2 attention mass on x_t (mean L = 4..n_len) is under ``below`` for some task (a model without
-    the circuit's second layer or CoT states has no such mass: never a plateau)."""
-    masses = [r["summary"].get("attn1_mass") for r in results or []]
+def trained_mean(result: dict, key: str, max_len: int) -> float | None:
+    """``key`` averaged over the trained lengths 4..max_len, as the summary averages 4..n_len (None: not measured).
+
+    Why not the summary: a run trained on 1..12 (``--max-train-len``) is evaluated up to n_len, and the untrained
+    lengths' low attention mass would make a forming head look like a plateau."""
+    per = {int(L): m for L, m in result["per_length"].items() if int(L) <= max_len}
+    return summarize_lengths(per, [key])[key] if per else result["summary"].get(key)
+
+
+def _plateau(results: list[dict] | None, below: float, max_len: int) -> bool:
+    """The layer-2 attention mass on x_t (mean L = 4..max_len, the trained lengths) is under ``below`` for some
+    task (a model without the circuit's second layer or CoT states has no such mass: never a plateau)."""
+    masses = [trained_mean(r, "attn1_mass", max_len) for r in results or []]
     return any(m is not None and m < below for m in masses)
 
 
