@@ -321,6 +321,10 @@ def test_a_helpers_longest_length_is_read_and_checked(tmp_path, capsys):
     assert main(["train", "--task", "parity", "--n-len", "8", "--curriculum", "cumsum:0.2:0:9", "--output-dir",
                  str(out), "--max-steps", "2", "--report-to", "none"]) == 2
     assert "longest length 9 is over --n-len (8)" in _one_line_error(capsys) and not out.exists()
+    assert main(["train", "--task", "parity", "--n-len", "8", "--max-train-len", "6", "--curriculum", "cumsum:0.2:0:8",
+                 "--output-dir", str(out), "--max-steps", "2", "--report-to", "none", "--preset", "tiny"]) == 0
+    card = (out / "README.md").read_text()
+    assert "lengths 1..6; evaluated on 1..8, so the longer lengths are unseen" in card and "cumsum:0.2:0:8" in card
 
 
 def test_curriculum_and_adaptive_lengths_are_defaults_of_online_training_only():
