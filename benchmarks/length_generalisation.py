@@ -5,9 +5,9 @@ script only renders their rows (``benchmarks/seed_sweep.py`` records every lengt
 The goal: accuracy >= 0.9 on every length 13..16 (teacher-forced, full test split) with the iteration head formed
 (attn1 peakiness >= 0.9 on the trained lengths 4..12, and the detector ranks a layer-2 head first and flags it).
 
-    python benchmarks/seed_sweep.py --tasks polynomial --seeds 0-2 --jsonl benchmarks/results/length_generalisation.jsonl \\
-        --runs-dir runs/length_generalisation \\
-        --recipe 'copy16=--max-train-len 12 --curriculum binary_copy:0.5:3000,binary_copy:0.2:0:16'
+    python benchmarks/seed_sweep.py --tasks parity,binary_copy --seeds 0-5 --runs-dir runs/length_generalisation \\
+        --jsonl benchmarks/results/length_generalisation.jsonl \\
+        --recipe 'cumsum16:parity,binary_copy=--max-train-len 12 --curriculum binary_copy:0.5:3000,cumsum:0.3:0:16'
     python benchmarks/length_generalisation.py      # benchmarks/results/length_generalisation.md
 
 Why a helper helps at all: the main task never sees a length over 12, but the look-up the iteration head does
