@@ -30,7 +30,7 @@ GOAL = 0.9
 
 
 def judge(r: dict) -> dict:
-    """The row's numbers against the goal; None where the run has no per-length results."""
+    """The row's numbers against the goal; an empty dict where the run has no result for some length 13..16."""
     per = r.get("per_length") or {}
     acc = {L: per[str(L)]["accuracy"] for L in (*TRAINED, *UNSEEN) if str(L) in per}
     if not all(L in acc for L in UNSEEN):
