@@ -7,8 +7,8 @@ benchmarks/results/seed_sweep_notes.md). So a candidate can be
 screened on many seeds for a fraction of the price of full runs: each run is the plain ``hf-iterheads train``
 command with the candidate's flags and ``--restart-at 0`` (one attempt: the signal is what a restart would read),
 stopped once its evaluation at ``--until`` is written. ``forming``: the mass is at least the default
-``--restart-below``. A candidate that raises the signal's rate is then confirmed
-with full runs (benchmarks/seed_sweep.py).
+``--restart-below`` (over the trained lengths when a run trains on fewer than it evaluates, as the restart reads
+it). A candidate that raises the signal's rate is then confirmed with full runs (benchmarks/seed_sweep.py).
 
     python benchmarks/early_signal_screen.py --tasks polynomial,parity --seeds 100-103 \
         --candidate default= --candidate beta2=--betas 0.9,0.98 --workers 2
@@ -29,7 +29,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from seed_sweep import best_anchor, parse_seeds  # this folder's sibling script (run from the repository root)
+from seed_sweep import best_anchor, parse_seeds, trained  # this folder's sibling script (run from the repository root)
 
 from hf_iterheads.outputs import read_jsonl
 from hf_iterheads.training import FAST
@@ -69,7 +69,8 @@ def screen(name: str, flags: str, task: str, seed: int, until: int, threads: int
         err = "" if rows and rows[-1]["step"] >= until else log.read()[-400:]
         log.close()
     keys = ("accuracy", "attn0_mass", "attn0_peakiness", "attn1_mass", "attn1_peakiness")
-    curve = {r["step"]: {k: None if r.get(k) is None else round(r[k], 3) for k in keys} for r in rows if r.get("task") == task}
+    curve = {r["step"]: {k: None if v is None else round(v, 3) for k in keys for v in [trained(r, k)]}
+             for r in rows if r.get("task") == task}
     at = max((s for s in curve if s <= until), default=None)
     mass = curve[at]["attn1_mass"] if at is not None else None
     anchor = best_anchor(((s, c["attn0_peakiness"]) for s, c in curve.items()), until)

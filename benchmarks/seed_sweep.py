@@ -118,9 +118,16 @@ def read_records(run_dir: Path) -> list[dict[str, Any]]:
     return records
 
 
+def trained(record: dict, key: str) -> Any:
+    """``key`` of an ``eval`` record, over the trained lengths when the run trained on fewer than it evaluates
+    (``--max-train-len``: the record's ``trained`` means, which the run's restarts read); accuracy stays the
+    mean over 4..n_len."""
+    return record.get("trained", {}).get(key, record.get(key))
+
+
 def curve_of(records: list[dict], task: str) -> list[dict[str, Any]]:
     """The periodic evaluations of ``task`` among ``records`` (``eval`` records), compacted."""
-    curve = [{k: (round(r[k], 4) if isinstance(r.get(k), float) else r.get(k)) for k in CURVE_KEYS}
+    curve = [{k: (round(v, 4) if isinstance(v, float) else v) for k in CURVE_KEYS for v in [trained(r, k)]}
              for r in records if r.get("kind") == "eval" and r.get("task") == task]
     # a resumed/restarted log may repeat steps: keep the last record per step
     return list({r["step"]: r for r in curve}.values())

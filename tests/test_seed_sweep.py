@@ -56,6 +56,14 @@ def _fake_run(run: Path) -> None:
          "per_length": per_length, "summary_lengths": list(range(4, 17))}]}))
 
 
+def test_a_runs_curve_reads_its_trained_lengths():
+    # a run trained on 1..12: its attention signals come from the record's "trained" means, accuracy from 4..16
+    full = {"kind": "eval", "step": 500, "task": "parity", "accuracy": 0.5, "attn1_mass": 0.3, "attn1_peakiness": 0.6}
+    short = {**full, "step": 1000, "trained": {"max_len": 12, "attn1_mass": 0.45, "attn1_peakiness": 0.92}}
+    curve = sweep.curve_of([full, short, {"kind": "train", "step": 1000}], "parity")
+    assert [(c["accuracy"], c["attn1_mass"], c["attn1_peakiness"]) for c in curve] == [(0.5, 0.3, 0.6), (0.5, 0.45, 0.92)]
+
+
 def test_summary_render_and_circuit_classes(tmp_path):
     _fake_run(tmp_path / "run")
     s = sweep.summarize_run(tmp_path / "run", "parity")

@@ -19,7 +19,7 @@ from hf_iterheads.errors import IterHeadsError
 from hf_iterheads.tasks import get_task
 from hf_iterheads.tokenizer import Layout, build_tokenizer
 from hf_iterheads.training import FAST, PAPER, Callback, TrainConfig, resolve_config, train_with_restarts
-from hf_iterheads.training.callbacks import head_formed
+from hf_iterheads.training.callbacks import TRAINED_KEYS, head_formed
 from hf_iterheads.training.config import parse_curriculum
 from hf_iterheads.training.data import AdaptiveLengths, FixedSampler, OnlineData, TaskSchedule, _row_codes
 
@@ -325,6 +325,10 @@ def test_a_helpers_longest_length_is_read_and_checked(tmp_path, capsys):
                  "--output-dir", str(out), "--max-steps", "2", "--report-to", "none", "--preset", "tiny"]) == 0
     card = (out / "README.md").read_text()
     assert "lengths 1..6; evaluated on 1..8, so the longer lengths are unseen" in card and "cumsum:0.2:0:8" in card
+    # each evaluation also records the attention metrics over 4..6, the ones the restarts read
+    evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"]
+    assert evals and all(r["trained"]["max_len"] == 6 and set(TRAINED_KEYS) <= set(r["trained"]) for r in evals)
+    assert all(isinstance(r["trained"]["attn1_mass"], float) for r in evals)
 
 
 def test_curriculum_and_adaptive_lengths_are_defaults_of_online_training_only():

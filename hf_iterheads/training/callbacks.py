@@ -160,12 +160,17 @@ class HeadWatch(Callback):
                 for name in self.cfg.tasks]
 
     def log_eval(self, run: Run, results: list[dict], now: float) -> bool:
-        """One ``eval`` record per task; True when every task is solved."""
-        solved = True
+        """One ``eval`` record per task; True when every task is solved. A run trained on shorter lengths than it
+        is evaluated on (``--max-train-len``) also records the attention metrics over its trained lengths
+        (``trained``), the ones its restarts read."""
+        solved, longest = True, self.cfg.longest_trained
         for r in results:
             s = r["summary"]
-            run.log.write({"kind": "eval", "step": run.step, "time": round(now, 2), "task": r["task"], **s,
-                           "per_length": {L: m["accuracy"] for L, m in r["per_length"].items()}})
+            record = {"kind": "eval", "step": run.step, "time": round(now, 2), "task": r["task"], **s,
+                      "per_length": {L: m["accuracy"] for L, m in r["per_length"].items()}}
+            if longest < self.cfg.n_len:  # the signals the restarts read (trained lengths), for screens and sweeps
+                record["trained"] = {"max_len": longest, **{k: trained_mean(r, k, longest) for k in TRAINED_KEYS}}
+            run.log.write(record)
             run.accelerator.log({f"eval/{r['task']}/{k}": v for k, v in s.items() if v is not None}, step=run.step)
             head = s.get("attn1_peakiness")
             solved &= s["accuracy"] >= SOLVED and (head is None or head >= FORMED)
@@ -237,6 +242,9 @@ class HeadWatch(Callback):
         if waiting[1] and flags[1]:
             self.event(run, "adapting", "the iteration head is forming; the failing lengths are drawn more often")
             lengths.wait = False
+
+
+TRAINED_KEYS = ("attn0_mass", "attn0_peakiness", "attn1_mass", "attn1_peakiness")  # eval records' "trained" means
 
 
 def trained_mean(result: dict, key: str, max_len: int) -> float | None:
