@@ -286,7 +286,9 @@ class TrainConfig:
     checkpoint_every: int = field(default=1000, metadata=_help("steps between save_state checkpoints"))
     keep_checkpoints: int = field(default=2, metadata=_help("checkpoints kept"))
     report_to: str = field(default="auto", metadata=_help("Accelerate tracker: auto (tensorboard if installed), none, ..."))
-    stop_when_solved: bool = field(default=False, metadata=_help("stop once accuracy >= 0.99 and attn1 >= 0.9"))
+    stop_when_solved: bool = field(default=False, metadata=_help(
+        "stop once accuracy >= 0.99 and attn1 >= 0.9 (means over lengths 4..--n-len: with --max-train-len, the "
+        "unseen lengths too)"))
     # A run heading for another circuit shows it early: at step 3,000 the layer-2 attention mass on x_t was
     # 0.12-0.39 in 19 of the 23 six-thousand-step CPU runs whose head never formed (the other four ended with a
     # partial or gated head, peakiness 0.63-0.89) and 0.49-0.99 in 24 of the 27 whose head formed (the three others,
