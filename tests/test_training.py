@@ -480,6 +480,22 @@ def test_restarts_share_the_runs_step_budget():
     assert loaded.restarted_at == (3000,) and loaded.attempt_steps(9000) == 6000 and loaded.anchor_at == 0
 
 
+def test_a_resumed_run_remembers_the_anchor_it_judged(tmp_path):
+    # check() remembers attn0 peakiness over the trained lengths; a resumed run rebuilds it from the eval records,
+    # so it must read the same numbers (the "trained" means where a run trains on fewer lengths than it evaluates)
+    from types import SimpleNamespace
+
+    from hf_iterheads.training.callbacks import HeadWatch
+
+    records = [{"kind": "eval", "step": 4, "task": "parity", "attn0_peakiness": 0.1,
+                "trained": {"max_len": 6, "attn0_peakiness": 0.3}},
+               {"kind": "eval", "step": 4, "task": "cumsum", "attn0_peakiness": 0.25}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    watch = HeadWatch(TrainConfig(tasks=["parity"], output_dir="x", n_len=8, max_train_len=6), None, None, None)
+    watch.on_start(SimpleNamespace(step=8, out=tmp_path, main=True, stop=False))
+    assert watch.anchor == {"parity": 0.3, "cumsum": 0.25}
+
+
 def test_the_anchor_check_reads_layer1_on_eoi_with_offsets_only():
     from hf_iterheads.training.callbacks import _unanchored
 

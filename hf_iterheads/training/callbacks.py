@@ -146,9 +146,9 @@ class HeadWatch(Callback):
         records = read_metrics(path) if run.step > 0 and path.is_file() else []
         self.solved_logged = any(r.get("kind") == "solved" for r in records)
         self.anchor = {}  # task -> best attn0 peakiness of this attempt's evaluations (the anchor check)
-        for r in records:
+        for r in records:  # over the trained lengths where the record has them, as check() remembered it
             if r.get("kind") == "eval":
-                self.remember_anchor(r["task"], r.get("attn0_peakiness"))
+                self.remember_anchor(r["task"], r.get("trained", r).get("attn0_peakiness"))
         if run.step == 0 and run.main:
             self.log_eval(run, self.evaluate(run), 0.0)
         run.stop = self.formed is not None and self.formed.finished(run.step)
