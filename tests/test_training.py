@@ -308,6 +308,41 @@ def test_a_helper_trains_on_its_own_longer_lengths(bucket, sampling):
     assert seen["parity"] == {1, 2, 3} and seen["binary_copy"] == set(range(1, 9))
 
 
+@pytest.mark.parametrize("bucket,sampling", [(True, "uniform"), (False, "uniform"), (False, "adaptive")])
+def test_linear_length_weights_draw_each_length_in_proportion_to_it(bucket, sampling):
+    """--length-weights linear: P(L) = L / sum(1..max); helpers keep their own longest length."""
+    tok = build_tokenizer()
+    size, n_batches = (4, 3000) if bucket else (64, 60)  # about 4,000 draws of (task, L) either way
+    cfg = TrainConfig(tasks=["parity"], output_dir="x", n_len=8, max_train_len=4, batch_size=size, length_warmup=0,
+                      bucket=bucket, curriculum="cumsum:0.5:0:8", length_sampling=sampling, length_weights="linear")
+    layouts = {n: Layout(tok, n) for n in cfg.all_tasks}
+    lengths = AdaptiveLengths(cfg.all_tasks, cfg.longest_drawn, weights="linear") if sampling == "adaptive" else None
+    data = OnlineData(cfg, layouts, {}, 0, epoch_len=4, lengths=lengths)
+    counts = {"parity": np.zeros(9), "cumsum": np.zeros(9)}
+    for b in range(n_batches):
+        batch = data.__getitems__(list(range(b * size, (b + 1) * size)))
+        task_ids, n = batch["input_ids"][:, 0].tolist(), ((batch["attention_mask"].sum(1) - 3) // 2).tolist()
+        for t, L in zip(task_ids, n):
+            counts[next(k for k, lay in layouts.items() if lay.task_id == t)][L] += 1 / (size if bucket else 1)
+    for name, longest in (("parity", 4), ("cumsum", 8)):
+        share = counts[name][1:] / counts[name].sum()
+        want = np.r_[np.arange(1, longest + 1) / (longest * (longest + 1) / 2), np.zeros(8 - longest)]
+        assert np.abs(share - want).max() < 0.04, (name, share.round(3))
+    # once adaptive lengths publish, the share not given to the errors follows the prior
+    adaptive = AdaptiveLengths(["parity"], n_len=4, every=10, weights="linear")
+    for _ in range(100):  # L = 1..3 always right, L = 4 never
+        adaptive.observe(np.zeros(4, dtype=int), np.array([1, 2, 3, 4]), np.array([1, 1, 1, 0]))
+    adaptive.after_step(10)
+    assert np.allclose(adaptive.probabilities("parity", 12, 4), [0.05, 0.1, 0.15, 0.2 + 0.5], atol=1e-3)
+
+
+def test_length_weights_need_online_data(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--task", "parity", "--data", "fixed", "--length-weights", "linear", "--output-dir", str(out),
+                 "--max-steps", "2", "--report-to", "none"]) == 2
+    assert "--length-weights linear" in _one_line_error(capsys) and not out.exists()
+
+
 def test_a_helpers_longest_length_is_read_and_checked(tmp_path, capsys):
     assert parse_curriculum("cumsum:0.2:0:16,binary_copy:0.5:3000") == (("cumsum", 0.2, 0, 16),
                                                                          ("binary_copy", 0.5, 3000, None))

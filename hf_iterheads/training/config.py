@@ -24,6 +24,7 @@ from ..tasks import get_task
 Data = Literal["fixed", "online"]
 Schedule = Literal["constant", "cosine", "linear", "formed-cosine"]
 LengthSampling = Literal["uniform", "adaptive"]
+LengthWeights = Literal["uniform", "linear"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 
 
@@ -251,6 +252,12 @@ class TrainConfig:
     length_sampling: LengthSampling = field(default="adaptive", metadata=_help(
         "online data: lengths uniform, or adaptive (once attn1 peakiness reaches 0.5, the lengths the model still "
         "gets wrong are drawn more often)"))
+    # Trained on short lengths only (--max-train-len 12), most rows have few distinct inputs (a binary task has
+    # 2^L) and can be memorised: "linear" draws L in proportion to L, so every chain step is drawn equally often
+    # and the long lengths weigh more (benchmarks/results/length_generalisation_notes.md, session 16).
+    length_weights: LengthWeights = field(default="uniform", metadata=_help(
+        "online data: how lengths 1..max are drawn before --length-sampling adapts them: uniform, or linear "
+        "(P(L) proportional to L, every chain step equally often)"))
     # None = auto (auto_position_offsets): on for every task but polynomial (without them most cumsum, s3_product
     # and binary runs settled on another circuit instead of forming the head); resolved from the tasks.
     position_offsets: bool | None = field(default=None, metadata=_help(
@@ -565,6 +572,7 @@ def check_config(cfg: TrainConfig) -> None:
         raise IterHeadsError(f"--anchor-below must be between 0 and 1 (a peakiness), got {cfg.anchor_below}")
     if len(set(cfg.tasks)) != len(cfg.tasks):
         raise IterHeadsError(f"--task names a task twice: {','.join(cfg.tasks)}")
-    if (cfg.helpers or cfg.length_warmup or cfg.length_sampling != "uniform" or cfg.position_offsets) and cfg.data != "online":
-        raise IterHeadsError("--curriculum, --length-warmup, --length-sampling adaptive and --position-offsets need "
-                             "--data online (the fixed dataset is fixed)")
+    if (cfg.helpers or cfg.length_warmup or cfg.length_sampling != "uniform" or cfg.length_weights != "uniform"
+            or cfg.position_offsets) and cfg.data != "online":
+        raise IterHeadsError("--curriculum, --length-warmup, --length-sampling adaptive, --length-weights linear and "
+                             "--position-offsets need --data online (the fixed dataset is fixed)")

@@ -113,8 +113,8 @@ class OnlineData(Dataset):
     """Fresh sequences for every batch, a pure function of (seed, batch number): resumable and shardable.
 
     A batch is one (task, length) when bucketed, otherwise every row draws its own task and length. Tasks are
-    drawn with the curriculum's weights at that step; lengths uniformly in 1..max_len(step) of that task (a helper
-    may have its own longest length). Rows equal to a
+    drawn with the curriculum's weights at that step; lengths in 1..max_len(step) of that task, uniformly or as
+    ``--length-weights`` says (a helper may have its own longest length). Rows equal to a
     test sequence are redrawn, so test accuracy never measures memorisation.
     """
 
@@ -127,6 +127,8 @@ class OnlineData(Dataset):
 
     def _lengths(self, name: str, step: int, max_len: int, n: int | None, rng: np.random.Generator):
         p = self.lengths.probabilities(name, step, max_len) if self.lengths is not None else None
+        if p is None:
+            p = length_prior(self.cfg.length_weights, max_len)
         if p is None:
             return rng.integers(1, max_len + 1, size=n)
         return rng.choice(max_len, size=n, p=p) + 1
@@ -157,7 +159,7 @@ class OnlineData(Dataset):
             picks = [(names[i], int(self._lengths(names[i], step, max_lens[i], None, rng)), n)]
         else:
             t = rng.choice(len(names), size=n, p=weights)
-            if self.lengths is None:
+            if self.lengths is None and self.cfg.length_weights == "uniform":
                 same = len(set(max_lens)) == 1  # the draw every run without per-helper lengths has always made
                 lengths = rng.integers(1, max_lens[0] + 1, size=n) if same else rng.integers(1, np.asarray(max_lens)[t] + 1)
             else:
@@ -231,25 +233,39 @@ class TaskSchedule:
         return [self.max_len(step, cap) for cap in self.caps]
 
 
+def length_prior(weights: str, max_len: int) -> np.ndarray | None:
+    """P(L = 1..max_len) under ``--length-weights``; None for uniform (drawn with ``rng.integers``, as always).
+
+    "linear" draws L in proportion to L: every chain step s_t is drawn equally often, so the long lengths, whose
+    inputs are too many to memorise, get most of the rows."""
+    if weights == "uniform":
+        return None
+    p = np.arange(1, max_len + 1, dtype=np.float64)
+    return p / p.sum()
+
+
 class AdaptiveLengths:
     """Length weights that follow training accuracy: the lengths the model still gets wrong are drawn more often.
 
     Why: with absolute positions every length needs its own look-up, and once the head has formed the runs that
-    miss 0.99 miss whole lengths while the rest are exact. With ``wait``, sampling stays uniform until the
-    iteration head is forming (attn1 peakiness >= START_PEAKINESS): adapting from step 0 can teach the short
-    lengths one by one without the head (measured in benchmarks/results/recipe_search.md). Each (task, L) keeps an EMA of the
-    teacher-forced sequence accuracy of its training rows (every process sees every row: they are gathered).
-    Every ``every`` steps (the run's --log-every) the weights are republished as half uniform, half in proportion
-    to the error 1 - EMA, so no length drops below half its uniform share. Weights published at step s apply from
-    step s + LAG: the data loader prefetches a batch, and this way an interrupted run resumed from a checkpoint
-    draws exactly the batches the uninterrupted one drew. The state is saved with ``save_state``.
+    miss 0.99 miss whole lengths while the rest are exact. With ``wait``, sampling follows the ``--length-weights``
+    prior (uniform by default) until the iteration head is forming (attn1 peakiness >= START_PEAKINESS): adapting
+    from step 0 can teach the short lengths one by one without the head (measured in
+    benchmarks/results/recipe_search.md). Each (task, L) keeps an EMA of the teacher-forced sequence accuracy of its
+    training rows (every process sees every row: they are gathered). Every ``every`` steps (the run's --log-every)
+    the weights are republished as half the prior, half in proportion to the error 1 - EMA, so no length drops below
+    half its prior share. Weights published at step s apply from step s + LAG: the data loader prefetches a batch,
+    and this way an interrupted run resumed from a checkpoint draws exactly the batches the uninterrupted one drew.
+    The state is saved with ``save_state``.
     """
 
     LAG, DECAY, UNIFORM_SHARE = 2, 0.9, 0.5
     START_PEAKINESS = 0.5  # half way: the head is forming, and no longer at risk of being skipped
 
-    def __init__(self, tasks: list[str], n_len: int, every: int = 100, wait: bool = False) -> None:
+    def __init__(self, tasks: list[str], n_len: int, every: int = 100, wait: bool = False,
+                 weights: str = "uniform") -> None:
         self.tasks, self.n_len, self.every, self.wait = list(dict.fromkeys(tasks)), int(n_len), int(every), bool(wait)
+        self.weights = weights  # --length-weights: the share not given to the errors follows it
         self.ema = np.zeros((len(self.tasks), self.n_len + 1))  # column L (column 0 unused)
         self.published: list[tuple[int, np.ndarray]] = []  # (first step it applies to, error per (task, L))
 
@@ -269,10 +285,11 @@ class AdaptiveLengths:
         if not current or task not in self.tasks:
             return None
         err = np.clip(current[-1][self.tasks.index(task), 1 : max_len + 1], 0.0, 1.0)
-        uniform = np.full(max_len, 1.0 / max_len)
+        prior = length_prior(self.weights, max_len)
+        base = np.full(max_len, 1.0 / max_len) if prior is None else prior
         if err.sum() <= 0:
-            return uniform
-        p = self.UNIFORM_SHARE * uniform + (1 - self.UNIFORM_SHARE) * err / err.sum()
+            return base
+        p = self.UNIFORM_SHARE * base + (1 - self.UNIFORM_SHARE) * err / err.sum()
         return p / p.sum()
 
     def state_dict(self) -> dict:
@@ -346,7 +363,8 @@ def build_train_data(cfg: TrainConfig, tokenizer, wait_for_head: bool) -> TrainD
     else:
         epoch_len = max(1, math.ceil(len(cfg.tasks) * cfg.n_len * cfg.per_length / cfg.batch_size))  # paper: 64
         if cfg.length_sampling == "adaptive":
-            lengths = AdaptiveLengths(list(layouts), cfg.longest_drawn, every=cfg.log_every, wait=wait_for_head)
+            lengths = AdaptiveLengths(list(layouts), cfg.longest_drawn, every=cfg.log_every, wait=wait_for_head,
+                                      weights=cfg.length_weights)
             task_index = torch.full((len(tokenizer),), -1, dtype=torch.long)
             for i, name in enumerate(lengths.tasks):
                 task_index[layouts[name].task_id] = i
