@@ -341,15 +341,22 @@ def test_length_weights_need_online_data(tmp_path, capsys):
     assert main(["train", "--task", "parity", "--data", "fixed", "--length-weights", "linear", "--output-dir", str(out),
                  "--max-steps", "2", "--report-to", "none"]) == 2
     assert "--length-weights linear" in _one_line_error(capsys) and not out.exists()
+    assert run_train(out, "--length-weights", "linear", "--max-steps", "2", task="parity") == 0
+    assert json.loads((out / "run_config.json").read_text())["length_weights"] == "linear"
+    assert "training lengths drawn in proportion to L" in (out / "README.md").read_text()
 
 
 def test_a_helpers_longest_length_is_read_and_checked(tmp_path, capsys):
-    assert parse_curriculum("cumsum:0.2:0:16,binary_copy:0.5:3000") == (("cumsum", 0.2, 0, 16),
-                                                                         ("binary_copy", 0.5, 3000, None))
+    assert parse_curriculum("cumsum:0.2:0:16,binary_copy:0.5:3000") == (("cumsum", 0.2, 0, 16, 0),
+                                                                         ("binary_copy", 0.5, 3000, None, 0))
+    late = parse_curriculum("cumsum:0.2:100::50")[0]  # joins at step 50 on the run's lengths, fades over 100 steps
+    assert (late.max_len, late.start) == (None, 50)
+    assert [late.share_at(s) for s in (0, 49, 50, 100, 150, 500)] == pytest.approx([0, 0, 0.2, 0.1, 0, 0])
+    assert TaskSchedule(TrainConfig(tasks=["parity"], output_dir="x", curriculum="cumsum:0.2:0:16:50")).weights(49)[1][1] == 0
     schedule = TaskSchedule(TrainConfig(tasks=["parity"], output_dir="x", n_len=16, max_train_len=12,
                                         curriculum="cumsum:0.2:0:16", length_warmup=10))
     assert schedule.max_lens(0) == [1, 1] and schedule.max_lens(5) == [6, 8] and schedule.max_lens(10) == [12, 16]
-    for spec in ("cumsum:0.2:0:0", "cumsum:0.2:0:x", "cumsum:0.2:0:4:1"):
+    for spec in ("cumsum:0.2:0:0", "cumsum:0.2:0:x", "cumsum:0.2:0:4:-1", "cumsum:0.2:0:4:1:2"):
         with pytest.raises(IterHeadsError, match="curriculum"):
             parse_curriculum(spec)
     out = tmp_path / "run"

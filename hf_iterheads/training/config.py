@@ -29,8 +29,8 @@ MixedPrecision = Literal["no", "fp16", "bf16"]
 
 
 class Helper(NamedTuple):
-    """A helper task of the curriculum: its share of the batches at step 0, fading to 0 over ``steps``, trained on
-    lengths 1..``max_len``."""
+    """A helper task of the curriculum: its share of the batches from step ``start`` (0: from the first step),
+    fading to 0 over ``steps`` more, trained on lengths 1..``max_len``."""
 
     task: str
     share: float
@@ -38,26 +38,36 @@ class Helper(NamedTuple):
     # None = the run's own (--max-train-len, else --n-len). Longer than the run's: the helper trains the look-up at
     # distances the main task never sees (length generalisation, benchmarks/results/length_generalisation.md).
     max_len: int | None = None
+    # A helper that joins once the head has formed: its rows cannot stop the head forming (polynomial's does,
+    # when present from step 0), and can still train the look-up on longer lengths.
+    start: int = 0
+
+    def share_at(self, step: int) -> float:
+        """The helper's share of the rows at ``step``."""
+        if step < self.start:
+            return 0.0
+        return self.share if self.steps == 0 else self.share * max(0.0, 1.0 - (step - self.start) / self.steps)
 
 
 def parse_curriculum(spec: str) -> tuple[Helper, ...]:
-    """``"binary_copy:0.5:1000,cumsum:0.2:0:16"`` -> helpers (task, share at step 0, steps to fade (0 = constant),
-    longest length (default: the run's))."""
+    """``"binary_copy:0.5:1000,cumsum:0.2:0:16:4000"`` -> helpers (task, share when it starts, steps to fade
+    (0 = constant), longest length (empty or absent: the run's), step it starts at (default 0))."""
     out = []
     for part in filter(None, (spec or "").split(",")):
         bits = part.split(":")
         try:
-            if len(bits) > 4:
+            if len(bits) > 5:
                 raise ValueError
             helper = Helper(bits[0], float(bits[1]), int(bits[2] if len(bits) > 2 else 0),
-                            int(bits[3]) if len(bits) > 3 else None)
+                            int(bits[3]) if len(bits) > 3 and bits[3] else None, int(bits[4]) if len(bits) > 4 else 0)
         except (IndexError, ValueError):
-            raise IterHeadsError(f"cannot read curriculum {part!r}; write TASK:SHARE[:STEPS[:MAX_LEN]], "
+            raise IterHeadsError(f"cannot read curriculum {part!r}; write TASK:SHARE[:STEPS[:MAX_LEN[:START]]], "
                                  "e.g. binary_copy:0.5:1000") from None
         get_task(helper.task)
-        if not 0 <= helper.share < 1 or helper.steps < 0 or (helper.max_len is not None and helper.max_len < 1):
-            raise IterHeadsError(f"curriculum {part!r}: the share must be in [0, 1), the steps >= 0 and the longest "
-                                 "length >= 1")
+        if (not 0 <= helper.share < 1 or helper.steps < 0 or (helper.max_len is not None and helper.max_len < 1)
+                or helper.start < 0):
+            raise IterHeadsError(f"curriculum {part!r}: the share must be in [0, 1), the steps >= 0, the longest "
+                                 "length >= 1 and the start step >= 0")
         out.append(helper)
     if sum(h.share for h in out) >= 1:
         raise IterHeadsError(f"curriculum {spec!r}: the helper tasks' shares must sum to less than 1")
@@ -243,8 +253,9 @@ class TrainConfig:
     # few distinct inputs at the evaluated lengths (auto_curriculum). Applies to training from scratch on online
     # data (resolve_config); the run stores the curriculum it resolved to.
     curriculum: str = field(default=AUTO, metadata=_help(
-        "helper tasks, TASK:SHARE:STEPS[:MAX_LEN][,...]: SHARE of the rows at step 0, fading to none over STEPS "
-        "(0 = constant), on lengths 1..MAX_LEN (default: the run's, --max-train-len); '' for none; "
+        "helper tasks, TASK:SHARE:STEPS[:MAX_LEN[:START]][,...]: SHARE of the rows from step START (default 0), "
+        "fading to none over STEPS (0 = constant), on lengths 1..MAX_LEN (empty or absent: the run's, "
+        "--max-train-len); '' for none; "
         "auto = binary_copy:0.5:3000, plus cumsum:0.3:0 for a task with fewer than 256 distinct inputs at some length "
         "from 4 (binary tasks)"))
     length_warmup: int = field(default=0, metadata=_help("steps over which the longest length grows from 1 to n_len"))

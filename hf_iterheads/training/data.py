@@ -216,7 +216,7 @@ class TaskSchedule:
         self.caps = [self.n_len] * len(self.primary) + [h.max_len or self.n_len for h in self.aux]  # per name
 
     def weights(self, step: int) -> tuple[list[str], np.ndarray]:
-        shares = [h.share if h.steps == 0 else h.share * max(0.0, 1.0 - step / h.steps) for h in self.aux]
+        shares = [h.share_at(step) for h in self.aux]
         names = self.primary + [h.task for h in self.aux]
         w = np.concatenate([self.primary_w * (1.0 - sum(shares)), np.asarray(shares, dtype=float)])
         return names, w / w.sum()
