@@ -200,11 +200,34 @@ def test_default_rows_are_the_plain_command():
 
     records = sweep.load_records(ROOT / "benchmarks" / "results" / "seed_sweep.jsonl")
     assert set(sweep.DEFAULT_ROWS) == set(sweep.TASKS)
-    for task, recipe in sweep.DEFAULT_ROWS.items():
-        flags = {r["flags"] for r in records if r["recipe"] == recipe and r["task"] == task}
-        assert len(flags) == 1, (task, recipe, flags)
-        assert config(task, shlex.split(flags.pop())) == config(task, []), (task, recipe)
-        stored = [r["config"] for r in records if r["recipe"] == recipe and r["task"] == task and r.get("config")]
-        assert all(c == config(task, []) for c in stored), (task, recipe)  # what the runs really resolved to
-        assert stored or recipe == "default", (task, recipe)  # rows since session 12 record their configuration
+    for task, recipes in sweep.DEFAULT_ROWS.items():
+        plain = config(task, [])
+        for i, recipe in enumerate(recipes):
+            flags = {r["flags"] for r in records if r["recipe"] == recipe and r["task"] == task}
+            assert len(flags) == 1, (task, recipe, flags)
+            resolved = config(task, shlex.split(flags.pop()))
+            stored = [sweep.stored_config(r) for r in records if r["recipe"] == recipe and r["task"] == task and r.get("config")]
+            assert stored or recipe == "default", (task, recipe)  # rows since session 12 record their configuration
+            assert resolved == plain, (task, recipe)
+            if i:  # a stand-in: run when the plain command allowed fewer restarts
+                assert all(c["max_restarts"] < plain["max_restarts"] for c in stored), (task, recipe)
+                stored = [{**c, "max_restarts": plain["max_restarts"]} for c in stored]
+            assert all(c == plain for c in stored), (task, recipe)  # what the runs really resolved to
     assert "## Today's default against the goal" in sweep.render(records, None)
+
+
+def test_a_run_with_fewer_restarts_stands_for_the_default_only_where_the_limit_decided_nothing():
+    cfg = {"restart_at": 3000, "restart_below": 0.4, "max_restarts": 1}
+    curve = [{"step": 2500, "attn1_mass": 0.1}, {"step": 3000, "attn1_mass": 0.3}, {"step": 3500, "attn1_mass": 0.9}]
+    kept = {"config": cfg, "attempts": 1, "curve": curve}  # never restarted: a restart to spare
+    forming = {"config": cfg, "attempts": 2, "curve": [{**p, "attn1_mass": 0.5} for p in curve]}
+    stopped = {"config": cfg, "attempts": 2, "curve": curve}  # out of restarts at 0.3 < 0.4: two would have restarted
+    assert sweep.limit_unused(kept) and sweep.limit_unused(forming) and not sweep.limit_unused(stopped)
+    assert not sweep.limit_unused({"attempts": 1, "curve": curve})  # no recorded configuration: cannot tell
+    rows = [{"recipe": "old", "task": "polynomial", "seed": s, "status": "ok", **r}
+            for s, r in ((1, kept), (2, forming), (3, stopped), (4, kept))]
+    rows.append({"recipe": "new", "task": "polynomial", "seed": 4, "status": "ok", "config": cfg, "curve": curve})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sweep.DEFAULT_ROWS, "polynomial", ("new", "old"))
+        assert [(r["seed"], r["recipe"]) for r in sweep.default_rows(rows, "polynomial")] == [(1, "old"), (2, "old"),
+                                                                                              (4, "new")]

@@ -418,6 +418,7 @@ def test_curriculum_and_adaptive_lengths_are_defaults_of_online_training_only():
     bc = cfg("--task", "binary_copy")
     assert (bc.restart_at, bc.restart_below, bc.max_restarts) == (1000, 0.4, 5) and FAST.restart_at is None
     assert (cfg().restart_at, cfg().max_restarts, cfg("--task", "binary_copy,parity").restart_at) == (3000, 1, 3000)
+    assert [cfg("--task", t).max_restarts for t in ("polynomial", "polynomial,parity", "cumsum")] == [2, 1, 1]
     assert cfg("--task", "binary_copy", "--restart-at", "3000").restart_below == 0.22  # judged late: the late rule
     assert cfg("--task", "binary_copy", "--max-restarts", "2").max_restarts == 2 and cfg("--recipe", "paper").restart_at == 0
     # the step budget: 9,000 for cumsum and s3_product (early heads), 12,000 otherwise; --epochs or --max-steps replace it

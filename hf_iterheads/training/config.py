@@ -105,8 +105,9 @@ def auto_position_offsets(tasks: list[str]) -> bool:
 
 RESTART_AT, EARLY_RESTART_AT = 3000, 1000  # the plateau restart's step (auto_restart_at)
 RESTART_BELOW, FEW_INPUTS_RESTART_BELOW = 0.4, 0.22  # the plateau restart's threshold (auto_restart_below)
-MAX_RESTARTS, EARLY_MAX_RESTARTS = 1, 5  # restarts at most (auto_max_restarts)
+MAX_RESTARTS, FAST_FINISH_MAX_RESTARTS, EARLY_MAX_RESTARTS = 1, 2, 5  # restarts at most (auto_max_restarts)
 EARLY_TASKS = ("binary_copy",)  # heads that show by step 1,000 or not at all: judged there, restarted cheaply
+FAST_FINISH_TASKS = ("polynomial",)  # a forming attempt is exact within 6,000 steps: a third attempt fits the budget
 ANCHOR_BELOW = 0.2  # the anchor restart's threshold on attn0 peakiness (auto_anchor_below)
 
 
@@ -142,14 +143,20 @@ def auto_restart_below(tasks: list[str], n_len: int, restart_at: int) -> float:
 
 
 def auto_max_restarts(tasks: list[str]) -> int:
-    """The default of ``--max-restarts``: 1, and 5 for binary copy (``early_head``), whose restarts at step 1,000
-    leave the last attempt at least 7,000 of the 12,000 steps.
+    """The default of ``--max-restarts``: 1; 2 for polynomial (``FAST_FINISH_TASKS``); 5 for binary copy (``early_head``),
+    whose restarts at step 1,000 leave the last attempt at least 7,000 of the 12,000 steps.
 
     Why: about half of binary copy's fresh attempts are forming at step 1,000 (11 of 20 fresh seeds in the early
     signal screen, benchmarks/results/early_signal_screen.jsonl, and 12 of 29 recorded attempts), so six attempts
-    all miss it in about 2% of runs. Two judged at step 3,000 would leave the last attempt 6,000 of 12,000 steps,
-    where restarted runs failed (seed_sweep.md, session 12)."""
-    return EARLY_MAX_RESTARTS if early_head(tasks) else MAX_RESTARTS
+    all miss it in about 2% of runs. Two judged at step 3,000 leave the last attempt 6,000 of 12,000 steps: too
+    few for parity, whose heads form at steps 3,500-6,000 and were still short of 0.99 there (seed_sweep_notes.md,
+    session 13), and enough for polynomial, whose forming attempts have the head by step 2,000-3,000 and 0.99 soon
+    after. Polynomial's only failures with one restart were runs whose second attempt missed too (seeds 9 and 45,
+    mass 0.11-0.12 at its step 3,000); with a third attempt both formed the head and ended at 1.000
+    (seed_sweep_notes.md, session 16). Only runs whose second attempt is not forming are changed by it."""
+    if early_head(tasks):
+        return EARLY_MAX_RESTARTS
+    return FAST_FINISH_MAX_RESTARTS if all(t in FAST_FINISH_TASKS for t in tasks) else MAX_RESTARTS
 
 
 def auto_anchor_below(position_offsets: bool) -> float:
@@ -334,11 +341,11 @@ class TrainConfig:
         "attn0 peakiness under which --anchor-at restarts; auto = 0.2 with --position-offsets, 0 (never) without"))
     # Restarts share the run's step budget (max_steps), so they never make a run longer; each must leave the next
     # attempt at least the steps this one had when judged. None = auto (auto_max_restarts): one, as a second
-    # restart at step 3,000 would leave the last attempt 6,000 of 12,000 steps; five for binary copy, judged at
-    # step 1,000 (7,000 steps left after all five).
+    # restart at step 3,000 would leave the last attempt 6,000 of 12,000 steps; two for polynomial, whose heads
+    # form and finish within those 6,000; five for binary copy, judged at step 1,000 (7,000 steps left after all five).
     max_restarts: int | None = field(default=None, metadata=_help(
-        "restarts at most (they share --max-steps; the wall time of every attempt counts); auto = 1, or 5 for "
-        "binary_copy"))
+        "restarts at most (they share --max-steps; the wall time of every attempt counts); auto = 1, 2 for "
+        "polynomial, 5 for binary_copy"))
     attempt: int = 0  # which attempt of the run this is (restarts); not a flag
     restarted_at: tuple[int, ...] = ()  # the step at which each earlier attempt stopped; not a flag
     # On a busy 2-core CPU one thread can be many times faster than two (OpenMP spinning); results differ in
