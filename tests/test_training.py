@@ -92,12 +92,14 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path, data):
     common = ["--data", data, "--max-steps", "14", "--eval-every", "5", "--checkpoint-every", "5"]
     if data == "adaptive":  # length weights that follow the training accuracy, republished every 2 steps
         # (--log-every; without CoT there is no head to wait for): binary copy at a high constant rate, so that
-        # by step 20 some lengths are learned
+        # by step 20 some lengths are learned; the share not given to the errors follows --length-weights linear
         common = ["--data", "online", "--length-sampling", "adaptive", "--max-steps", "30", "--eval-every", "10",
-                  "--checkpoint-every", "10", "--lr", "1e-2", "--schedule", "constant", "--n-len", "3", "--no-cot"]
-    if data == "offsets":  # every row shifted by a random position offset (lengths 1..3 in a 13-position context)
+                  "--checkpoint-every", "10", "--lr", "1e-2", "--schedule", "constant", "--n-len", "3", "--no-cot",
+                  "--length-weights", "linear"]
+    if data == "offsets":  # every row shifted by a random position offset (lengths 1..3 in a 13-position context),
+        # and a helper on longer lengths that joins at step 8, between the checkpoint and the kill
         common = ["--data", "online", "--position-offsets", "--max-train-len", "3", "--max-steps", "14", "--eval-every", "5",
-                  "--checkpoint-every", "5"]
+                  "--checkpoint-every", "5", "--curriculum", "cumsum:0.3:0:5:8"]
     task, stop = ("binary_copy", "27") if data == "adaptive" else ("polynomial", "12")
     assert run_train(tmp_path / "straight", *common, task=task) == 0
     interrupted_train(tmp_path / "broken", int(stop), *common, task=task)
