@@ -491,8 +491,8 @@ def _at(curve: list[dict], step: int, key: str) -> float | None:
 
 # Which recorded recipe is today's default for each task: rows whose flags resolve to exactly the plain command's
 # configuration (tests/test_seed_sweep.py checks it against training.config), so they are the default's results.
-# Per task, the recipe whose flags resolve to today's plain command; a second recipe recorded with fewer restarts
-# allowed (--max-restarts) stands in for seeds the first has not run, where that limit never decided (limit_unused).
+# A second recipe, recorded when the default allowed fewer restarts (--max-restarts), stands in for seeds the first
+# has not run, where that limit decided nothing (limit_unused).
 DEFAULT_ROWS = {"binary_copy": ("early1k-s13",), "parity": ("cumsum12k-s11",),
                 "polynomial": ("restarts2-s16", "steps12k-s12"), "cumsum": ("default",), "s3_product": ("default",)}
 
@@ -516,6 +516,8 @@ def default_rows(records: list[dict], task: str) -> list[dict]:
             if r["recipe"] == recipe and r["task"] == task and r["status"] == "ok" and limit_unused(r):
                 rows.setdefault(r["seed"], r)
     return [rows[seed] for seed in sorted(rows)]
+
+
 GOAL = 9  # of seeds 0-9 (issue 12)
 
 
