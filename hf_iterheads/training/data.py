@@ -259,7 +259,7 @@ class AdaptiveLengths:
     The state is saved with ``save_state``.
     """
 
-    LAG, DECAY, UNIFORM_SHARE = 2, 0.9, 0.5
+    LAG, DECAY, PRIOR_SHARE = 2, 0.9, 0.5
     START_PEAKINESS = 0.5  # half way: the head is forming, and no longer at risk of being skipped
 
     def __init__(self, tasks: list[str], n_len: int, every: int = 100, wait: bool = False,
@@ -280,7 +280,8 @@ class AdaptiveLengths:
             self.published = [*self.published[-1:], (step + self.LAG, 1.0 - self.ema.copy())]
 
     def probabilities(self, task: str, step: int, max_len: int) -> np.ndarray | None:
-        """P(L = 1..max_len) for a batch of ``task`` drawn for ``step``; None = uniform (nothing published yet)."""
+        """P(L = 1..max_len) for a batch of ``task`` drawn for ``step``; None = nothing published yet (the
+        ``--length-weights`` prior applies)."""
         current = [err for first, err in self.published if first <= step]
         if not current or task not in self.tasks:
             return None
@@ -289,7 +290,7 @@ class AdaptiveLengths:
         base = np.full(max_len, 1.0 / max_len) if prior is None else prior
         if err.sum() <= 0:
             return base
-        p = self.UNIFORM_SHARE * base + (1 - self.UNIFORM_SHARE) * err / err.sum()
+        p = self.PRIOR_SHARE * base + (1 - self.PRIOR_SHARE) * err / err.sum()
         return p / p.sum()
 
     def state_dict(self) -> dict:
