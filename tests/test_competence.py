@@ -79,7 +79,7 @@ def test_at_chance_rule():
     assert not at_chance(0.61, 0.5, 100) and not at_chance(0.2, 1 / 11, 600)
 
 
-@pytest.mark.parametrize("name, task, iteration, eoi", [("polynomial-cot", "polynomial", 0.993, 0.815), ("parity-cot", "parity", 0.994, 0.832)])
+@pytest.mark.parametrize("name, task, iteration, eoi", [("polynomial-cot", "polynomial", 0.993, 0.815), ("parity-cot", "parity", 0.992, 0.777)])
 def test_bundled_checkpoints_keep_their_scores(name, task, iteration, eoi):
     """The numbers of their model cards (native rendering, 64 probes of lengths 4-16, seed 0)."""
     result = detect_iteration_heads(name, task=task)

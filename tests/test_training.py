@@ -398,6 +398,15 @@ def test_curriculum_and_adaptive_lengths_are_defaults_of_online_training_only():
     assert cfg().length_sampling == "adaptive" and cfg("--init-from", "polynomial-cot").length_sampling == "adaptive"
     assert cfg("--data", "fixed").length_sampling == "uniform" and cfg("--recipe", "paper").length_sampling == "uniform"
     assert cfg("--length-sampling", "uniform").length_sampling == "uniform"
+    # length weights: linear for parity alone; uniform for the other tasks, mixtures, transfer, fixed data, the paper
+    assert FAST.length_weights is None and PAPER.length_weights == "uniform"
+    assert cfg().length_weights == "linear" and cfg("--task", "parity", "--max-train-len", "12").length_weights == "linear"
+    assert {cfg("--task", t).length_weights for t in ("binary_copy", "polynomial", "cumsum", "s3_product")} == {"uniform"}
+    assert cfg("--task", "parity,polynomial").length_weights == "uniform"
+    assert cfg("--init-from", "polynomial-cot").length_weights == "uniform"
+    assert cfg("--data", "fixed").length_weights == "uniform" and cfg("--recipe", "paper").length_weights == "uniform"
+    assert cfg("--length-weights", "uniform").length_weights == "uniform"
+    assert cfg("--task", "cumsum", "--length-weights", "linear").length_weights == "linear"
     # position offsets: on for every task but polynomial; off for mixtures with it, transfer, fixed data
     assert FAST.position_offsets is None and PAPER.position_offsets is False
     assert cfg("--task", "cumsum").position_offsets is True and cfg("--task", "s3_product").position_offsets is True
@@ -523,6 +532,12 @@ def test_restarts_share_the_runs_step_budget():
         (Path(d) / "run_config.json").write_text(json.dumps(old))
         loaded = TrainConfig.load(Path(d) / "run_config.json")
     assert loaded.restarted_at == (3000,) and loaded.attempt_steps(9000) == 6000 and loaded.anchor_at == 0
+    # a parity run saved before --length-weights existed drew its lengths uniformly (not today's auto: linear)
+    old = {k: v for k, v in dataclasses.asdict(TrainConfig(tasks=["parity"], output_dir="x")).items()
+           if k != "length_weights"}
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "run_config.json").write_text(json.dumps(old))
+        assert TrainConfig.load(Path(d) / "run_config.json").length_weights == "uniform"
 
 
 def test_a_resumed_run_remembers_the_anchor_it_judged(tmp_path):

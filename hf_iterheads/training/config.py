@@ -188,6 +188,22 @@ def auto_curriculum(tasks: list[str], n_len: int) -> str:
     return COPY_HELPER + ("," + FEW_INPUTS_HELPER if few_inputs(tasks, n_len) else "")
 
 
+LINEAR_LENGTH_TASKS = ("parity",)  # long lengths drawn more often by default (auto_length_weights)
+
+
+def auto_length_weights(tasks: list[str]) -> str:
+    """The default of ``--length-weights``: linear (P(L) proportional to L) when every task is in
+    ``LINEAR_LENGTH_TASKS`` (parity), uniform otherwise.
+
+    Why (benchmarks/results/seed_sweep_notes.md, sessions 16-17): parity's short lengths have a handful of training
+    inputs each (8 at L = 4) that a model can memorise, and a uniform draw spends most rows on them; drawn in
+    proportion to L, the long lengths, whose inputs cannot be memorised, weigh more, and every chain step is drawn
+    equally often. At step 3,000 the layer-2 mass on x_t was 0.81-0.94 in 7 of 8 first attempts (held-out seeds
+    40 and 41, which the uniform default failed, included) against 0.17-0.57 uniform. Binary copy was not measured
+    under it as a default; the other tasks have inputs enough at every length."""
+    return "linear" if tasks and all(t in LINEAR_LENGTH_TASKS for t in tasks) else "uniform"
+
+
 MAX_STEPS, QUICK_MAX_STEPS = 12000, 9000  # the run's step budget (auto_max_steps)
 QUICK_TASKS = ("cumsum", "s3_product")  # heads that form early, restarts that are rare: 9,000 steps
 
@@ -271,12 +287,13 @@ class TrainConfig:
     length_sampling: LengthSampling = field(default="adaptive", metadata=_help(
         "online data: lengths uniform, or adaptive (once attn1 peakiness reaches 0.5, the lengths the model still "
         "gets wrong are drawn more often)"))
-    # Trained on short lengths only (--max-train-len 12), most rows have few distinct inputs (a binary task has
-    # 2^L) and can be memorised: "linear" draws L in proportion to L, so every chain step is drawn equally often
-    # and the long lengths weigh more (benchmarks/results/length_generalisation_notes.md, session 16).
-    length_weights: LengthWeights = field(default="uniform", metadata=_help(
+    # Short lengths have few distinct inputs (a binary task has 2^L) and can be memorised: "linear" draws L in
+    # proportion to L, so every chain step is drawn equally often and the long lengths weigh more
+    # (benchmarks/results/length_generalisation_notes.md, session 16). None = auto (auto_length_weights): linear
+    # for parity, uniform otherwise; uniform for transfer and the fixed dataset.
+    length_weights: LengthWeights | None = field(default=None, metadata=_help(
         "online data: how lengths 1..max are drawn before --length-sampling adapts them: uniform, or linear "
-        "(P(L) proportional to L, every chain step equally often)"))
+        "(P(L) proportional to L, every chain step equally often); auto = linear for parity, else uniform"))
     # None = auto (auto_position_offsets): on for every task but polynomial (without them most cumsum, s3_product
     # and binary runs settled on another circuit instead of forming the head); resolved from the tasks.
     position_offsets: bool | None = field(default=None, metadata=_help(
@@ -358,6 +375,8 @@ class TrainConfig:
         if self.curriculum == AUTO and self.tasks:
             self.curriculum = auto_curriculum(self.tasks, self.n_len)
         self.helpers = parse_curriculum("" if self.curriculum == AUTO else self.curriculum)  # not a field: not saved
+        if self.length_weights is None and self.tasks:
+            self.length_weights = auto_length_weights(self.tasks)
         if self.max_steps is None and self.epochs is None and self.tasks:
             self.max_steps = auto_max_steps(self.tasks, self.n_len)
         if self.position_offsets is None and self.tasks:
@@ -422,6 +441,7 @@ class TrainConfig:
         data = json.loads(path.read_text())
         data.setdefault("length_sampling", "uniform")  # runs saved before the option existed were uniform
         data.setdefault("anchor_at", 0)  # runs saved before the anchor check had none
+        data.setdefault("length_weights", "uniform")  # runs saved before the option existed drew lengths uniformly
         if "restarted_at" not in data and data.get("attempt"):  # before it was stored: each stopped at restart_at
             step = replace(FAST, restart_at=data["restart_at"], eval_every=data["eval_every"]).restart_step
             data["restarted_at"] = [step] * data["attempt"]
@@ -430,8 +450,8 @@ class TrainConfig:
 
 FAST = TrainConfig()
 PAPER = replace(FAST, recipe="paper", data="fixed", lr=3e-4, warmup_steps=0, schedule="constant", batch_size=256,
-                epochs=1000, max_steps=None, curriculum="", length_sampling="uniform", position_offsets=False, eval_every=640, bucket=True,
-                restart_at=0, anchor_at=0)
+                epochs=1000, max_steps=None, curriculum="", length_sampling="uniform", length_weights="uniform",
+                position_offsets=False, eval_every=640, bucket=True, restart_at=0, anchor_at=0)
 RECIPES = {"fast": FAST, "paper": PAPER}
 
 
@@ -449,7 +469,7 @@ def _comma(kind: type):
 
 
 # fields whose None means "chosen from the tasks" (TrainConfig.__post_init__)
-AUTO_FIELDS = ("max_steps", "position_offsets", "restart_at", "restart_below", "max_restarts", "anchor_below")
+AUTO_FIELDS = ("length_weights", "max_steps", "position_offsets", "restart_at", "restart_below", "max_restarts", "anchor_below")
 
 
 def shown(value) -> str:
@@ -542,6 +562,8 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         given["curriculum"] = ""  # fine-tuning (transfer) and the fixed dataset: the given task only, unless asked
     if "position_offsets" not in given and (given.get("init_from") or data == "fixed"):
         given["position_offsets"] = False  # transfer and the fixed dataset keep the checkpoint's / paper's positions
+    if "length_weights" not in given and (given.get("init_from") or data == "fixed"):
+        given["length_weights"] = "uniform"  # transfer and the fixed dataset: lengths as the paper draws them
     if "length_sampling" not in given and data == "fixed":
         given["length_sampling"] = "uniform"  # the fixed dataset has its own lengths
     cfg = replace(recipe, **given)
