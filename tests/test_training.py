@@ -296,7 +296,7 @@ def test_a_helper_trains_on_its_own_longer_lengths(bucket, sampling):
     """Length generalisation's helper: the main task stays on 1..--max-train-len, the helper goes to its MAX_LEN."""
     tok = build_tokenizer()
     cfg = TrainConfig(tasks=["parity"], output_dir="x", n_len=8, max_train_len=3, batch_size=32, length_warmup=0,
-                      bucket=bucket, curriculum="binary_copy:0.5:0:8", length_sampling=sampling)
+                      bucket=bucket, curriculum="binary_copy:0.5:0:8", length_sampling=sampling, length_weights="uniform")
     assert cfg.helpers[0].max_len == 8 and (cfg.longest_trained, cfg.longest_drawn) == (3, 8)
     layouts = {n: Layout(tok, n) for n in cfg.all_tasks}
     lengths = AdaptiveLengths(cfg.all_tasks, cfg.longest_drawn) if sampling == "adaptive" else None
