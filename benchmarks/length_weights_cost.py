@@ -5,7 +5,7 @@
 Both variants use the default recipe's batches for the task (helpers included, every length in every batch,
 batch 32) drawn at steps spread over the whole 12,000-step run (the copy helper's share fades by step 3,000), the
 paper's model, and the training step itself (``training.loop.step_function``: forward, backward, Adam). Variants
-alternate in rounds of 20 steps, so a machine busy with other work slows them alike. Reported: milliseconds per
+alternate in rounds of 20 steps (``step_cost.time_in_rounds``), so a machine busy with other work slows them alike. Reported: milliseconds per
 step, the mean real (unpadded) tokens per row, and linear's cost relative to uniform.
 
     python benchmarks/length_weights_cost.py --threads 1 --steps 200 --out benchmarks/results/length_weights_cost.json
@@ -13,13 +13,11 @@ step, the mean real (unpadded) tokens per row, and linear's cost relative to uni
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
-import time
 
 import torch
 from accelerate import Accelerator
+from step_cost import parse_args, time_in_rounds, write_report  # this folder's sibling script (run from the repository root)
 
 from hf_iterheads.training import TrainConfig
 from hf_iterheads.training.data import build_train_data
@@ -29,13 +27,7 @@ WEIGHTS = ("uniform", "linear")
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--task", default="parity")
-    p.add_argument("--steps", type=int, default=200, help="timed steps per variant (in rounds of 20)")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=None, help="JSON results file")
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_args(__doc__, "parity")
     batches, cfgs = {}, {}
     for weights in WEIGHTS:
         cfg = cfgs[weights] = TrainConfig(tasks=[args.task], output_dir="unused", length_weights=weights)
@@ -46,20 +38,8 @@ def main() -> None:
     model, _ = make_model(cfgs["uniform"])
     optimizer = torch.optim.Adam(model.parameters(), lr=cfgs["uniform"].lr)
     step = step_function(Accelerator(cpu=True), model, cfgs["uniform"])
-    seconds = dict.fromkeys(WEIGHTS, 0.0)
     model.train()
-    for weights in WEIGHTS:  # warm-up
-        for batch in batches[weights][:5]:
-            step(batch)
-            optimizer.zero_grad()
-    for start in range(0, args.steps, 20):
-        for weights in WEIGHTS:
-            t = time.perf_counter()
-            for batch in batches[weights][start : start + 20]:
-                step(batch)
-                optimizer.step()
-                optimizer.zero_grad()
-            seconds[weights] += time.perf_counter() - t
+    seconds = time_in_rounds({w: (step, batches[w]) for w in WEIGHTS}, optimizer, args.steps)
     results = [{"length_weights": w, "ms_per_step": round(1000 * seconds[w] / args.steps, 2),
                 "real_tokens_per_row": round(float(sum(x["attention_mask"].sum() for x in batches[w]))
                                              / sum(len(x["attention_mask"]) for x in batches[w]), 2),
@@ -71,10 +51,7 @@ def main() -> None:
     for r in results:
         print(f"{r['length_weights']:>8}: {r['ms_per_step']:7.2f} ms/step, {r['real_tokens_per_row']:5.2f} tokens/row, "
               f"x{r['cost_vs_uniform']:.3f} vs uniform")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import argparse
 import json
 import platform
 import time
+from collections.abc import Callable
 
 import torch
 from accelerate import Accelerator
@@ -29,15 +30,49 @@ from hf_iterheads.training import TrainConfig
 from hf_iterheads.training.data import build_train_data
 from hf_iterheads.training.loop import make_model, step_function
 
+ROUND = 20  # timed steps per variant before the next variant's turn
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--task", default="polynomial")
-    p.add_argument("--steps", type=int, default=200, help="timed steps per variant (in rounds of 20)")
+
+def parse_args(doc: str, task: str) -> argparse.Namespace:
+    """The step benchmarks' common flags (this script's and ``length_weights_cost.py``'s); sets torch's threads."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--task", default=task)
+    p.add_argument("--steps", type=int, default=200, help=f"timed steps per variant (in rounds of {ROUND})")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="JSON results file")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    return args
+
+
+def time_in_rounds(variants: dict[str, tuple[Callable, list]], optimizer, steps: int) -> dict[str, float]:
+    """Seconds each variant's ``(step, batches)`` took for ``steps`` Adam steps: five warm-up batches each, then the
+    variants alternate in rounds of ``ROUND`` steps, so a machine busy with other work slows them alike."""
+    seconds = dict.fromkeys(variants, 0.0)
+    for step, batches in variants.values():  # warm-up
+        for batch in batches[:5]:
+            step(batch)
+            optimizer.zero_grad()
+    for start in range(0, steps, ROUND):
+        for name, (step, batches) in variants.items():
+            t = time.perf_counter()
+            for batch in batches[start : start + ROUND]:
+                step(batch)
+                optimizer.step()
+                optimizer.zero_grad()
+            seconds[name] += time.perf_counter() - t
+    return seconds
+
+
+def write_report(report: dict, out: str | None) -> None:
+    if out:
+        with open(out, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+
+
+def main() -> None:
+    args = parse_args(__doc__, "polynomial")
     cfg = TrainConfig(tasks=[args.task], output_dir="unused")
     model, tokenizer = make_model(cfg)
     data = build_train_data(cfg, tokenizer, wait_for_head=True)
@@ -52,21 +87,9 @@ def main() -> None:
     def whole(batch):
         loss_after_eoi(model, batch["input_ids"], batch["labels"])[0].backward()
 
-    variants = {"stock": stock, "whole-batch": whole, "length-split": split}
-    seconds = dict.fromkeys(variants, 0.0)
     model.train()
-    for step in variants.values():  # warm-up
-        for batch in batches[:5]:
-            step(batch)
-            optimizer.zero_grad()
-    for start in range(0, args.steps, 20):
-        for name, step in variants.items():
-            t = time.perf_counter()
-            for batch in batches[start : start + 20]:
-                step(batch)
-                optimizer.step()
-                optimizer.zero_grad()
-            seconds[name] += time.perf_counter() - t
+    seconds = time_in_rounds({"stock": (stock, batches), "whole-batch": (whole, batches), "length-split": (split, batches)},
+                             optimizer, args.steps)
     base = seconds["whole-batch"]
     results = [{"variant": n, "ms_per_step": round(1000 * s / args.steps, 2), "speedup_vs_whole_batch": round(base / s, 2)}
                for n, s in seconds.items()]
@@ -77,10 +100,7 @@ def main() -> None:
               "results": results}
     for r in results:
         print(f"{r['variant']:>13}: {r['ms_per_step']:7.2f} ms/step  x{r['speedup_vs_whole_batch']:.2f} vs whole-batch")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":
