@@ -8,6 +8,7 @@ from hf_iterheads.cli import main
 from hf_iterheads.evaluation import first_step
 from hf_iterheads.paper.report import RESULTS_END, RESULTS_START, findings
 from hf_iterheads.paper.reproduce import FULL, QUICK, SMOKE, plan
+from hf_iterheads.training.config import length_recipe
 
 
 def test_plan_covers_every_experiment_of_the_issue():
@@ -29,9 +30,13 @@ def test_plan_covers_every_experiment_of_the_issue():
     assert all(j.deps == ("polynomial-cot-2L",) and "@polynomial-cot-2L" in j.train_args for j in transfer)
     assert {j.meta["width"] for j in jobs.values() if j.meta["kind"] == "width"} == set(QUICK.widths)
     assert jobs["polynomial-cot-2L"].detect_tasks == ("polynomial", "parity")  # scores before transfer
-    assert any(j.meta["kind"] == "length" and "--max-train-len" in j.train_args for j in jobs.values())
+    lengths = [j for j in jobs.values() if j.meta["kind"] == "length"]
+    assert all("--max-train-len" in j.train_args for j in lengths) and len(lengths) == 2
+    assert [j.meta.get("length_recipe", False) for j in lengths] == [False, True]  # the default, then the recipe
+    assert " ".join(length_recipe(QUICK.n_len)) in " ".join(lengths[1].train_args)
     full = plan(FULL)
     assert all(j.train_args[j.train_args.index("--recipe") + 1] == "paper" for j in full)
+    assert not any(j.meta.get("length_recipe") for j in full)  # the paper's fixed dataset: no linear weights
     assert len(full) > len(jobs)
 
 
@@ -96,6 +101,27 @@ def test_transfer_verdict_uses_steps_to_accuracy_on_the_curves():
 def test_first_step_is_the_first_crossing():
     evals = [{"step": 10, "a": 0.1}, {"step": 20, "a": None}, {"step": 30, "a": 0.95}, {"step": 40, "a": 0.99}]
     assert first_step(evals, "a", 0.9) == 30 and first_step(evals, "a", 0.999) is None
+
+
+def test_a_length_run_forms_its_head_on_the_lengths_it_trained(tmp_path):
+    """A --max-train-len run's eval records mean attn1 over every evaluated length; the unseen ones would hide a head
+    formed on the trained lengths, so the report reads the records' ``trained`` means (as restarts and sweeps do)."""
+    from hf_iterheads.paper.reproduce import Job, collect
+
+    run = tmp_path / "runs" / "polynomial-cot-2L-train12"
+    run.mkdir(parents=True)
+    (run / "model.safetensors").write_bytes(b"")
+    per_length = {str(L): {"accuracy": 1.0 if L <= 12 else 0.0} for L in range(1, 17)}
+    (run / "eval_results.json").write_text(json.dumps(
+        {"step": 1000, "seconds": 9.0, "results": [{"summary": {"accuracy": 0.7}, "per_length": per_length}]}))
+    records = [{"kind": "eval", "step": s, "accuracy": a, "attn1_peakiness": 0.7 * h,
+                "trained": {"max_len": 12, "attn1_peakiness": h}} for s, a, h in ((500, 0.3, 0.5), (1000, 0.7, 0.95))]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    row = collect(Job(run.name, "polynomial", [], 1000, {"kind": "length", "train_len": 12}), tmp_path)
+    assert row["formed_step"] == 1000 and [c["attn1_peakiness"] for c in row["curve"]] == [0.5, 0.95]
+    (run / "metrics.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "trained"}) + "\n"
+                                               for r in records))  # a run on every length: the summary is the mean
+    assert collect(Job(run.name, "polynomial", [], 1000, {"kind": "grid"}), tmp_path)["formed_step"] is None
 
 
 def test_smoke_reproduction_end_to_end_and_resumes(tmp_path, capsys):

@@ -93,18 +93,20 @@ def width_sweep(rows: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
-def length_generalisation(row: dict, path: Path) -> Path:
-    """Accuracy per length of a model trained on lengths 1..M only (the grey band)."""
+def length_generalisation(rows: list[dict], path: Path) -> Path:
+    """Accuracy per length of models trained on lengths 1..M only (the grey band), one line per recipe."""
     plt = require_matplotlib()
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    Ls = sorted(row["per_length"])
-    ax.axvspan(0.5, row["train_len"] + 0.5, color="0.9", label=f"trained lengths 1..{row['train_len']}")
-    ax.plot(Ls, [row["per_length"][L] for L in Ls], marker="o", label="teacher-forced accuracy")
-    gen = row.get("generation_per_length") or {}
-    if any(v is not None for v in gen.values()):
-        ax.plot(Ls, [gen.get(L) for L in Ls], marker="s", ls="--", label="greedy generation")
-    ax.set(title=f"{row['task']}: length generalisation", xlabel="sequence length L", ylabel="test accuracy",
+    ax.axvspan(0.5, rows[0]["train_len"] + 0.5, color="0.9", label=f"trained lengths 1..{rows[0]['train_len']}")
+    for row in rows:
+        Ls, gen = sorted(row["per_length"]), row.get("generation_per_length") or {}
+        recipe = "length recipe" if row.get("length_recipe") else "default recipe"
+        line, = ax.plot(Ls, [row["per_length"][L] for L in Ls], marker="o", label=f"{recipe}: teacher-forced")
+        if any(v is not None for v in gen.values()):
+            ax.plot(Ls, [gen.get(L) for L in Ls], marker="s", ls="--", color=line.get_color(),
+                    label=f"{recipe}: greedy generation")
+    ax.set(title=f"{rows[0]['task']}: length generalisation", xlabel="sequence length L", ylabel="test accuracy",
            ylim=(-0.03, 1.03))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     return _save(fig, path)

@@ -298,9 +298,9 @@ def write_report(rows_list: list[dict], meta: dict, out: Path, jobs: dict) -> Pa
     picture("transfer.png", lambda p: figs.transfer([r for r in rows_list if r.get("kind") == "transfer"]
                                                     + _seed_runs(rows, "parity"), p, SOLVED))
     picture("width_sweep.png", lambda p: figs.width_sweep(_width_rows(rows), p))
-    length_row = next((r for r in rows_list if r.get("kind") == "length" and r.get("per_length")), None)
-    if length_row:
-        picture("length_generalisation.png", lambda p: figs.length_generalisation(length_row, p))
+    length_rows = [r for r in rows_list if r.get("kind") == "length" and r.get("per_length")]
+    if length_rows:
+        picture("length_generalisation.png", lambda p: figs.length_generalisation(length_rows, p))
     if rows.get("polynomial-cot-2L", {}).get("summary"):
         def maps(p):
             from ..modeling import load_checkpoint
@@ -392,21 +392,30 @@ def _width_section(rows_list: list[dict], pictures: dict) -> str:
 
 
 def _length_section(rows_list: list[dict], pictures: dict) -> str | None:
-    row = next((r for r in rows_list if r.get("kind") == "length"), None)
-    if not row or not row.get("per_length"):
+    rows = [r for r in rows_list if r.get("kind") == "length" and r.get("per_length")]
+    if not rows:
         return None
-    per, gen = row["per_length"], row.get("generation_per_length") or {}
-    trained = [L for L in per if 4 <= L <= row["train_len"]]
-    acc_in = float(np.mean([per[L] for L in trained])) if trained else None
-    acc_out = float(np.mean([per[L] for L in per if L > row["train_len"]] or [float("nan")]))
-    formed = row.get("formed_step")
-    note = (f"Mean accuracy on the trained lengths 4..{row['train_len']}: {_f(acc_in)}; on the unseen longer "
-            f"lengths: {_f(acc_out)}. " + (f"The iteration head formed at step {formed}." if formed is not None else
-            "The iteration head did not form in this run (attn1 peakiness never reached "
-            f"{FORMED}), so it says nothing about how the circuit generalises in length."))
-    return (f"## 6. Length generalisation ({row['task']}, trained on 1..{row['train_len']})\n\n"
-            + note + "\n\n"
-            + _table(["L", "accuracy", "greedy generation"], [[L, _f(per[L]), _f(gen.get(L))] for L in sorted(per)])
+    notes, header, Ls = [], ["L"], sorted(rows[0]["per_length"])
+    for row in rows:
+        per = row["per_length"]
+        trained = [L for L in per if 4 <= L <= row["train_len"]]
+        acc_in = float(np.mean([per[L] for L in trained])) if trained else None
+        acc_out = float(np.mean([per[L] for L in per if L > row["train_len"]] or [float("nan")]))
+        formed = row.get("formed_step")
+        recipe = ("with the length recipe (`training.config.length_recipe`: cumsum helper rows on every length, "
+                  "lengths drawn in proportion to L, position offsets)" if row.get("length_recipe") else
+                  "the default recipe")
+        notes.append(f"- `{row['name']}`, {recipe}: mean accuracy on the trained lengths 4..{row['train_len']} "
+                     f"{_f(acc_in)}, on the unseen longer lengths {_f(acc_out)}. "
+                     + (f"The iteration head formed at step {formed} (attn1 peakiness on the trained lengths)."
+                        if formed is not None else "The iteration head did not form in this run (attn1 peakiness "
+                        f"on the trained lengths never reached {FORMED}), so it says nothing about how the circuit "
+                        "generalises in length."))
+        header += [f"{'length recipe' if row.get('length_recipe') else 'default'}: accuracy", "greedy generation"]
+    table = [[L, *(v for r in rows for v in (_f(r["per_length"].get(L)),
+                                              _f((r.get("generation_per_length") or {}).get(L))))] for L in Ls]
+    return (f"## 6. Length generalisation ({rows[0]['task']}, trained on 1..{rows[0]['train_len']})\n\n"
+            + "\n".join(notes) + "\n\n" + _table(header, table)
             + "\n\n" + _img(pictures, "length_generalisation.png", "length generalisation"))
 
 

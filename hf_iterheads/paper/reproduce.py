@@ -12,7 +12,8 @@ Experiments (``runs/NAME`` in the output directory, one ``hf-iterheads train`` r
 * ``transfer-parity-seedS`` -- parity fine-tuned from ``polynomial-cot-2L`` (the paper's transfer) against the
   parity runs from scratch: steps to 0.99 test accuracy;
 * ``polynomial-cot-2L-dW`` -- the embedding-width sweep (the main run is d = 128);
-* ``polynomial-cot-2L-trainM`` -- trained on lengths 1..M, tested up to n_len (length generalisation).
+* ``polynomial-cot-2L-trainM`` -- trained on lengths 1..M, tested up to n_len (length generalisation); with
+  ``-lengthrecipe``, the same with ``training.config.length_recipe`` (not at ``--full``: the paper's fixed dataset).
 
 Scales: ``--quick`` (default) is our default training recipe, 3 seeds per task from scratch, shorter budgets
 for the controls (its wall time on 2 CPU cores is in each report's header); ``--full`` is the paper's recipe
@@ -40,7 +41,7 @@ from ..errors import IterHeadsError
 from ..evaluation import FORMED, SOLVED, first_step
 from ..outputs import check_writable, write_json_atomic
 from ..tasks import PAPER_TASKS
-from ..training.config import auto_max_steps
+from ..training.config import auto_max_steps, length_recipe
 from .report import update_readme, write_report
 
 VARIANTS = (("cot", 2), ("nocot", 2), ("cot", 1))  # the paper's ablations: CoT vs none, 2 layers vs 1
@@ -138,6 +139,10 @@ def plan(scale: Scale) -> list[Job]:
             kind="width", width=width)
     add(f"polynomial-cot-2L-train{scale.train_len}", "polynomial", scale.main_steps,
         ["--max-train-len", str(scale.train_len)], kind="length", train_len=scale.train_len)
+    if scale.recipe == "fast":  # the paper's fixed dataset cannot draw lengths in proportion to L
+        add(f"polynomial-cot-2L-train{scale.train_len}-lengthrecipe", "polynomial", scale.main_steps,
+            ["--max-train-len", str(scale.train_len), *length_recipe(scale.n_len)], kind="length",
+            train_len=scale.train_len, length_recipe=True)
     return jobs
 
 
@@ -269,6 +274,9 @@ def collect(job: Job, out: Path) -> dict[str, Any]:
     final = json.loads((run / "eval_results.json").read_text())
     result = final["results"][0]
     evals = [r for r in read_metrics(run / "metrics.jsonl") if r.get("kind") == "eval"]  # the last is the final one
+    # A run trained on fewer lengths than it is evaluated on (--max-train-len) records its attention over the trained
+    # lengths apart ("trained"): the head forms there, and the unseen lengths' means would hide it.
+    evals = [{**r, **r.get("trained", {})} for r in evals]
     row.update(
         steps=final["step"], seconds=final["seconds"], summary=result["summary"],
         per_length={int(L): m["accuracy"] for L, m in result["per_length"].items()},
