@@ -20,7 +20,7 @@ from hf_iterheads.tasks import get_task
 from hf_iterheads.tokenizer import Layout, build_tokenizer
 from hf_iterheads.training import FAST, PAPER, Callback, TrainConfig, resolve_config, train_with_restarts
 from hf_iterheads.training.callbacks import TRAINED_KEYS, head_formed
-from hf_iterheads.training.config import parse_curriculum
+from hf_iterheads.training.config import length_recipe, parse_curriculum
 from hf_iterheads.training.data import AdaptiveLengths, FixedSampler, OnlineData, TaskSchedule, _row_codes
 
 TINY = ["--preset", "tiny", "--n-len", "5", "--per-length", "24", "--batch-size", "16", "--warmup-steps", "2",
@@ -407,6 +407,11 @@ def test_curriculum_and_adaptive_lengths_are_defaults_of_online_training_only():
     assert cfg("--data", "fixed").length_weights == "uniform" and cfg("--recipe", "paper").length_weights == "uniform"
     assert cfg("--length-weights", "uniform").length_weights == "uniform"
     assert cfg("--task", "cumsum", "--length-weights", "linear").length_weights == "linear"
+    # the length recipe is the same for the three paper tasks: helper rows on 1..n_len, linear weights, offsets
+    for task in ("binary_copy", "parity", "polynomial"):
+        c = cfg("--task", task, "--max-train-len", "12", *length_recipe(16))
+        assert (c.length_weights, c.position_offsets, c.longest_trained) == ("linear", True, 12)
+        assert [(h.task, h.max_len) for h in parse_curriculum(c.curriculum)] == [("binary_copy", None), ("cumsum", 16)]
     # position offsets: on for every task but polynomial; off for mixtures with it, transfer, fixed data
     assert FAST.position_offsets is None and PAPER.position_offsets is False
     assert cfg("--task", "cumsum").position_offsets is True and cfg("--task", "s3_product").position_offsets is True
