@@ -266,6 +266,7 @@ def _gpu_count() -> int:
 def collect(job: Job, out: Path) -> dict[str, Any]:
     """Everything the report says about one run, read from the files the run wrote."""
     from ..training import read_metrics
+    from ..training.callbacks import over_trained_lengths
 
     run = out / "runs" / job.name
     row: dict[str, Any] = {"name": job.name, **job.meta, "budget_steps": job.steps, "path": f"runs/{job.name}"}
@@ -273,10 +274,8 @@ def collect(job: Job, out: Path) -> dict[str, Any]:
         return row
     final = json.loads((run / "eval_results.json").read_text())
     result = final["results"][0]
-    evals = [r for r in read_metrics(run / "metrics.jsonl") if r.get("kind") == "eval"]  # the last is the final one
-    # A run trained on fewer lengths than it is evaluated on (--max-train-len) records its attention over the trained
-    # lengths apart ("trained"): the head forms there, and the unseen lengths' means would hide it.
-    evals = [{**r, **r.get("trained", {})} for r in evals]
+    # the last is the final one; a --max-train-len run's head is judged on its trained lengths (the unseen would hide it)
+    evals = [over_trained_lengths(r) for r in read_metrics(run / "metrics.jsonl") if r.get("kind") == "eval"]
     row.update(
         steps=final["step"], seconds=final["seconds"], summary=result["summary"],
         per_length={int(L): m["accuracy"] for L, m in result["per_length"].items()},

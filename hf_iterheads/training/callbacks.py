@@ -148,7 +148,7 @@ class HeadWatch(Callback):
         self.anchor = {}  # task -> best attn0 peakiness of this attempt's evaluations (the anchor check)
         for r in records:  # over the trained lengths where the record has them, as check() remembered it
             if r.get("kind") == "eval":
-                self.remember_anchor(r["task"], r.get("trained", r).get("attn0_peakiness"))
+                self.remember_anchor(r["task"], over_trained_lengths(r).get("attn0_peakiness"))
         if run.step == 0 and run.main:
             self.log_eval(run, self.evaluate(run), 0.0)
         run.stop = self.formed is not None and self.formed.finished(run.step)
@@ -245,6 +245,13 @@ class HeadWatch(Callback):
 
 
 TRAINED_KEYS = ("attn0_mass", "attn0_peakiness", "attn1_mass", "attn1_peakiness")  # eval records' "trained" means
+
+
+def over_trained_lengths(record: dict) -> dict:
+    """An ``eval`` record of metrics.jsonl with its attention metrics over the trained lengths where it has them
+    (``--max-train-len`` runs, ``log_eval``'s ``trained``), the ones restarts judge and the head forms on; accuracy
+    stays the mean over 4..n_len."""
+    return {**record, **record.get("trained", {})}
 
 
 def trained_mean(result: dict, key: str, max_len: int) -> float | None:
