@@ -402,6 +402,7 @@ def _length_section(rows_list: list[dict], pictures: dict) -> str | None:
         acc_in = float(np.mean([per[L] for L in trained])) if trained else None
         acc_out = float(np.mean([per[L] for L in per if L > row["train_len"]] or [float("nan")]))
         formed = row.get("formed_step")
+        short = "length recipe" if row.get("length_recipe") else "default"
         recipe = ("with the length recipe (`training.config.length_recipe`: cumsum helper rows on every length, "
                   "lengths drawn in proportion to L, position offsets)" if row.get("length_recipe") else
                   "the default recipe")
@@ -411,7 +412,7 @@ def _length_section(rows_list: list[dict], pictures: dict) -> str | None:
                         if formed is not None else "The iteration head did not form in this run (attn1 peakiness "
                         f"on the trained lengths never reached {FORMED}), so it says nothing about how the circuit "
                         "generalises in length."))
-        header += [f"{'length recipe' if row.get('length_recipe') else 'default'}: accuracy", "greedy generation"]
+        header += [f"{short}: accuracy", "greedy generation"]
     table = [[L, *(v for r in rows for v in (_f(r["per_length"].get(L)),
                                               _f((r.get("generation_per_length") or {}).get(L))))] for L in Ls]
     return (f"## 6. Length generalisation ({rows[0]['task']}, trained on 1..{rows[0]['train_len']})\n\n"

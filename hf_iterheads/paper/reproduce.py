@@ -41,7 +41,7 @@ from ..errors import IterHeadsError
 from ..evaluation import FORMED, SOLVED, first_step
 from ..outputs import check_writable, write_json_atomic
 from ..tasks import PAPER_TASKS
-from ..training.config import auto_max_steps, length_recipe
+from ..training.config import RECIPES, auto_max_steps, length_recipe
 from .report import update_readme, write_report
 
 VARIANTS = (("cot", 2), ("nocot", 2), ("cot", 1))  # the paper's ablations: CoT vs none, 2 layers vs 1
@@ -139,7 +139,7 @@ def plan(scale: Scale) -> list[Job]:
             kind="width", width=width)
     add(f"polynomial-cot-2L-train{scale.train_len}", "polynomial", scale.main_steps,
         ["--max-train-len", str(scale.train_len)], kind="length", train_len=scale.train_len)
-    if scale.recipe == "fast":  # the paper's fixed dataset cannot draw lengths in proportion to L
+    if RECIPES[scale.recipe].data == "online":  # a fixed dataset (the paper's) cannot draw lengths in proportion to L
         add(f"polynomial-cot-2L-train{scale.train_len}-lengthrecipe", "polynomial", scale.main_steps,
             ["--max-train-len", str(scale.train_len), *length_recipe(scale.n_len)], kind="length",
             train_len=scale.train_len, length_recipe=True)
