@@ -1,4 +1,4 @@
-"""Where a trained run's two circuit heads look, step by step: the evidence behind the anchor restart (issue 12).
+"""Where a trained run's two circuit heads look, step by step: the evidence behind the anchor restart.
 
 Binary copy's partial heads (attn1 peakiness ~0.86, accuracy 0.95-0.97) fail at one place: the chain's last step,
 where x_L sits right before EoI. This script shows it, and shows what layer 1 does instead of reading EoI. For each
@@ -8,8 +8,8 @@ run folder and length L it takes the test split, runs the model once with attent
 * layer 2 (0-based layer 1): the share of sequences whose attention argmax is x_t, EoI, or another position;
 * layer 1 (0-based layer 0): the share whose argmax is EoI, the previous token, the task token (row start) or other.
 
-The runs quoted in ``benchmarks/results/anchor_probe.md`` are session 10's ``hf-iterheads train --task binary_copy
---seed S`` (today's default): seed 4 (partial head) and seed 2 (the paper's circuit).
+The runs quoted in ``benchmarks/results/anchor_probe.md`` are ``hf-iterheads train --task binary_copy
+--seed S`` with polynomial rows as the binary tasks' helper: seed 4 (partial head) and seed 2 (the paper's circuit).
 
     python benchmarks/anchor_probe.py runs/binary_copy-s4 runs/binary_copy-s2 --task binary_copy \
         --out benchmarks/results/anchor_probe.md

@@ -38,8 +38,8 @@ from hf_iterheads.training.config import ANCHOR_BELOW, auto_restart_at, auto_res
 
 def signal(task: str, step: int | None = None) -> float:
     """The attn1 mass from which a run counts as forming at ``step`` (default: the task's ``--restart-at``): today's
-    default ``--restart-below`` there (rows: 0.22 before session 7, 0.5 in 7-8, 0.4 in 8; from session 9 0.4, and
-    0.22 for the binary tasks; from session 13 0.4 for a binary task judged at step 1,000)."""
+    default ``--restart-below`` there (older rows were judged against the thresholds of their time, which their
+    flags record)."""
     return auto_restart_below([task], FAST.n_len, auto_restart_at([task]) if step is None else step)
 
 
@@ -103,7 +103,7 @@ def table(rows: list[dict]) -> str:
                        + f" | {forming}/{len(got)} | {mean} |")
         out.append("")
         anchored = [r for r in mine if r.get("anchor") is not None]
-        if anchored:  # rows from session 11 on: layer 1's best attn0 peakiness (the anchor check's signal)
+        if anchored:  # rows that record it: layer 1's best attn0 peakiness (the anchor check's signal)
             out += [f"{task}: best attn0 peakiness up to the signal step (anchored: >= {ANCHOR_BELOW})", "",
                     "| candidate | " + " | ".join(f"seed {s}" for s in seeds) + " | anchored |", "|---" * (len(seeds) + 2) + "|"]
             for name in dict.fromkeys(r["candidate"] for r in anchored):

@@ -1,4 +1,4 @@
-"""Length generalisation (issue 12): trained on lengths 1..12, is the model right on 13..16, with the head formed?
+"""Length generalisation: trained on lengths 1..12, is the model right on 13..16, with the head formed?
 
 The runs are ordinary seed-sweep runs whose recipe trains the main task on 1..12 (``--max-train-len 12``); this
 script only renders their rows (``benchmarks/seed_sweep.py`` records every length's accuracy and attn1 peakiness).
@@ -48,7 +48,7 @@ def judge(r: dict) -> dict:
 
 def render(records: list[dict], notes: Path | None) -> str:
     rows = sorted((r for r in records if r.get("status") == "ok"), key=lambda r: (r["recipe"], r["task"], r["seed"]))
-    lines = ["# Length generalisation (issue 12)", "",
+    lines = ["# Length generalisation", "",
              "Rendered by `python benchmarks/length_generalisation.py` from `length_generalisation.jsonl` (runs by "
              "`benchmarks/seed_sweep.py`; each row's flags are its recipe's). Trained on lengths 1..12 "
              "(`--max-train-len 12`), tested on the full test split of every length. Goal: accuracy >= 0.9 on every "

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """What drawing training lengths in proportion to L costs per step: ``--length-weights uniform`` against
-``linear`` (parity's default since session 17), side by side in one process.
+``linear`` (parity's default), side by side in one process.
 
 Both variants use the default recipe's batches for the task (helpers included, every length in every batch,
 batch 32) drawn at steps spread over the whole 12,000-step run (the copy helper's share fades by step 3,000), the

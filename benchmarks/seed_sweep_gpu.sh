@@ -5,7 +5,7 @@
 # .sweep/whl/ holding the wheels the GPU image lacks (datasets 5.2.0, dill 0.4.1, multiprocess 0.70.19,
 # fsspec 2026.9.0: pip download --no-deps --only-binary=:all: --python-version 3.12 ...). Run: bash benchmarks/seed_sweep_gpu.sh
 # (OUT = where results go). 16 runs share the GPU through CUDA MPS when nvidia-cuda-mps-control exists.
-# Issue 12 device sweep: default recipe x 5 tasks x seeds 0-9 first, then candidates, inside BUDGET seconds.
+# Device sweep: default recipe x 5 tasks x seeds 0-9 first, then candidates, inside BUDGET seconds.
 set -u
 T0=$(date +%s)
 cd "$(dirname "$0")/.."

@@ -4,7 +4,7 @@
 Variants, all with the paper's model (2 layers, d 128) and Adam, run in the same process one after another:
 
 * ``reference``: a faithful re-implementation of the reference code's model (no biases, its pre-norm; the
-  ``RefBlockModel`` of ``recipe_search.py``) fed by the reference loader below: the baseline the issue names;
+  ``RefBlockModel`` of ``recipe_search.py``) fed by the reference loader below: the baseline;
 * ``reference-like``: the same loader with our model: the fixed dataset, rows collated one by one in Python,
   every batch padded to 35 tokens (2 * 16 + 3), no bucketing;
 * ``ours-padded``: our vectorised loader (``FixedData``), lengths mixed in a batch, padded to the longest;

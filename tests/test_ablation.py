@@ -93,7 +93,7 @@ def test_metrics_on_text_rendering_use_first_token():
 
 
 # (bundled checkpoint, task, minimum iteration score = mean attention mass on x_t over the steps where s_t depends
-# on x_t). The contract: the released polynomial-CoT checkpoint's layer-2 head ranks first with >= 0.9.
+# on x_t). The contract: the released polynomial-CoT checkpoint's layer-2 head ranks first with >= 0.9.
 TRAINED = [("polynomial-cot", "polynomial", 0.9), ("parity-cot", "parity", 0.9)]
 
 

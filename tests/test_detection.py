@@ -205,7 +205,7 @@ def test_planted_iteration_head_ranks_first(planted_gpt2, native_tok):
 
 
 def test_a_content_gated_iteration_head_is_named_for_what_it_skips(monkeypatch, native_tok):
-    # Parity from scratch formed a head that skips x_t exactly when x_t = s_(t-1) = 1 (issue 12). Planted here:
+    # Parity from scratch formed a head that skips x_t exactly when x_t = s_(t-1) = 1. Planted here:
     # the detector still flags it (3 of 4 cells), and the cells say where it looks away.
     one = Layout(native_tok, "parity").value_ids[1]
 

@@ -47,7 +47,7 @@ def big(tmp_path_factory):
 def test_detect_writes_a_small_self_contained_report(big):
     model, tok, result, out = big
     text = (out / "report.html").read_text()
-    assert (out / "report.html").stat().st_size < 2_000_000  # the bound for a 12 x 12 model
+    assert (out / "report.html").stat().st_size < 2_000_000  # the size bound for a 12 x 12 model
     assert re.search(r"<(script|link|img)[^>]*\b(src|href)=", text) is None  # nothing fetched
     assert "https://" not in text.replace("https://arxiv.org/abs/2406.02128", "")
     for heading in ("Heatmaps (layer x head)", "Attention of the top heads", "Ablation"):

@@ -149,7 +149,7 @@ def test_paper_recipe_is_exact_and_flags_override():
     assert (cfg.data, cfg.lr, cfg.batch_size, cfg.warmup_steps, cfg.schedule, cfg.epochs, cfg.max_steps) == (
         "fixed", 3e-4, 256, 0, "constant", 1000, None)
     assert PAPER.betas == (0.9, 0.999) and PAPER.recipe == "paper"
-    assert cfg.bucket and not FAST.bucket  # the paper's loader: one length per batch; ours mixes them (issue 12)
+    assert cfg.bucket and not FAST.bucket  # the paper's loader: one length per batch; ours mixes them
     args = build_parser().parse_args(["train", "--task", "polynomial", "--output-dir", "x", "--recipe", "paper",
                                       "--lr", "1e-3", "--max-steps", "50"])
     cfg = resolve_config(args)

@@ -30,7 +30,7 @@ REFERENCE = json.loads((Path(__file__).parent / "data" / "training_identity.json
 TOLERANCE_RMS = 1e-4
 
 # Recorded when the fast recipe still put one length in each batch, hence --bucket (mixed lengths became the
-# default later, on purpose: issue 12).
+# default later, on purpose).
 RUNS = {
     "fast-online": ["--task", "polynomial", "--seed", "3", "--bucket"],
     "nocot-adaptive": ["--task", "polynomial", "--seed", "4", "--no-cot", "--bucket"],
