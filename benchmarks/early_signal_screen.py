@@ -3,7 +3,7 @@
 A run that will form the iteration head shows it by step 2,500: the layer-2 attention mass on x_t
 (``attn1_mass``) there was 0.63-0.98 in 10 of the 12 mixed-length runs that went on to form the head (the two
 others: parity, forming late) and 0.12-0.37 in all 16 that did not (bucketed: 0.25-0.35 and 0.06-0.19;
-benchmarks/results/seed_sweep_notes.md). So a candidate can be
+the early-signal tables of benchmarks/results/seed_sweep.md). So a candidate can be
 screened on many seeds for a fraction of the price of full runs: each run is the plain ``hf-iterheads train``
 command with the candidate's flags and ``--restart-at 0`` (one attempt: the signal is what a restart would read),
 stopped once its evaluation at ``--until`` is written. ``forming``: the mass is at least the default

@@ -101,14 +101,14 @@ def _benchmark_module(name: str):
 def seed_sweep_page() -> str:
     """The seed sweeps: ``benchmarks/seed_sweep.py``'s rendering of ``seed_sweep.jsonl``."""
     sweep = _benchmark_module("seed_sweep")
-    return sweep.render(sweep.load_records(RESULTS / "seed_sweep.jsonl"), RESULTS / "seed_sweep_notes.md")
+    return sweep.render(sweep.load_records(RESULTS / "seed_sweep.jsonl"), None)
 
 
 def length_generalisation_page() -> str:
     """Length generalisation: ``benchmarks/length_generalisation.py``'s rendering of its JSONL."""
     sweep = _benchmark_module("seed_sweep")
     lg = _benchmark_module("length_generalisation")
-    return lg.render(sweep.load_records(RESULTS / "length_generalisation.jsonl"), RESULTS / "length_generalisation_notes.md")
+    return lg.render(sweep.load_records(RESULTS / "length_generalisation.jsonl"), None)
 
 
 # page in the site -> (renderer, the tracked file it is also written to)
