@@ -77,7 +77,7 @@ class Job:
         return (self.recipe.name, self.task, self.seed)
 
     def run_dir(self, runs: Path) -> Path:
-        return runs / self.recipe.name / f"{self.task}-s{self.seed}"
+        return runs / self.recipe.name / f"{self.task.rpartition(':')[2]}-s{self.seed}"  # module:attr -> attr
 
 
 def last_json(text: str) -> dict | None:

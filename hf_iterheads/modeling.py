@@ -24,6 +24,7 @@ from transformers import (
 )
 
 from .errors import IterHeadsError
+from .tasks import get_task
 from .tokenizer import EOI, EOS, PAD, is_native_tokenizer
 
 # Presets: the paper's model and the ablations of its section 5 / figures. Widths other than these are one
@@ -117,7 +118,10 @@ def build_config(
 def iterheads_meta(config) -> dict:
     """The project metadata of a config ({} for models not trained by this project)."""
     meta = getattr(config, "iterheads", None)
-    return dict(meta) if isinstance(meta, dict) else {}
+    meta = dict(meta) if isinstance(meta, dict) else {}
+    for source in (meta.get("task_sources") or {}).values():  # tasks from a user's module: import them again
+        get_task(source)
+    return meta
 
 
 def freeze_positions(model: GPT2LMHeadModel) -> None:

@@ -249,9 +249,9 @@ def findings_table(found: list[dict]) -> str:
                   [[f["finding"], f["rule"], f["measured"], f"**{f['verdict']}**"] for f in found])
 
 
-def grid_table(rows: dict[str, dict], n_len: int) -> str:
+def grid_table(rows: dict[str, dict], n_len: int, tasks: list[str] | tuple[str, ...] = PAPER_TASKS) -> str:
     body = []
-    for task in PAPER_TASKS:
+    for task in tasks:
         for variant in ("cot-2L", "nocot-2L", "cot-1L"):
             r = rows.get(f"{task}-{variant}", {})
             s = r.get("summary") or {}
@@ -292,7 +292,8 @@ def write_report(rows_list: list[dict], meta: dict, out: Path, jobs: dict) -> Pa
         except Exception as err:  # noqa: BLE001 - a missing figure must not lose the numbers
             pictures[name] = f"(not drawn: {err})"
 
-    picture("accuracy_by_length.png", lambda p: figs.accuracy_by_length(rows, PAPER_TASKS, p))
+    tasks = meta.get("tasks") or PAPER_TASKS  # the paper's three, then any --tasks
+    picture("accuracy_by_length.png", lambda p: figs.accuracy_by_length(rows, tasks, p))
     curves = [rows[n] for n in ("polynomial-cot-2L", "transfer-parity-seed0", "parity-cot-2L") if n in rows]
     picture("emergence.png", lambda p: figs.emergence(curves, p, FORMED))
     picture("transfer.png", lambda p: figs.transfer([r for r in rows_list if r.get("kind") == "transfer"]
@@ -333,7 +334,7 @@ def summary(found: list[dict], rows: dict, n_len: int, pictures: dict, meta: dic
         f"Measured by `{meta['command']}` ({meta['wall_seconds'] / 60:.1f} min on {meta['cpus']} CPU cores, "
         f"{meta['workers']} workers; torch {v['torch']}, transformers {v['transformers']}; {meta['finished']}).",
         findings_table(found) + _missing_note(list(rows.values())),
-        grid_table(rows, n_len),
+        grid_table(rows, n_len, meta.get("tasks") or PAPER_TASKS),
         _img(pictures, "accuracy_by_length.png", "accuracy per length", prefix),
         _img(pictures, "emergence.png", "emergence of the iteration head", prefix),
     ]) + "\n"
@@ -350,9 +351,9 @@ def _header(meta: dict) -> str:
             f"The head counts as formed when attn1 peakiness reaches {FORMED}; a task as learned at accuracy {SOLVED}.")
 
 
-def _emergence_section(rows: dict, pictures: dict) -> str:
+def _emergence_section(rows: dict, pictures: dict, tasks: list[str] | tuple[str, ...] = PAPER_TASKS) -> str:
     em = []
-    runs = [r for t in PAPER_TASKS for r in _seed_runs(rows, t)] + [rows[n] for n in ("transfer-parity-seed0",) if n in rows]
+    runs = [r for t in tasks for r in _seed_runs(rows, t)] + [rows[n] for n in ("transfer-parity-seed0",) if n in rows]
     for r in runs:
         if r.get("curve"):
             t = next((c["time"] for c in r["curve"] if c["step"] == r.get("formed_step")), None)
@@ -433,9 +434,10 @@ def render(rows: dict, rows_list: list[dict], meta: dict, found: list[dict], pic
     parts = [
         _header(meta),
         "## Findings\n\n" + findings_table(found) + _missing_note(rows_list),
-        "## 1. Chain-of-thought and depth\n\n" + grid_table(rows, meta["scale"]["n_len"]) + "\n\n"
+        "## 1. Chain-of-thought and depth\n\n" + grid_table(rows, meta["scale"]["n_len"], meta.get("tasks") or PAPER_TASKS)
+        + "\n\n"
         + _img(pictures, "accuracy_by_length.png", "accuracy per length"),
-        _emergence_section(rows, pictures),
+        _emergence_section(rows, pictures, meta.get("tasks") or PAPER_TASKS),
         "## 3. Attention maps (polynomial, CoT, 2 layers)\n\nLayer 1 attends from each s_t to EoI (attn0); "
         "layer 2 attends from the position predicting s_t to x_t (attn1, the iteration head).\n\n"
         + _img(pictures, "attention_maps.png", "attention maps"),

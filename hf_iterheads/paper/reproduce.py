@@ -40,7 +40,7 @@ from typing import Any
 from ..errors import IterHeadsError
 from ..evaluation import FORMED, SOLVED, first_step
 from ..outputs import check_writable, write_json_atomic
-from ..tasks import PAPER_TASKS
+from ..tasks import PAPER_TASKS, get_task, task_ref
 from ..training.config import RECIPES, auto_max_steps, length_recipe
 from .report import update_readme, write_report
 
@@ -103,32 +103,35 @@ class Job:
         return self.steps * (2.0 if self.meta.get("cot", True) else 1.2) * self.meta.get("layers", 2)
 
 
-def plan(scale: Scale) -> list[Job]:
-    """Every run of a reproduction, in the order the report tells the story."""
+def plan(scale: Scale, extra: tuple[str, ...] = ()) -> list[Job]:
+    """Every run of a reproduction, in the order the report tells the story; ``extra`` tasks (names or import
+    strings ``module:attr``) get the first finding's grid too: CoT 2 layers from scratch per seed, no CoT, 1 layer."""
     common = ["--recipe", scale.recipe, "--preset", scale.preset, "--n-len", str(scale.n_len),
               "--per-length", str(scale.per_length), "--eval-every", str(scale.eval_every), "--report-to", "none"]
     jobs: list[Job] = []
 
-    def add(name, task, steps, extra=(), deps=(), detect=None, **meta):
+    def add(name, ref, steps, extra=(), deps=(), detect=None, **meta):
+        task = get_task(ref).name  # an import string trains as itself, and is named by its task's name
         meta = {"task": task, "cot": True, "layers": 2, "width": 128, "seed": 0, **meta}
         steps = steps or auto_max_steps([task], scale.n_len)
-        args = ["--task", task, *common, "--max-steps", str(steps), "--seed", str(meta["seed"]), *extra]
+        args = ["--task", task_ref(ref), *common, "--max-steps", str(steps), "--seed", str(meta["seed"]), *extra]
         if not meta["cot"]:
             args.append("--no-cot")
         if meta["layers"] != 2:
             args += ["--n-layer", str(meta["layers"])]
         jobs.append(Job(name, task, args, steps, meta, tuple(deps), tuple(detect or (task,))))
 
-    for task in PAPER_TASKS:
+    for ref in (*PAPER_TASKS, *extra):
+        task = get_task(ref).name
         curve = ["--eval-every", str(scale.curve_every)] if task == "parity" else []
         for cot, layers in VARIANTS:
             if cot == "cot" and layers == 2:  # from scratch, several seeds: the first finding's verdict rests on them
                 for seed in range(scale.seeds):
-                    add(f"{task}-cot-2L" + (f"-seed{seed}" if seed else ""), task, scale.main_steps,
+                    add(f"{task}-cot-2L" + (f"-seed{seed}" if seed else ""), ref, scale.main_steps,
                         [*curve, "--stop-when-solved"], kind="grid" if seed == 0 else "seed", seed=seed,
                         detect=("polynomial", "parity") if task == "polynomial" and seed == 0 else None)
             else:
-                add(f"{task}-{cot}-{layers}L", task, scale.short_steps, kind="grid", cot=cot == "cot", layers=layers)
+                add(f"{task}-{cot}-{layers}L", ref, scale.short_steps, kind="grid", cot=cot == "cot", layers=layers)
     for seed in range(scale.transfer_seeds):
         add(f"transfer-parity-seed{seed}", "parity", scale.transfer_steps,
             ["--eval-every", str(scale.curve_every), "--stop-when-solved", "--init-from", "@polynomial-cot-2L",
@@ -339,6 +342,16 @@ def prepare(out: Path, scale: Scale, overwrite: bool, create: bool = True) -> No
             write_json_atomic({"scale": scale.name, "started": time.strftime("%Y-%m-%d %H:%M:%S")}, marker)
 
 
+def extra_tasks(spec: str) -> tuple[str, ...]:
+    """``--tasks``: the references of the tasks beyond the paper's three, each checked now (before any training)."""
+    refs = tuple(dict.fromkeys(t.strip() for t in (spec or "").split(",") if t.strip()))
+    names = [get_task(r).name for r in refs]
+    paper = sorted(set(names) & set(PAPER_TASKS))
+    if paper or len(set(names)) != len(names):
+        raise IterHeadsError(f"--tasks: {', '.join(paper) or 'a task'} is named twice (the paper's three always run)")
+    return refs
+
+
 def check_readme(readme: Path) -> None:
     """Before hours of training: the README to refresh exists, has the generated block, and can be written."""
     from .report import RESULTS_END, RESULTS_START
@@ -364,7 +377,8 @@ def run_reproduce(args: argparse.Namespace) -> int:
         raise IterHeadsError("--render-only reads the finished runs; --overwrite would discard them")
     if args.update_readme:
         check_readme(Path(args.update_readme))
-    jobs = plan(scale)
+    extra = extra_tasks(args.tasks)
+    jobs = plan(scale, extra)
     if args.render_only:  # a report needs runs: refuse a folder without any, and create nothing
         prepare(out, scale, overwrite=False, create=False)
         if not any(_done(out / "runs" / job.name) for job in jobs):
@@ -397,7 +411,8 @@ def run_reproduce(args: argparse.Namespace) -> int:
         return 1
     meta = {"command": command, "scale": dataclasses.asdict(scale), "workers": workers, "threads": threads,
             "cpus": cpus, "gpus": gpus, "wall_seconds": round(wall, 1), "versions": versions(),
-            "finished": finished or time.strftime("%Y-%m-%d %H:%M:%S")}
+            "finished": finished or time.strftime("%Y-%m-%d %H:%M:%S"),
+            "tasks": [*PAPER_TASKS, *(get_task(t).name for t in extra)]}
     report = write_report(rows, meta, out, {job.name: job for job in jobs})
     if args.update_readme:
 
@@ -436,4 +451,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true", help="discard an earlier reproduction in --output-dir")
     p.add_argument("--render-only", action="store_true", help="rewrite report.md/results.json from the finished runs")
     p.add_argument("--update-readme", metavar="README", help="also refresh README's generated results block")
+    p.add_argument("--tasks", default="", metavar="TASK[,TASK...]",
+                   help="more tasks (names or import strings module:attr) through the first finding's grid: CoT 2 layers "
+                   "from scratch per seed, no CoT, 1 layer, each with the detector; the paper's verdicts are unchanged")
     p.set_defaults(func=run_reproduce)

@@ -19,7 +19,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 
 from ..errors import IterHeadsError
-from ..tasks import get_task
+from ..tasks import get_task, source_of
 
 Data = Literal["fixed", "online"]
 Schedule = Literal["constant", "cosine", "linear", "formed-cosine"]
@@ -36,10 +36,10 @@ class Helper(NamedTuple):
     share: float
     steps: int  # 0 = a constant share
     # None = the run's own (--max-train-len, else --n-len). Longer than the run's: the helper trains the look-up at
-    # distances the main task never sees (length generalisation, benchmarks/results/length_generalisation.md).
+    # distances the main task never sees (length generalisation).
     max_len: int | None = None
-    # A helper that joins once the head has formed: its rows cannot stop the head forming (polynomial's does,
-    # when present from step 0), and can still train the look-up on longer lengths.
+    # A helper that joins once the head has formed cannot stop the head forming, and still trains the look-up
+    # on longer lengths.
     start: int = 0
 
     def share_at(self, step: int) -> float:
@@ -49,12 +49,22 @@ class Helper(NamedTuple):
         return self.share if self.steps == 0 else self.share * max(0.0, 1.0 - (step - self.start) / self.steps)
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def parse_curriculum(spec: str) -> tuple[Helper, ...]:
     """``"binary_copy:0.5:1000,cumsum:0.2:0:16:4000"`` -> helpers (task, share when it starts, steps to fade
     (0 = constant), longest length (empty or absent: the run's), step it starts at (default 0))."""
     out = []
     for part in filter(None, (spec or "").split(",")):
         bits = part.split(":")
+        if len(bits) > 1 and not _is_number(bits[1]):  # an import string module:attr names the helper task
+            bits = [f"{bits[0]}:{bits[1]}", *bits[2:]]
         try:
             if len(bits) > 5:
                 raise ValueError
@@ -63,7 +73,7 @@ def parse_curriculum(spec: str) -> tuple[Helper, ...]:
         except (IndexError, ValueError):
             raise IterHeadsError(f"cannot read curriculum {part!r}; write TASK:SHARE[:STEPS[:MAX_LEN[:START]]], "
                                  "e.g. binary_copy:0.5:1000") from None
-        get_task(helper.task)
+        helper = helper._replace(task=get_task(helper.task).name)
         if (not 0 <= helper.share < 1 or helper.steps < 0 or (helper.max_len is not None and helper.max_len < 1)
                 or helper.start < 0):
             raise IterHeadsError(f"curriculum {part!r}: the share must be in [0, 1), the steps >= 0, the longest "
@@ -77,166 +87,94 @@ def parse_curriculum(spec: str) -> tuple[Helper, ...]:
 AUTO = "auto"
 COPY_HELPER = "binary_copy:0.5:3000"
 FEW_INPUTS_HELPER = "cumsum:0.3:0"  # for tasks with few distinct inputs (auto_curriculum)
-FEW_INPUTS = 256
+
+# Every auto default below follows from what the tasks are (``tasks.TaskProperties``), never from their names; a
+# mixture gets a task's default only when every task in it has the property. Why each rule: the documentation's
+# Explanation page "Why the training defaults", with the seed-sweep data behind each row.
+RESTART_AT, EARLY_RESTART_AT = 3000, 1000  # the plateau restart's step (auto_restart_at)
+RESTART_BELOW, FEW_INPUTS_RESTART_BELOW = 0.4, 0.22  # the plateau restart's threshold (auto_restart_below)
+MAX_RESTARTS, EARLY_MAX_RESTARTS = 1, 5  # restarts at most (auto_max_restarts)
+ANCHOR_BELOW = 0.2  # the anchor restart's threshold on attn0 peakiness (auto_anchor_below)
+MAX_STEPS, QUICK_MAX_STEPS = 12000, 9000  # the run's step budget (auto_max_steps)
+
+
+def _every(tasks: list[str], test) -> bool:
+    """Whether every task of the run has the property ``test(TaskProperties)`` (False for no task)."""
+    return bool(tasks) and all(test(get_task(t).properties) for t in tasks)
 
 
 def few_inputs(tasks: list[str], n_len: int) -> bool:
-    """Whether some task has fewer than ``FEW_INPUTS`` distinct inputs at some evaluated length (4..n_len): the
-    binary tasks (2^L inputs, half of them in the test split)."""
-    lengths = range(min(4, n_len), n_len + 1)
-    return any(get_task(t).n_distinct(L) < FEW_INPUTS for t in tasks for L in lengths)
-
-
-OFFSET_TASKS = ("cumsum", "s3_product", "parity", "binary_copy")  # every task but polynomial (auto_position_offsets)
-
-
-def auto_position_offsets(tasks: list[str]) -> bool:
-    """The default of ``--position-offsets``: on when every task is in ``OFFSET_TASKS`` (all but polynomial).
-
-    Why (benchmarks/results/seed_sweep_notes.md, sessions 8-10): without offsets cumsum formed the head in 1 attempt
-    of 7 and s3_product in 3 of 8, and failing runs tend to read the inputs along a fixed diagonal of absolute
-    positions (a look-up that fits one length); with every row shifted by a random offset no absolute position
-    means anything, and the two tasks formed the head in 13 of 14 runs. On the binary tasks (every mixed-length
-    run recorded in seed_sweep.jsonl, last attempts) parity formed the head in 11 of 12 attempts with offsets
-    against 2 of 7 without, and binary copy in 4 of 11 against 1 of 6. Polynomial forms the head without them in
-    most seeds, and with them it formed later (3,500-4,500 steps instead of 2,500-3,000): it goes without."""
-    return bool(tasks) and all(t in OFFSET_TASKS for t in tasks)
-
-
-RESTART_AT, EARLY_RESTART_AT = 3000, 1000  # the plateau restart's step (auto_restart_at)
-RESTART_BELOW, FEW_INPUTS_RESTART_BELOW = 0.4, 0.22  # the plateau restart's threshold (auto_restart_below)
-MAX_RESTARTS, FAST_FINISH_MAX_RESTARTS, EARLY_MAX_RESTARTS = 1, 2, 5  # restarts at most (auto_max_restarts)
-EARLY_TASKS = ("binary_copy",)  # heads that show by step 1,000 or not at all: judged there, restarted cheaply
-FAST_FINISH_TASKS = ("polynomial",)  # a forming attempt is exact within 6,000 steps: a third attempt fits the budget
-ANCHOR_BELOW = 0.2  # the anchor restart's threshold on attn0 peakiness (auto_anchor_below)
+    """Whether some task has fewer than ``tasks.FEW_INPUTS`` distinct inputs at some evaluated length (4..n_len):
+    a model can memorise such a length's training inputs instead of looking ``x_t`` up."""
+    return any(get_task(t).properties.few_inputs(n_len) for t in tasks)
 
 
 def early_head(tasks: list[str]) -> bool:
-    """Whether every task is in ``EARLY_TASKS`` (binary copy): the run is judged at step 1,000, not 3,000."""
-    return bool(tasks) and all(t in EARLY_TASKS for t in tasks)
+    """Whether no task reads its state (``s_t = g(x_t)``, binary copy): the head alone solves it, and whether an
+    attempt will form it shows by step 1,000."""
+    return _every(tasks, lambda p: not p.reads_state)
+
+
+def auto_position_offsets(tasks: list[str]) -> bool:
+    """``--position-offsets``: on when every task's input is recoverable from each step (no state makes a step
+    ignore ``x_t``); with offsets no absolute position means anything, so a look-up tied to one length cannot fit."""
+    return _every(tasks, lambda p: p.input_recoverable)
 
 
 def auto_restart_at(tasks: list[str]) -> int:
-    """The default of ``--restart-at``: step 3,000, and 1,000 for binary copy (``early_head``).
-
-    Why (benchmarks/results/seed_sweep.md, "Binary copy's early restart's evidence"): binary copy's attempts
-    split at step 1,000. All 12 recorded attempts (cumsum rows) whose layer-2 mass on x_t was 0.47-0.51 there formed
-    the head (at steps 4,000-6,000); the others sat at 0.15-0.29, and of the 10 of them that ran to the end only 2
-    formed it, late (steps 5,000 and 10,500): the other 8 ended with layer 2 not looking x_t up (accuracy
-    0.36-0.90). A restart at step 1,000 costs a twelfth of the budget, so a run can afford several
-    (``auto_max_restarts``). The other tasks' masses rise later (parity: 0.14-0.25 at step 1,000 in runs that
-    formed the head), so they are judged at step 3,000."""
+    """``--restart-at``: step 1,000 where the head alone solves the task (``early_head``), else 3,000."""
     return EARLY_RESTART_AT if early_head(tasks) else RESTART_AT
 
 
 def auto_restart_below(tasks: list[str], n_len: int, restart_at: int) -> float:
-    """The default of ``--restart-below``: ``RESTART_BELOW`` (0.4), or 0.22 when a task has few distinct inputs
-    (``few_inputs``: the binary tasks) and the run is judged after step 1,000.
-
-    Why (benchmarks/results/seed_sweep.md, "The plateau restart's evidence": the step-3,000 layer-2 mass on x_t of
-    every recorded mixed-length attempt against its outcome): the binary tasks' heads form late. 4 of the 14 binary
-    attempts between 0.22 and 0.4 formed the head, at steps 4,000-5,500, where the 0.4 that restarts the other
-    tasks would have thrown them away; none of the 6 below 0.22 formed it (peakiness at most 0.18): those are the
-    ones to restart. Judged at step 1,000 (binary copy, ``auto_restart_at``) 0.4 splits the two groups there."""
+    """``--restart-below``: 0.4, or 0.22 when a task has few distinct inputs and the run is judged after step 1,000
+    (those heads form late, from lower layer-2 masses)."""
     late = not restart_at or restart_at > EARLY_RESTART_AT  # 0: never judged
     return FEW_INPUTS_RESTART_BELOW if late and few_inputs(tasks, n_len) else RESTART_BELOW
 
 
-def auto_max_restarts(tasks: list[str]) -> int:
-    """The default of ``--max-restarts``: 1; 2 for polynomial (``FAST_FINISH_TASKS``); 5 for binary copy (``early_head``),
-    whose restarts at step 1,000 leave the last attempt at least 7,000 of the 12,000 steps.
-
-    Why: about half of binary copy's fresh attempts are forming at step 1,000 (11 of 20 fresh seeds in the early
-    signal screen, benchmarks/results/early_signal_screen.jsonl, and 12 of 29 recorded attempts), so six attempts
-    all miss it in about 2% of runs. Two judged at step 3,000 leave the last attempt 6,000 of 12,000 steps: too
-    few for parity, whose heads form at steps 3,500-6,000 and were still short of 0.99 there (seed_sweep_notes.md,
-    session 13), and enough for polynomial, whose forming attempts had the head by step 2,000-4,000 and 0.99 by step
-    5,500 of the attempt in 19 of 20 default runs. Polynomial's only failures with one restart were runs whose
-    second attempt missed too (seeds 9 and 45, mass 0.11-0.12 at its step 3,000); with a third attempt both formed
-    the head and ended at 1.000, and fresh seeds 46-53 succeeded in 8 of 8, one of them (49) in its third attempt
-    (seed_sweep_notes.md, session 16). Only runs whose second attempt is not forming are changed by it."""
+def auto_max_restarts(tasks: list[str], n_len: int = 16) -> int:
+    """``--max-restarts``: 5 where the run is judged at step 1,000 (the last attempt keeps 7,000 of 12,000 steps);
+    1 with few distinct inputs (late heads need the steps); else as many as leave the last attempt half the budget
+    (2 of 12,000 steps, 1 of 9,000)."""
     if early_head(tasks):
         return EARLY_MAX_RESTARTS
-    return FAST_FINISH_MAX_RESTARTS if all(t in FAST_FINISH_TASKS for t in tasks) else MAX_RESTARTS
+    if few_inputs(tasks, n_len):
+        return MAX_RESTARTS
+    return max(MAX_RESTARTS, auto_max_steps(tasks, n_len) // (2 * RESTART_AT))
 
 
 def auto_anchor_below(position_offsets: bool) -> float:
-    """The default of ``--anchor-below`` (used with ``--anchor-at``): ``ANCHOR_BELOW`` (0.2) with position offsets,
-    else 0 (no anchor check).
-
-    Why (benchmarks/results/seed_sweep_notes.md, session 11): with offsets, layer 1 settles on its anchor within
-    1,000 steps. In binary copy's partial-head runs (peakiness ~0.86, the last step confused with EoI) layer 1
-    never attended to EoI: its peakiness was 0.06-0.15 at steps 500 and 1,000 and stayed under 0.25; runs whose
-    head formed had 0.29-0.49 by then. Without offsets layer 1 finds EoI later (polynomial: 0.12 until step
-    2,000 in runs that formed the head), so there is nothing to judge at step 1,000."""
+    """``--anchor-below`` (used with ``--anchor-at``): 0.2 with position offsets, else 0 (no anchor check): without
+    offsets layer 1 finds EoI too late to be judged at step 1,000."""
     return ANCHOR_BELOW if position_offsets else 0.0
 
 
 def auto_curriculum(tasks: list[str], n_len: int) -> str:
-    """The default curriculum of these tasks: the copy helper always; a constant 30% of cumsum rows too when a
-    task has fewer than ``FEW_INPUTS`` distinct inputs at some evaluated length (4..n_len).
-
-    Why (benchmarks/results/seed_sweep_notes.md): such a task has few training inputs there (parity: 8 at L = 4,
-    the other 8 are test inputs), and a model memorises them instead of looking x_t up; rows of a task with many
-    inputs train the same (length, position) look-ups on inputs it cannot memorise. Polynomial rows did that at
-    first (parity 8 of 10 seeds, binary copy 3 of 10), but in binary copy layer 1 then often anchored on the task
-    token instead of EoI (a partial head, the last step confused with EoI). Cumsum rows, which share position
-    offsets with the binary tasks, made layer 1 anchor on EoI in all 10 binary-copy runs; with the 12,000-step
-    budget (auto_max_steps) they gave binary copy 8 of 10 and parity 10 of 10 (seed_sweep.md, ``cumsum12k-s11``).
-    On tasks with plenty of inputs (cumsum, s3_product) a permanent helper kept the head from forming (polynomial
-    rows: accuracy 0.01-0.02), so they do without it."""
+    """The default curriculum: the copy helper (the look-up alone) always; a constant 30% of cumsum rows too when a
+    task has few distinct inputs, so that the look-up is trained on inputs that cannot be memorised."""
     return COPY_HELPER + ("," + FEW_INPUTS_HELPER if few_inputs(tasks, n_len) else "")
 
 
-LINEAR_LENGTH_TASKS = ("parity",)  # long lengths drawn more often by default (auto_length_weights)
-
-
-def auto_length_weights(tasks: list[str]) -> str:
-    """The default of ``--length-weights``: linear (P(L) proportional to L) when every task is in
-    ``LINEAR_LENGTH_TASKS`` (parity), uniform otherwise.
-
-    Why (benchmarks/results/seed_sweep_notes.md, sessions 16-17): parity's short lengths have a handful of training
-    inputs each (8 at L = 4) that a model can memorise, and a uniform draw spends most rows on them; drawn in
-    proportion to L, the long lengths, whose inputs cannot be memorised, weigh more, and every chain step is drawn
-    equally often. Parity then succeeded in 18 of 18 runs (seeds 0-9 and held-out 12, 40-41, 80-84; uniform: 26 of
-    28, failing 40-41): first attempts that pass the restart check are at 0.66-0.94 at step 3,000 (uniform mostly
-    0.22-0.35), those that do not at 0.13-0.18, and every second attempt formed the head. Binary copy stays uniform:
-    under linear weights it succeeded in 9 of 10 seeds 0-9 against 10 of 10 (session 18), the share of first
-    attempts passing its step-1,000 check unchanged (5 of 10). The other tasks have inputs enough at every length."""
-    return "linear" if tasks and all(t in LINEAR_LENGTH_TASKS for t in tasks) else "uniform"
+def auto_length_weights(tasks: list[str], n_len: int = 16) -> str:
+    """``--length-weights``: linear (P(L) proportional to L) when every task has few distinct inputs and reads its
+    state, so the long lengths, which cannot be memorised, get most rows; uniform otherwise (a task the head alone
+    solves is judged at step 1,000, and keeps the lengths that judgement was measured with)."""
+    return "linear" if _every(tasks, lambda p: p.few_inputs(n_len) and p.reads_state) else "uniform"
 
 
 def length_recipe(n_len: int) -> list[str]:
     """Flags that make a run trained on lengths 1..M (``--max-train-len M``) right on the longer lengths up to
-    ``n_len`` too: cumsum helper rows on every length 1..n_len, lengths drawn in proportion to L, position offsets
-    (already on for every task but polynomial). Online data only (linear weights cannot re-draw the fixed dataset).
-
-    Why (benchmarks/results/length_generalisation.md): the look-up is the same for every task, so helper rows on
-    1..n_len carry it to lengths the main task never had, and with position offsets it is relative to EoI rather
-    than learned per absolute position and length. Linear weights give the long lengths, whose inputs cannot be
-    memorised, most of the rows; with uniform ones the binary tasks' heads formed less often on 1..12 and
-    polynomial's not at all beside a permanent helper."""
+    ``n_len`` too: cumsum helper rows on every length 1..n_len, lengths drawn in proportion to L, position offsets.
+    Online data only (linear weights cannot re-draw the fixed dataset)."""
     return ["--curriculum", f"{COPY_HELPER},{FEW_INPUTS_HELPER}:{n_len}", "--length-weights", "linear",
             "--position-offsets"]
 
 
-MAX_STEPS, QUICK_MAX_STEPS = 12000, 9000  # the run's step budget (auto_max_steps)
-QUICK_TASKS = ("cumsum", "s3_product")  # heads that form early, restarts that are rare: 9,000 steps
-
-
 def auto_max_steps(tasks: list[str], n_len: int) -> int:
-    """The default of ``--max-steps`` (unless ``--epochs`` is given): 12,000 steps, or 9,000 when every task is in
-    ``QUICK_TASKS`` (cumsum, s3_product) and none has few distinct inputs (``few_inputs``).
-
-    Why (benchmarks/results/seed_sweep.md): at 9,000 steps an attempt restarted at step 3,000 had 6,000 steps, and
-    that was where binary copy, parity and polynomial failed: parity seeds 0 and 3 and polynomial seed 1 formed the
-    head late in the second attempt and ended short of 0.99; none of the restarted binary-copy runs succeeded. The
-    binary tasks' heads also form late (steps 3,000-10,500) and sharpen for thousands of steps after. With 12,000
-    steps parity went from 8 to 10 of 10 seeds, binary copy (with cumsum rows) from 4 to 8, polynomial from 8 to
-    9 (rows ``cumsum12k-s11`` and ``steps12k-s12``), at 414-603 s per binary run and 445-481 s per polynomial
-    run two at a time on the 2-core Xeon. Cumsum and s3_product formed the head in 10 of 10 seeds at 9,000 steps
-    (at steps 2,000-4,500, one restart in 20 runs), so they keep the shorter run."""
-    quick = all(t in QUICK_TASKS for t in tasks) and not few_inputs(tasks, n_len)
+    """``--max-steps`` (unless ``--epochs`` is given): 9,000 when every task reads its state, its input is
+    recoverable from each step and it has inputs enough (such heads form by step 4,500); else 12,000."""
+    quick = _every(tasks, lambda p: p.reads_state and p.input_recoverable and not p.few_inputs(n_len))
     return QUICK_MAX_STEPS if quick else MAX_STEPS
 
 
@@ -252,7 +190,8 @@ class TrainConfig:
     """
 
     tasks: list[str] = field(default_factory=list, metadata=_help(
-        "task, or a mixture separated by commas (e.g. binary_copy,parity)", flag="--task"))
+        "task: a name, an import string package.module:attr, or a mixture separated by commas (e.g. binary_copy,parity)",
+        flag="--task"))
     output_dir: str = field(default="", metadata=_help("run directory (metrics, checkpoints, final model)", required=True))
     recipe: str = "fast"  # which recipe the values came from (--recipe, handled by resolve_config)
     # --- model -----------------------------------------------------------------------------------------------
@@ -283,39 +222,34 @@ class TrainConfig:
     data: Data = field(default="online", metadata=_help("fixed paper dataset or fresh sequences per batch"))
     # One (task, length) per batch: no padding, ~1.7x fewer tokens than padding to 35.
     # Mixed lengths in every batch: with one length per batch (the paper's loader) each step can fit a look-up
-    # for that length alone, and most runs settle on a circuit without the iteration head; mixed, only a look-up
-    # relative to EoI lowers the loss of the whole batch (benchmarks/results/seed_sweep.md). Costs ~2x per step.
+    # for that length alone; mixed, only a look-up relative to EoI lowers the loss of the whole batch. ~2x per step.
     bucket: bool = field(default=False, metadata=_help(
         "one length per batch, as the paper's loader (the default mixes lengths in every batch, padded)"))
     task_weights: list[float] | None = field(default=None, metadata=_help("mixture weights, one per --task, e.g. 0.3,0.7"))
-    # "auto": binary copy fading out for every task (copy needs exactly the circuit's attention with a trivial
-    # MLP, so it teaches the head before the harder F), plus a constant share of cumsum rows for tasks with
-    # few distinct inputs at the evaluated lengths (auto_curriculum). Applies to training from scratch on online
-    # data (resolve_config); the run stores the curriculum it resolved to.
+    # "auto" (auto_curriculum): binary copy fading out (it needs exactly the head's look-up with a trivial MLP),
+    # plus cumsum rows for tasks with few distinct inputs. From scratch on online data only; the run stores it.
     curriculum: str = field(default=AUTO, metadata=_help(
         "helper tasks, TASK:SHARE:STEPS[:MAX_LEN[:START]][,...]: SHARE of the rows from step START (default 0), "
         "fading to none over STEPS (0 = constant), on lengths 1..MAX_LEN (empty or absent: the run's, "
         "--max-train-len); '' for none; "
         "auto = binary_copy:0.5:3000, plus cumsum:0.3:0 for a task with fewer than 256 distinct inputs at some length "
-        "from 4 (binary tasks)"))
+        "from 4"))
     length_warmup: int = field(default=0, metadata=_help("steps over which the longest length grows from 1 to n_len"))
     # Once the head forms, runs that miss 0.99 miss whole lengths: draw the lengths still wrong more often.
     length_sampling: LengthSampling = field(default="adaptive", metadata=_help(
         "online data: lengths uniform, or adaptive (once attn1 peakiness reaches 0.5, the lengths the model still "
         "gets wrong are drawn more often)"))
-    # Short lengths have few distinct inputs (a binary task has 2^L) and can be memorised: "linear" draws L in
-    # proportion to L, so every chain step is drawn equally often and the long lengths weigh more
-    # (benchmarks/results/length_generalisation_notes.md, session 16). None = auto (auto_length_weights): linear
-    # for parity, uniform otherwise; uniform for transfer and the fixed dataset.
+    # "linear" draws L in proportion to L: every chain step equally often, the long lengths weigh more.
+    # None = auto (auto_length_weights); uniform for transfer and the fixed dataset.
     length_weights: LengthWeights | None = field(default=None, metadata=_help(
         "online data: how lengths 1..max are drawn before --length-sampling adapts them: uniform, or linear "
-        "(P(L) proportional to L, every chain step equally often); auto = linear for parity, else uniform"))
-    # None = auto (auto_position_offsets): on for every task but polynomial (without them most cumsum, s3_product
-    # and binary runs settled on another circuit instead of forming the head); resolved from the tasks.
+        "(P(L) proportional to L, every chain step equally often); auto = linear for a task with fewer than 256 "
+        "distinct inputs at some length from 4 that reads its state, else uniform"))
+    # None = auto (auto_position_offsets), resolved from what the tasks are.
     position_offsets: bool | None = field(default=None, metadata=_help(
         "online data: shift each training sequence by a random number of positions within the context, so every "
         "position is trained and the look-up must be relative to EoI; --no-position-offsets for none; auto = on "
-        "for every task but polynomial"))
+        "when x_t is recoverable from every step (no state makes a step ignore its input)"))
     # --- optimisation ----------------------------------------------------------------------------------------
     lr: float = field(default=1e-3, metadata=_help("Adam learning rate after warmup"))
     betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=_help("Adam betas, e.g. 0.9,0.99"))
@@ -328,12 +262,10 @@ class TrainConfig:
     decay_steps: int = field(default=4000, metadata=_help("formed-cosine: decay steps after the head forms"))
     epochs: int | None = field(default=None, metadata=_help("epochs (paper: 1000 of 64 steps)", group="length"))
     # The run's whole budget, restarts included: an attempt restarted at step 3,000 leaves the next one the rest.
-    # None = auto (auto_max_steps, unless --epochs is given): 12,000, and 9,000 for cumsum and s3_product, whose
-    # heads form early. 12,000 steps took 414-603 s two at a time on the 2-core Xeon (a run may take 15 minutes;
-    # 9,000 took 801-828 s on the slowest 2-core CPU we measured).
+    # None = auto (auto_max_steps, unless --epochs is given).
     max_steps: int | None = field(default=None, metadata=_help(
         "optimizer steps in all: an attempt after a restart gets what the attempts before it left; auto = 12,000, "
-        "or 9,000 for cumsum and s3_product",
+        "or 9,000 when every task reads its state, x_t is recoverable from each step and inputs are many",
         group="length"))
     grad_accum: int = field(default=1, metadata=_help("gradient accumulation steps"))
     mixed_precision: MixedPrecision = field(default="no", metadata=_help("no, fp16 or bf16"))
@@ -348,25 +280,18 @@ class TrainConfig:
     stop_when_solved: bool = field(default=False, metadata=_help(
         "stop once accuracy >= 0.99 and attn1 >= 0.9 (means over lengths 4..--n-len: with --max-train-len, the "
         "unseen lengths too)"))
-    # A run heading for another circuit shows it early: at step 3,000 the layer-2 attention mass on x_t was
-    # 0.12-0.39 in 19 of the 23 six-thousand-step CPU runs whose head never formed (the other four ended with a
-    # partial or gated head, peakiness 0.63-0.89) and 0.49-0.99 in 24 of the 27 whose head formed (the three others,
-    # 0.31-0.35, formed late: two parity runs and one polynomial run with offsets; seed_sweep.jsonl, session 8).
-    # With position offsets the mass rises later (a cumsum run at 0.22 at step 2,500 was at 0.50 at 3,000 and formed
-    # the head), hence step 3,000 and 0.4.
-    # Starting again from a fresh initialisation is cheaper than waiting.
-    # None = auto (auto_restart_at): 3,000, and 1,000 for binary copy, whose head shows by then or not at all.
+    # A run heading for another circuit shows it early (a low layer-2 mass on x_t); starting again from a fresh
+    # initialisation is cheaper than waiting. None = auto (auto_restart_at).
     restart_at: int | None = field(default=None, metadata=_help(
         "at the first evaluation from this step on, restart from a fresh initialisation if the iteration head is "
-        "not forming (attn1 mass below --restart-below); 0 = never; auto = 3000, or 1000 for binary_copy"))
-    # None = auto (auto_restart_below): 0.4, and 0.22 for the binary tasks judged at step 3,000 (late heads).
+        "not forming (attn1 mass below --restart-below); 0 = never; auto = 3000, or 1000 for a task that does not "
+        "read its state (s_t = g(x_t))"))
+    # None = auto (auto_restart_below).
     restart_below: float | None = field(default=None, metadata=_help(
         "attn1 mass under which --restart-at restarts; auto = 0.4, or 0.22 for a task with fewer than 256 distinct "
-        "inputs at some length from 4 (binary tasks) judged after step 1000"))
-    # Layer 1's anchor is decided early: an attempt whose layer 1 has not found EoI by step 1,000 (attn0 peakiness
-    # below 0.2 at every evaluation so far) settled on another anchor, and its head never formed (0 of 8 recorded
-    # attempts; auto_anchor_below). A restart there costs 1,000 steps. Off by default: in binary copy most fresh
-    # attempts do not anchor either, and on seeds 0-5 restarting them gained no run (seed_sweep.md, anchor-s11).
+        "inputs at some length from 4 judged after step 1000"))
+    # Layer 1's anchor is decided early: an attempt whose layer 1 has not found EoI by step 1,000 settled on
+    # another anchor. Off by default: restarting such attempts gained no run in the seed sweeps.
     anchor_at: int = field(default=0, metadata=_help(
         "at the first evaluation from this step on, restart from a fresh initialisation if layer 1 has not anchored "
         "on EoI (attn0 peakiness below --anchor-below at every evaluation so far); 0 = never"))
@@ -374,12 +299,12 @@ class TrainConfig:
     anchor_below: float | None = field(default=None, metadata=_help(
         "attn0 peakiness under which --anchor-at restarts; auto = 0.2 with --position-offsets, 0 (never) without"))
     # Restarts share the run's step budget (max_steps), so they never make a run longer; each must leave the next
-    # attempt at least the steps this one had when judged. None = auto (auto_max_restarts): one, as a second
-    # restart at step 3,000 would leave the last attempt 6,000 of 12,000 steps; two for polynomial, whose heads
-    # form and finish within those 6,000; five for binary copy, judged at step 1,000 (7,000 steps left after all five).
+    # attempt at least the steps this one had when judged. None = auto (auto_max_restarts).
     max_restarts: int | None = field(default=None, metadata=_help(
-        "restarts at most (they share --max-steps; the wall time of every attempt counts); auto = 1, 2 for "
-        "polynomial, 5 for binary_copy"))
+        "restarts at most (they share --max-steps; the wall time of every attempt counts); auto = 5 when judged at "
+        "step 1000, 1 for a task with few distinct inputs, else as many as leave the last attempt half the budget"))
+    # task name -> the import string (module:attr) it came from, so a new process finds it again; not a flag
+    task_sources: dict[str, str] = field(default_factory=dict)
     attempt: int = 0  # which attempt of the run this is (restarts); not a flag
     restarted_at: tuple[int, ...] = ()  # the step at which each earlier attempt stopped; not a flag
     # On a busy 2-core CPU one thread can be many times faster than two (OpenMP spinning); results differ in
@@ -388,11 +313,14 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
+        for source in dict(self.task_sources).values():  # a stored run: import its tasks again, then name them
+            get_task(source)
+        self.tasks = [get_task(t).name for t in self.tasks]  # "module:attr" -> the task's name (source kept below)
         if self.curriculum == AUTO and self.tasks:
             self.curriculum = auto_curriculum(self.tasks, self.n_len)
         self.helpers = parse_curriculum("" if self.curriculum == AUTO else self.curriculum)  # not a field: not saved
         if self.length_weights is None and self.tasks:
-            self.length_weights = auto_length_weights(self.tasks)
+            self.length_weights = auto_length_weights(self.tasks, self.n_len)
         if self.max_steps is None and self.epochs is None and self.tasks:
             self.max_steps = auto_max_steps(self.tasks, self.n_len)
         if self.position_offsets is None and self.tasks:
@@ -402,10 +330,11 @@ class TrainConfig:
         if self.restart_below is None and self.tasks:
             self.restart_below = auto_restart_below(self.tasks, self.n_len, self.restart_at)  # resolved just above
         if self.max_restarts is None and self.tasks:
-            self.max_restarts = auto_max_restarts(self.tasks)
+            self.max_restarts = auto_max_restarts(self.tasks, self.n_len)
         if self.anchor_below is None and self.position_offsets is not None:
             self.anchor_below = auto_anchor_below(self.position_offsets)
         self.restarted_at = tuple(self.restarted_at)
+        self.task_sources = {**self.task_sources, **{n: source_of(n) for n in self.all_tasks if source_of(n)}}
 
     @property
     def run_seed(self) -> int:
