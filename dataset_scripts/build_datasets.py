@@ -10,7 +10,7 @@ Every error is one line, ``build_datasets.py: error: ...`` (exit status 2), neve
 
 import sys
 
-from hf_iterheads.cli import OneLineParser, one_line, parse
+from hf_iterheads.cli import OneLineParser, Terminated, one_line, parse, sigterm_as_interrupt
 from hf_iterheads.dataset_builder import add_arguments, run
 from hf_iterheads.errors import IterHeadsError
 
@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(args, int):
         return args
     try:
-        return run(args)
+        with sigterm_as_interrupt():  # a SIGTERM mid-build removes the half-built folder, like Ctrl-C
+            return run(args)
     except IterHeadsError as err:
         print(f"{PROG}: error: {one_line(err)}", file=sys.stderr)
         return 2
@@ -32,9 +33,9 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {err.filename}" if err.filename else ""
         print(f"{PROG}: error: {one_line(err.strerror or err)}{where}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        print(f"{PROG}: {'terminated' if isinstance(stop, Terminated) else 'interrupted'}", file=sys.stderr)
+        return 143 if isinstance(stop, Terminated) else 130
 
 
 if __name__ == "__main__":

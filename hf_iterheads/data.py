@@ -10,29 +10,48 @@ Randomness is seeded per (seed, task name, length), so adding a task or a length
 
 from __future__ import annotations
 
+import functools
 import zlib
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pyarrow as pa
-from datasets import Dataset, DatasetDict, Features, List, Value
 
 from .errors import IterHeadsError
 from .tasks import IterativeTask, check_length, get_task
-from .tokenizer import Layout
+
+if TYPE_CHECKING:  # datasets, pyarrow and transformers load when a dataset is built, not when a parser is
+    import pyarrow as pa
+    from datasets import Dataset, DatasetDict, Features
+
+    from .tokenizer import Layout
 
 N_LEN = 16  # paper: lengths 1 .. 16
 PER_LENGTH = 1024  # paper: 1024 train and 1024 test sequences per length
+MAX_N_LEN = 4096  # the longest length a dataset may have: 256 times the paper's, beyond any model's use here
+BYTES_PER_POSITION = 64  # what one position of one row costs while a split is built (numpy, Arrow, text; measured ~30, x2)
 
-FEATURES = Features(
-    {
-        "task": Value("string"),
-        "length": Value("int32"),
-        "inputs": List(Value("int32")),
-        "states": List(Value("int32")),
-        "answer": Value("int32"),
-        "text": Value("string"),
-    }
-)
+
+@functools.cache
+def features() -> Features:
+    """The columns' types (``datasets.Features``)."""
+    from datasets import Features, List, Value
+
+    return Features(
+        {
+            "task": Value("string"),
+            "length": Value("int32"),
+            "inputs": List(Value("int32")),
+            "states": List(Value("int32")),
+            "answer": Value("int32"),
+            "text": Value("string"),
+        }
+    )
+
+
+def __getattr__(name: str):
+    if name == "FEATURES":  # the constant it was, built on first use
+        return features()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def rng_for(seed: int, task: IterativeTask, length: int) -> np.random.Generator:
@@ -60,21 +79,51 @@ def distinct_inputs(task: IterativeTask, length: int, n: int, rng: np.random.Gen
     return rows[:n]
 
 
-def check_sizes(n_len: int, per_length: int) -> None:
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux ``MemAvailable``), or None where unknown."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def build_bytes(n_len: int, per_length: int, n_tasks: int = 1) -> int:
+    """An upper bound on the memory a build of ``n_tasks`` tasks holds: 2 splits x ``per_length`` rows per length,
+    each of 2 L + 3 positions."""
+    positions = sum(2 * L + 3 for L in range(1, n_len + 1))
+    return 2 * per_length * positions * BYTES_PER_POSITION * n_tasks
+
+
+def check_sizes(n_len: int, per_length: int, n_tasks: int = 1) -> None:
+    """Refuse, before any work, sizes no build should attempt: a length over ``MAX_N_LEN``, or more memory than
+    half of what this machine has available (a build that size would grind for minutes, then be killed)."""
     check_length(n_len)
     if int(per_length) < 1:
         raise IterHeadsError(f"the per-length count must be at least 1, got {per_length}")
+    if int(n_len) > MAX_N_LEN:
+        raise IterHeadsError(f"--n-len {n_len} is over the limit of {MAX_N_LEN} (the longest sequence length a "
+                             f"dataset may have; the paper's is {N_LEN})")
+    need, free = build_bytes(int(n_len), int(per_length), n_tasks), available_memory()
+    if free is not None and need > free // 2:
+        raise IterHeadsError(
+            f"--n-len {n_len} with --per-length {per_length} for {n_tasks} task(s) needs about {need / 2**30:,.1f} GiB "
+            f"while building, over the limit of half the memory available ({free / 2**30:,.1f} GiB); lower --n-len or "
+            "--per-length, or build fewer tasks at a time")
 
 
 def build_dataset(
     task: str | IterativeTask, n_len: int = N_LEN, per_length: int = PER_LENGTH, seed: int = 0, tokenizer=None
 ) -> DatasetDict:
     """Splits ``train`` and ``test`` for one task: every length 1..n_len, disjoint input sequences."""
+    from datasets import DatasetDict
+
+    from .tokenizer import Layout, build_tokenizer
+
     task = get_task(task)
     check_sizes(n_len, per_length)
-    from .tokenizer import (
-        build_tokenizer,  # local: building a tokenizer is only needed for the text column
-    )
 
     layout = Layout(tokenizer or build_tokenizer(), task)
     parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"train": [], "test": []}
@@ -89,6 +138,8 @@ def build_dataset(
 
 def _to_dataset(task: IterativeTask, layout: Layout, chunks: list[tuple[np.ndarray, np.ndarray]]) -> Dataset:
     """Assemble the Arrow table column by column (list columns straight from numpy, no per-row encoding)."""
+    import pyarrow as pa
+    from datasets import Dataset
 
     def ragged(arrays: list[np.ndarray]) -> pa.ListArray:
         lengths = np.concatenate([np.full(len(a), a.shape[1]) for a in arrays])
@@ -108,7 +159,7 @@ def _to_dataset(task: IterativeTask, layout: Layout, chunks: list[tuple[np.ndarr
             "text": pa.array([layout.text(a, b) for x, s in chunks for a, b in zip(x.tolist(), s.tolist())]),
         }
     )
-    return Dataset(table.cast(FEATURES.arrow_schema))
+    return Dataset(table.cast(features().arrow_schema))
 
 def load_task_dataset(path_or_repo: str, task: str, revision: str | None = None) -> DatasetDict:
     """Load one task's splits from a folder written by ``build-datasets`` or from a Hub dataset repo.

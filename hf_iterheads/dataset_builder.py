@@ -14,24 +14,17 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-
-from datasets import DatasetDict
-from datasets.info import DatasetInfosDict
-from datasets.splits import SplitDict, SplitInfo
-from datasets.utils.tqdm import (
-    are_progress_bars_disabled,
-    disable_progress_bars,
-    enable_progress_bars,
-)
-from huggingface_hub import DatasetCard, DatasetCardData, HfApi
-from tqdm.auto import tqdm
+from typing import TYPE_CHECKING
 
 from .cli import non_negative_int, positive_int
 from .data import N_LEN, PER_LENGTH, build_dataset, check_sizes, split_sizes
 from .errors import IterHeadsError, hub_errors, require_hub
-from .outputs import atomic_output_dir, check_output_dir
+from .outputs import LOCK_NAME, OUTPUT_MARKER, atomic_output_dir, check_output_dir, fingerprint_configs
 from .tasks import IterativeTask, get_task, get_tasks, task_names
-from .tokenizer import build_tokenizer
+
+if TYPE_CHECKING:  # datasets and huggingface_hub load when a folder is built, not for `--help` or a bad flag
+    from datasets import DatasetDict
+    from huggingface_hub import DatasetCard
 
 SPLITS = ("train", "test")
 PAPER = "https://arxiv.org/abs/2406.02128"
@@ -91,9 +84,17 @@ ds = load_dataset("{load_id}", "{default}")
 
 
 def dataset_card(
-    datasets: dict[str, DatasetDict], n_len: int, per_length: int, seed: int, repo_id: str | None = None
+    datasets: dict[str, DatasetDict], n_len: int, per_length: int, seed: int, repo_id: str | None = None,
+    folder: Path | None = None,
 ) -> DatasetCard:
-    """The dataset card: YAML built with ``DatasetCardData``, prose that documents every task and split."""
+    """The dataset card: YAML built with ``DatasetCardData``, prose that documents every task and split.
+
+    With ``folder`` (the written Parquet files), each config names the sha256 of its files: two folders with
+    different rows never share an entry of the ``datasets`` cache (:func:`outputs.fingerprint_configs`)."""
+    from datasets.info import DatasetInfosDict
+    from datasets.splits import SplitDict, SplitInfo
+    from huggingface_hub import DatasetCard, DatasetCardData
+
     default = "polynomial" if "polynomial" in datasets else next(iter(datasets))
     configs = [
         {
@@ -103,6 +104,8 @@ def dataset_card(
         }
         for name in datasets
     ]
+    if folder is not None:
+        configs = fingerprint_configs(folder, configs)
     total = sum(d[s].num_rows for d in datasets.values() for s in SPLITS)
     size = "10K<n<100K" if total < 100_000 else ("100K<n<1M" if total < 1_000_000 else "1M<n<10M")
     data = DatasetCardData(
@@ -136,6 +139,18 @@ def dataset_card(
     return DatasetCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
+def is_dataset_folder(folder: Path) -> bool:
+    """The layout ``build-datasets`` writes (a card and one folder of Parquet files per config, nothing else):
+    a folder built before the marker file existed may be replaced too."""
+    entries = [p for p in folder.iterdir() if p.name not in (OUTPUT_MARKER, LOCK_NAME)]
+    subdirs = [p for p in entries if p.is_dir()]
+    return ((folder / "README.md").is_file() and bool(subdirs) and len(entries) == len(subdirs) + 1
+            and all(f.is_file() and f.suffix == ".parquet" for d in subdirs for f in d.iterdir()))
+
+
+GUARD = dict(command="build-datasets", layout=is_dataset_folder)  # what --overwrite may replace
+
+
 def write_dataset_folder(
     output_dir: str | Path,
     tasks: list[str] | None = None,
@@ -148,15 +163,20 @@ def write_dataset_folder(
     """Build every task's ``DatasetDict`` and write the Hub folder atomically; returns the folder."""
     task_objs = get_tasks(tasks or task_names())
     check_unique_tasks([t.name for t in task_objs])
-    check_sizes(n_len, per_length)
+    check_sizes(n_len, per_length, len(task_objs))
     if int(seed) < 0:
         raise IterHeadsError(f"the seed must be >= 0, got {seed}")
-    check_output_dir(output_dir, overwrite, "--output-dir")
+    check_output_dir(output_dir, overwrite, "--output-dir", **GUARD)
+    from datasets.utils.tqdm import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from tqdm.auto import tqdm
+
+    from .tokenizer import build_tokenizer
+
     tokenizer = build_tokenizer()
     quiet = are_progress_bars_disabled()
     disable_progress_bars()  # one bar over tasks, not one per Parquet file
     try:
-        with atomic_output_dir(output_dir, overwrite) as tmp:
+        with atomic_output_dir(output_dir, overwrite, **GUARD) as tmp:
             built = {}
             for task in tqdm(task_objs, desc="building datasets", unit="task"):
                 dsd = build_dataset(task, n_len=n_len, per_length=per_length, seed=seed, tokenizer=tokenizer)
@@ -164,7 +184,7 @@ def write_dataset_folder(
                 for split in SPLITS:
                     dsd[split].to_parquet(str(tmp / task.name / f"{split}-00000-of-00001.parquet"))
                 built[task.name] = dsd
-            dataset_card(built, n_len, per_length, seed, repo_id).save(tmp / "README.md")
+            dataset_card(built, n_len, per_length, seed, repo_id, folder=tmp).save(tmp / "README.md")
     finally:
         if not quiet:
             enable_progress_bars()
@@ -180,25 +200,32 @@ def check_unique_tasks(names: list[str]) -> None:
 
 def push_dataset_folder(folder: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
     """Upload the folder as it is (the same bytes a local user loads) to a Hub dataset repo."""
+    from huggingface_hub import HfApi
+
     api = HfApi(token=token)
     with hub_errors(f"upload {folder} to {repo_id}", "the folder is complete: upload it again later"):
         api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
         info = api.upload_folder(
-            repo_id=repo_id, folder_path=str(folder), repo_type="dataset", commit_message="Upload iterative tasks"
+            repo_id=repo_id, folder_path=str(folder), repo_type="dataset", commit_message="Upload iterative tasks",
+            ignore_patterns=[OUTPUT_MARKER, LOCK_NAME],
         )
     return str(getattr(info, "commit_url", repo_id))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", required=True, help="folder to write (Parquet per task + README.md card)")
-    parser.add_argument("--tasks", nargs="+", default=None, help=f"tasks to build (default: all: {' '.join(task_names())})")
+    parser.add_argument("--tasks", nargs="+", default=None,
+                        help=f"tasks to build: names or import strings module:attr (default: all: {' '.join(task_names())})")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
     parser.add_argument("--n-len", type=positive_int, default=N_LEN, help="longest length; lengths 1..N (default 16, the paper)")
     parser.add_argument("--per-length", type=positive_int, default=PER_LENGTH,
                         help="train and test sequences per length (default 1024)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an output directory that build-datasets wrote (never any other folder)")
     parser.add_argument("--push-to-hub", metavar="ORG/NAME", default=None, help="also upload the folder to this Hub dataset repo")
     parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="threads Arrow may use to encode and write Parquet (default: one per core)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -211,10 +238,14 @@ def run(args: argparse.Namespace) -> int:
     tasks = [t for arg in args.tasks or [] for t in arg.split(",") if t] or None
     if args.tasks is not None and not tasks:
         raise IterHeadsError("--tasks names no task")
-    get_tasks(tasks or task_names())  # unknown tasks before the Hub is asked
+    n_tasks = len(get_tasks(tasks or task_names()))  # unknown tasks before the Hub is asked
     check_unique_tasks(tasks or [])
-    check_sizes(args.n_len, args.per_length)
-    check_output_dir(args.output_dir, args.overwrite, "--output-dir")
+    check_sizes(args.n_len, args.per_length, n_tasks)
+    if args.threads:
+        import pyarrow
+
+        pyarrow.set_cpu_count(args.threads)  # Arrow's pool encodes and writes the Parquet files
+    check_output_dir(args.output_dir, args.overwrite, "--output-dir", **GUARD)
     if repo:
         require_hub(f"upload to {repo}", offline_hint="build without --push-to-hub, and upload the folder later")
     start = time.perf_counter()

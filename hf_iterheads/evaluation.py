@@ -16,28 +16,38 @@ so few distinct inputs that they say little). Everything is batched per length: 
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import json
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from .circuit import (
-    PAPER_NAMES,
-    check_attentions,
-    circuit_pairs,
-    eager_attention,
-    mass_on,
-    native_positions,
-    summarize,
-)
 from .errors import IterHeadsError
 from .outputs import write_json_atomic
 from .tasks import IterativeTask, get_task, parse_lengths
-from .tokenizer import Layout
+
+if TYPE_CHECKING:  # torch, transformers and the circuit are imported where used: `eval --help` does not wait for them
+    import torch
+
+    from .tokenizer import Layout
+
+
+def _no_grad(fn: Callable) -> Callable:
+    """``torch.no_grad()`` as a decorator that imports torch at the first call, not at import."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 SUMMARY_FROM = 4  # the paper averages test metrics over L = 4 .. n_len
 SOLVED = 0.99  # test accuracy (mean over L = 4..n_len) at which a task counts as learned
@@ -79,18 +89,24 @@ def sequence_accuracy(
 
 
 def _forward(model, ids: torch.Tensor, attentions: bool):
+    import torch
+
+    from .circuit import check_attentions
+
     out = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_attentions=attentions)
     if attentions:
         check_attentions(model, out.attentions)
     return out
 
 
-@torch.no_grad()
+@_no_grad
 def greedy_generate(model, prompt: torch.Tensor, n_new: int) -> torch.Tensor:
     """``n_new`` greedy tokens after an equal-length prompt batch (shape (B, P)) -> (B, n_new).
 
     With the key/value cache: each new token costs one position, not a forward over the whole prefix (the final
     evaluation of a run generates 16k sequences)."""
+    import torch
+
     params = inspect.signature(model.forward).parameters
     key = next((k for k in ("cache", "past_key_values") if k in params), None)  # "cache" since transformers 5.x
     ids, past, new = prompt, None, []
@@ -104,7 +120,7 @@ def greedy_generate(model, prompt: torch.Tensor, n_new: int) -> torch.Tensor:
     return torch.cat(new, dim=1) if new else prompt[:, :0]
 
 
-@torch.no_grad()
+@_no_grad
 def score_length(
     model,
     layout: Layout,
@@ -115,6 +131,11 @@ def score_length(
     attention: bool = True,
 ) -> dict[str, float | int | None]:
     """All metrics for one length; ``inputs``/``states`` have shape (n, L). The model must be in eval mode."""
+    import torch
+
+    from .circuit import PAPER_NAMES, circuit_pairs, mass_on, native_positions, summarize
+    from .tokenizer import Layout
+
     length = inputs.shape[1]
     ids_all = torch.from_numpy(layout.ids(inputs, states))
     e = Layout.eoi_index(length)
@@ -163,7 +184,7 @@ def summarize_lengths(per_length: dict[int, dict], keys: Iterable[str] | None = 
     return out
 
 
-@torch.no_grad()
+@_no_grad
 def evaluate_model(
     model,
     tokenizer,
@@ -175,7 +196,9 @@ def evaluate_model(
     attention: bool = True,
 ) -> dict:
     """Score ``model`` on ``data`` (length -> (inputs, states)); returns per-length and summary metrics."""
+    from .circuit import eager_attention
     from .modeling import check_fits
+    from .tokenizer import Layout
 
     layout = Layout(tokenizer, task, cot=cot)
     if len(tokenizer) > model.config.vocab_size:
@@ -265,22 +288,36 @@ def test_data(
 
 def run_eval(args: argparse.Namespace) -> int:
     """Check every input and the output path, load, then score task by task; the JSON goes out at the end."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    from .modeling import check_fits, iterheads_meta, load_checkpoint
     from .outputs import check_writable
+    from .task_plugins import register_sources_of, trained_tasks
 
-    names = [t for t in args.task.split(",") if t]
+    register_sources_of(args.model_dir)  # tasks the checkpoint was trained on from a user's module (module:attr)
+    names = [t for t in (args.task if args.task is not None else ",".join(trained_tasks(args.model_dir))).split(",") if t]
     if not names:
-        raise IterHeadsError("--task names no task")
+        raise IterHeadsError("--task names no task" if args.task is not None else
+                             f"{args.model_dir} does not say which tasks it was trained on: pass --task")
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise IterHeadsError(f"--task lists {', '.join(twice)} more than once")
     tasks = [get_task(t) for t in names]  # unknown task: fails before loading anything
     lengths = parse_lengths(args.lengths) if args.lengths else None
     if args.output is not None:  # before the minute of scoring, not after it
+        from .outputs import check_not_input
+
         check_writable(args.output, "file", "--output")
+        bundled = Path(__file__).resolve().parent / "checkpoints" / args.model_dir  # modeling.bundled_path, without torch
+        model = args.model_dir if Path(args.model_dir).expanduser().exists() else bundled if bundled.is_dir() else None
+        check_not_input(args.output, {"evaluated model": model, "--dataset": args.dataset}, "--output")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from transformers.utils import logging as hf_logging
+
+    from .modeling import check_fits, iterheads_meta, load_checkpoint
+    from .tokenizer import Layout
+
+    hf_logging.disable_progress_bar()
     model, tokenizer = load_checkpoint(args.model_dir)
     meta = iterheads_meta(model.config)
     cot = meta.get("cot", True) if args.cot is None else args.cot
@@ -327,7 +364,8 @@ def add_cli(subparsers) -> None:
         "paper's metric), free-running greedy accuracy, and attn0/attn1 peakiness; JSON out.",
     )
     p.add_argument("model_dir", help="checkpoint directory written by `hf-iterheads train`")
-    p.add_argument("--task", required=True, help="task name, or several separated by commas")
+    p.add_argument("--task", default=None, help="task name or import string module:attr, or several separated by "
+                   "commas (default: the tasks the checkpoint was trained on)")
     p.add_argument("--lengths", help="lengths to test, e.g. 4-16 or 1,8,16 (default 1..n_len of the model)")
     p.add_argument("--n-len", type=positive_int, help="training n_len (default: from the checkpoint)")
     p.add_argument("--per-length", type=positive_int, default=1024, help="test sequences per length (paper: 1024)")
@@ -337,5 +375,6 @@ def add_cli(subparsers) -> None:
     p.add_argument("--no-cot", dest="cot", action="store_false", help="force the no-CoT layout")
     p.add_argument("--no-generate", action="store_true", help="skip free-running generation")
     p.add_argument("--batch-size", type=positive_int, default=1024, help="sequences per forward pass (default 1024)")
-    p.add_argument("--output", "-o", help="write the JSON here (default: stdout)")
+    p.add_argument("--output", "-o", help="write the JSON here (default: stdout); never inside the model or --dataset")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.set_defaults(func=run_eval)

@@ -1,9 +1,11 @@
-"""Shared test setup: no network ever, and a way to lay folders into a Hub cache."""
+"""Shared test setup: no network ever, private Hugging Face caches, and a way to lay folders into a Hub cache."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,28 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+# Every cache the libraries write goes to one folder per test run, set before any of them is imported (their
+# config modules read the environment once): the user's ~/.cache/huggingface is never read nor written, and a
+# dataset folder loaded by an earlier test run cannot answer for another one. Subprocesses inherit it.
+PRIVATE_HF = Path(tempfile.mkdtemp(prefix="hf-iterheads-tests-"))
+os.environ["HF_HOME"] = str(PRIVATE_HF / "hf_home")
+os.environ["HF_HUB_CACHE"] = str(PRIVATE_HF / "hf_home" / "hub")
+os.environ["HF_DATASETS_CACHE"] = str(PRIVATE_HF / "datasets")
+os.environ["HF_XET_CACHE"] = str(PRIVATE_HF / "hf_home" / "xet")
+
 FAKE_REVISION = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_hf_caches() -> Iterator[Path]:
+    """The session's private caches (see ``PRIVATE_HF``), checked to be in force and removed at the end."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    assert Path(datasets.config.HF_DATASETS_CACHE).is_relative_to(PRIVATE_HF), datasets.config.HF_DATASETS_CACHE
+    assert Path(huggingface_hub.constants.HF_HUB_CACHE).is_relative_to(PRIVATE_HF), huggingface_hub.constants.HF_HUB_CACHE
+    yield PRIVATE_HF
+    shutil.rmtree(PRIVATE_HF, ignore_errors=True)
 
 
 def lay_into_hub_cache(

@@ -127,7 +127,7 @@ def run_script(*args):
         (["--tasks", "fibonacci"], "unknown task"),
         (["--n-len", "0"], "at least 1"),
         (["--per-length", "0"], "at least 1"),
-        (["--tasks", "cumsum_mod1"], "modulus must be at least 2"),
+        (["--tasks", "cumsum_mod1"], "modulus must be"),
     ],
 )
 def test_script_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):
@@ -146,7 +146,12 @@ def test_script_refuses_a_non_empty_output_dir(tmp_path):
     result = run_script("--output-dir", str(out), "--tasks", "parity", "--n-len", "3", "--per-length", "4")
     assert result.returncode == 2 and "not empty" in result.stderr and "Traceback" not in result.stderr
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    ok = run_script("--output-dir", str(out), "--tasks", "parity", "--n-len", "3", "--per-length", "4", "--overwrite")
-    assert ok.returncode == 0, ok.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "parity"]
+    refused = run_script("--output-dir", str(out), "--tasks", "parity", "--n-len", "3", "--per-length", "4", "--overwrite")
+    assert refused.returncode == 2 and "refusing to --overwrite" in refused.stderr, refused.stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]  # --overwrite replaces only what a build wrote
+    (out / "keep.txt").unlink()
+    for tasks in ("parity", "binary_copy"):  # the second build replaces the first one's folder
+        ok = run_script("--output-dir", str(out), "--tasks", tasks, "--n-len", "3", "--per-length", "4", "--overwrite")
+        assert ok.returncode == 0, ok.stderr
+    assert sorted(p.name for p in out.iterdir()) == [".hf-iterheads-output.json", "README.md", "binary_copy"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left behind

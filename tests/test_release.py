@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_iterheads.cli import main
 from hf_iterheads.modeling import bundled_checkpoints
+from hf_iterheads.outputs import OUTPUT_MARKER
 from hf_iterheads.paper.release import RELEASE_FILES
 from tests.conftest import lay_into_hub_cache
 
@@ -32,6 +33,8 @@ def test_dry_run_writes_exactly_the_release_folder(run, tmp_path):
     out = tmp_path / "release"
     assert main(["release", "--repo-id", "acme/tiny-parity", "--checkpoint", str(run), "--dry-run", "--output-dir", str(out)]) == 0
     names = sorted(p.name for p in out.iterdir())
+    assert OUTPUT_MARKER in names  # a later --overwrite knows the folder is a dry run's
+    names.remove(OUTPUT_MARKER)
     assert set(names) <= set(RELEASE_FILES) | {p.name for p in run.glob("*.png")}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md"} <= set(names)
     assert not any(n.endswith((".bin", ".pt")) for n in names) and "checkpoints" not in names  # no training state

@@ -2,7 +2,8 @@
 
 The folder that goes up is assembled first (safetensors weights, config, tokenizer, model card) and checked
 to load with plain ``AutoModelForCausalLM`` / ``AutoTokenizer``; ``--dry-run`` writes exactly that folder
-and uploads nothing. Pickled weights (``*.bin``, ``*.pt``) are never published.
+(plus the hidden marker ``.hf-iterheads-output.json`` by which a later ``--overwrite`` knows it may replace
+it) and uploads nothing. Pickled weights (``*.bin``, ``*.pt``) are never published.
 """
 
 from __future__ import annotations
@@ -11,11 +12,22 @@ import argparse
 import shutil
 from pathlib import Path
 
-from huggingface_hub import HfApi, ModelCard
-
 from ..errors import IterHeadsError, hub_errors, require_hub
-from ..modeling import bundled_checkpoints, bundled_path, is_load_error, load_error_message, weights_damaged
 from ..outputs import atomic_output_dir, check_output_dir
+
+# The bundled checkpoints, found without importing ``modeling`` (torch): `release --help` lists them at once.
+BUNDLED = Path(__file__).resolve().parents[1] / "checkpoints"
+
+
+def bundled_checkpoints() -> list[str]:
+    """Short names of the checkpoints shipped in the package (``modeling.bundled_checkpoints``, torch-free)."""
+    return sorted(p.parent.name for p in BUNDLED.glob("*/config.json"))
+
+
+def bundled_path(name: str) -> Path | None:
+    """A bundled checkpoint's folder by short name, or None (``modeling.bundled_path``, torch-free)."""
+    path = BUNDLED / str(name)
+    return path if "/" not in str(name) and (path / "config.json").is_file() else None
 
 RELEASE_FILES = (
     "config.json",
@@ -86,7 +98,10 @@ def assemble_release(checkpoint: str | Path, dest: Path) -> list[str]:
     missing = [f for f in ("config.json", "model.safetensors", "tokenizer_config.json", "README.md") if not (src / f).is_file()]
     if missing:
         raise IterHeadsError(f"{src} is not a releasable checkpoint: missing {', '.join(missing)}")
+    from huggingface_hub import ModelCard
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..modeling import is_load_error, load_error_message, weights_damaged
 
     try:  # exactly what a user of the released repo will run
         AutoModelForCausalLM.from_pretrained(str(src))
@@ -126,12 +141,14 @@ def release(
     """Upload ``checkpoint`` to ``repo_id``; with ``dry_run`` only write the folder to ``output_dir``."""
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise IterHeadsError(f"--repo-id expects ORG/NAME, got {repo_id!r}")
-    resolve_checkpoint(str(checkpoint))  # a wrong name is said before the Hub is asked
+    src = resolve_checkpoint(str(checkpoint))  # a wrong name is said before the Hub is asked
     if dry_run:
         if output_dir is None:
             raise IterHeadsError("--dry-run needs --output-dir (the folder that would be uploaded is written there)")
-        check_output_dir(output_dir, overwrite, "--output-dir")
-        with atomic_output_dir(output_dir, overwrite) as tmp:
+        # --overwrite replaces only an earlier dry run's folder (its marker), never the checkpoint or a folder around it
+        guard = dict(command="release", inputs={"--checkpoint": src})
+        check_output_dir(output_dir, overwrite, "--output-dir", **guard)
+        with atomic_output_dir(output_dir, overwrite, **guard) as tmp:
             files = assemble_release(checkpoint, tmp)
         return f"dry run: wrote {len(files)} files to {output_dir} (nothing uploaded)"
     if output_dir is not None or overwrite:
@@ -140,6 +157,8 @@ def release(
 
     hint = "to check the release folder without the Hub, use --dry-run --output-dir DIR"
     require_hub(f"release to {repo_id}", token, hint)  # no network, offline mode, no token: said before any work
+    from huggingface_hub import HfApi
+
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory() as tmp:
         assemble_release(checkpoint, Path(tmp))
@@ -176,6 +195,7 @@ def add_cli(subparsers) -> None:
     )
     parser.add_argument("--dry-run", action="store_true", help="write the folder that would be uploaded; upload nothing")
     parser.add_argument("--output-dir", default=None, help="where --dry-run writes the folder")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an --output-dir that an earlier `release --dry-run` wrote (never anything else)")
     parser.add_argument("--private", action="store_true", help="create the repo as private")
     parser.set_defaults(func=run)

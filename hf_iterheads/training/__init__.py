@@ -6,11 +6,22 @@ recipes, flags), ``data`` (batches), ``schedule``, ``callbacks`` (around each st
 ``artifacts`` (what a run leaves on disk), ``cli``.
 """
 
-from .artifacts import read_metrics
-from .callbacks import Callback, Run
-from .cli import add_cli
-from .config import FAST, PAPER, RECIPES, TrainConfig, resolve_config
-from .loop import train, train_with_restarts
+import importlib
+
+# Where each name lives, imported on first use: ``hf-iterheads train --help`` and a bad flag must not wait for
+# torch, which ``loop`` and ``callbacks`` import.
+_WHERE = {
+    "read_metrics": "artifacts", "Callback": "callbacks", "Run": "callbacks", "add_cli": "cli", "FAST": "config",
+    "PAPER": "config", "RECIPES": "config", "TrainConfig": "config", "resolve_config": "config", "train": "loop",
+    "train_with_restarts": "loop",
+}
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "FAST", "PAPER", "RECIPES", "Callback", "Run", "TrainConfig", "add_cli", "read_metrics", "resolve_config", "train",

@@ -10,33 +10,124 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import tempfile
+import types
+import typing
 from pathlib import Path
 
 from ..errors import IterHeadsError
-from ..outputs import check_writable, read_jsonl
-from ..tokenizer import save_tokenizer
+from ..outputs import LOCK_NAME, check_not_in_use, check_not_input, check_writable, folder_lock, read_jsonl, remove_atomically
 from .config import TrainConfig
 
 DATASET_REPO_ID = "hf-iterheads/iterative-tasks"  # where the datasets are published (model card metadata)
 
 
 def prepare_output_dir(cfg: TrainConfig, resume: bool, overwrite: bool) -> None:
-    """Refuse, before any work, a run directory that cannot be written or holds something else."""
+    """Refuse, before any work, a run directory that cannot be written, holds something else, overlaps
+    ``--init-from``, or is in use by another process; with ``overwrite``, swap the old run out (a rename, then
+    the delete): it is never half deleted."""
     out = Path(cfg.output_dir)
+    init = None if cfg.init_from is None else _local_init(cfg.init_from)
+    if init is not None:
+        check_not_input(out, {"--init-from": init}, "--output-dir")
     if resume:
         return
     if out.exists() and not out.is_dir():
         raise IterHeadsError(f"--output-dir {out} is a file, not a directory")
     check_writable(out, "dir", "--output-dir")
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()):
         if not overwrite:
             raise IterHeadsError(f"{out} exists and is not empty; pass --resume to continue or --overwrite to replace it")
         if not (out / "run_config.json").is_file():
             raise IterHeadsError(f"refusing to --overwrite {out}: it does not look like a training run directory")
-        shutil.rmtree(out)
+        with folder_lock(out, "--output-dir"):  # refused while another process trains there
+            pass
+        remove_atomically(out)
+    else:
+        check_not_in_use(out, "--output-dir")
+
+
+def check_values(cfg: TrainConfig) -> None:
+    """Values ``config.check_config`` lets through but no run can use: a non-finite number (``--lr inf`` trains an
+    all-NaN model) and a negative init std. Before any work, the flag named."""
+    from .config import flag_name
+
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        for x in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(x, float) and not math.isfinite(x):
+                raise IterHeadsError(f"{flag_name(f.name)} must be a finite number, got {shown_number(value)}")
+    for name in ("init_range", "embed_init_std"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 0:
+            raise IterHeadsError(f"{flag_name(name)} is a standard deviation and must be 0 or more, got {getattr(cfg, name)}")
+
+
+def shown_number(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def _type_ok(value, hint) -> bool:
+    """Whether a JSON value fits a TrainConfig field's annotation (int, float, str, bool, list/tuple/dict, Literal, X | None)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return value in args
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple):
+        inner = [a for a in args if a is not Ellipsis]
+        return isinstance(value, list) and all(any(_type_ok(v, a) for a in inner) for v in value) if inner else isinstance(value, list)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def load_run_config(path: Path) -> TrainConfig:
+    """``run_config.json`` read back and checked like the flags were: a hand edit (bad JSON, a value of the wrong
+    type, an impossible value) is one error naming the file and the key, not a traceback nor a flag never given."""
+    from .config import check_config
+
+    try:
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise IterHeadsError(f"{path} is not valid JSON ({err}); it is the stored run's settings") from None
+    if not isinstance(raw, dict):
+        raise IterHeadsError(f"{path} is not a JSON object of run settings")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in raw and not _type_ok(raw[f.name], hints[f.name]):
+            raise IterHeadsError(f"{path}: {f.name} is {json.dumps(raw[f.name])}, which is not a valid {f.name} "
+                                 f"({getattr(hints[f.name], '__name__', hints[f.name])}); fix the file or start a new run")
+    try:
+        cfg = TrainConfig.load(path)
+        check_config(cfg)
+        check_values(cfg)
+    except IterHeadsError as err:
+        raise IterHeadsError(f"{path} holds a value no run can use: {err}") from None
+    except (TypeError, ValueError, KeyError) as err:
+        raise IterHeadsError(f"{path} holds a value no run can use ({type(err).__name__}: {err})") from None
+    return cfg
+
+
+def _local_init(init_from: str) -> Path | None:
+    """The local folder ``--init-from`` reads (a path, or a bundled checkpoint's folder); None for a Hub id."""
+    path = Path(init_from).expanduser()
+    if path.exists():
+        return path
+    bundled = Path(__file__).resolve().parents[1] / "checkpoints" / init_from  # modeling.bundled_path, without torch
+    return bundled if "/" not in init_from and (bundled / "config.json").is_file() else None
 
 
 def start_run(run, resume: bool) -> None:
@@ -181,7 +272,7 @@ def render_model_card(cfg: TrainConfig, model, final_eval: list[dict], steps: in
         n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, n_inner=c.n_inner, n_positions=c.n_positions,
         n_params=count_parameters(model), frozen_positions=bool(iterheads_meta(c).get("freeze_positions")),
         recipe=cfg.recipe, cfg=dataclasses.asdict(cfg), steps=steps, minutes=round(seconds / 60, 1), results=final_eval,
-        dataset_repo=DATASET_REPO_ID,
+        dataset_repo=DATASET_REPO_ID, task_sources=cfg.task_sources,
     ))
 
 
@@ -198,6 +289,8 @@ def model_card_template() -> Path:
 def save_final(model, tokenizer, output_dir: Path, card: str) -> None:
     """save_pretrained + tokenizer + README into a temp dir, then renamed in, ``config.json`` last: a
     directory with a config.json always holds the complete checkpoint."""
+    from ..tokenizer import save_tokenizer
+
     tmp = Path(tempfile.mkdtemp(dir=output_dir, prefix=".final-"))
     try:
         model.save_pretrained(str(tmp))

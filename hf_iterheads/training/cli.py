@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..errors import IterHeadsError
-from .artifacts import prepare_output_dir
+from .artifacts import check_values, load_run_config, prepare_output_dir
 from .config import RECIPES, TrainConfig, add_config_arguments, check_config, flag_name, given_flags, resolve_config, shown
 
 # Options a resumed run may change without changing its weights.
@@ -24,7 +24,7 @@ def resume_config(args: argparse.Namespace) -> TrainConfig:
         raise IterHeadsError(f"cannot --resume: {out} has no run_config.json (was it written by hf-iterheads train?)")
     if args.overwrite:
         raise IterHeadsError("--resume continues the run in --output-dir and --overwrite replaces it: give one")
-    stored = TrainConfig.load(out / "run_config.json")
+    stored = load_run_config(out / "run_config.json")
     if args.recipe is not None and args.recipe != stored.recipe:
         raise IterHeadsError(f"--recipe {args.recipe} contradicts the run in {out} (recipe {stored.recipe})")
     changes = {}
@@ -42,6 +42,7 @@ def resume_config(args: argparse.Namespace) -> TrainConfig:
               file=sys.stderr)
     cfg = replace(stored, output_dir=str(out), **changes)
     check_config(cfg)
+    check_values(cfg)
     return cfg
 
 
@@ -54,15 +55,17 @@ def config_of(argv: list[str]) -> TrainConfig:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from transformers.utils import logging as hf_logging
+    if args.resume:
+        cfg = resume_config(args)
+        prepare_output_dir(cfg, resume=True, overwrite=False)
+    else:
+        cfg = resolve_config(args)
+        check_values(cfg)
+        prepare_output_dir(cfg, resume=False, overwrite=args.overwrite)
+    from transformers.utils import logging as hf_logging  # after every check: a mistake is said at once
 
     from .loop import train_with_restarts
 
-    if args.resume:
-        cfg = resume_config(args)
-    else:
-        cfg = resolve_config(args)
-        prepare_output_dir(cfg, resume=False, overwrite=args.overwrite)
     hf_logging.disable_progress_bar()
     train_with_restarts(cfg, resume=args.resume)
     return 0

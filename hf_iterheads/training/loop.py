@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..modeling import loss_after_eoi, supports_loss_after_eoi
+from ..tasks import BUILTIN_TASKS
 from ..tokenizer import Layout, build_tokenizer, check_vocabulary
 from .artifacts import archive_attempt, restore_checkpoint, save_run, start_run
 from .callbacks import Callback, Checkpointer, HeadWatch, LengthFeedback, Plateau, Progress, Run, clock
@@ -28,16 +29,21 @@ def make_model(cfg: TrainConfig):
     if cfg.init_from:
         model, tokenizer = load_checkpoint(cfg.init_from, for_training=True)
         meta = iterheads_meta(model.config)
-        meta.update(cot=cfg.cot, n_len=cfg.n_len, tasks=list(dict.fromkeys(meta.get("tasks", []) + cfg.tasks)))
+        meta.update(cot=cfg.cot, n_len=cfg.n_len, tasks=list(dict.fromkeys(meta.get("tasks", []) + cfg.tasks)),
+                    task_sources={**meta.get("task_sources", {}), **cfg.task_sources})
         model.config.iterheads = meta
     else:
-        tokenizer = build_tokenizer(model_max_length=max_sequence_length(cfg.n_len))
+        # the built-ins and the run's own tasks: the vocabulary does not depend on what else this process loaded
+        vocab_tasks = list(dict.fromkeys([t.name for t in BUILTIN_TASKS] + cfg.all_tasks))
+        tokenizer = build_tokenizer(vocab_tasks, model_max_length=max_sequence_length(cfg.n_len))
         config = build_config(
             tokenizer, cfg.n_len, cfg.preset, cfg.cot, cfg.tasks, n_layer=cfg.n_layer, n_head=cfg.n_head,
             n_embd=cfg.n_embd, n_inner=cfg.n_inner, freeze_positions=cfg.freeze_positions or None,
             initializer_range=cfg.init_range, embed_init_std=cfg.embed_init_std,
             query_init_scale=cfg.query_init_scale,
         )
+        if cfg.task_sources:
+            config.iterheads["task_sources"] = dict(cfg.task_sources)
         model = build_model(config, cfg.run_seed)
     for name in cfg.all_tasks:
         check_vocabulary(tokenizer, name)
@@ -124,8 +130,33 @@ def _all_right(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return ((logits.detach().argmax(-1) == targets) | (targets == -100)).all(1)
 
 
+def run_lock(cfg: TrainConfig):
+    """The run folder's advisory lock (``outputs.folder_lock``), held by the main process only: a second
+    ``train``, ``--resume`` or ``--overwrite`` of a run in use is refused instead of writing beside it."""
+    import contextlib
+    import os
+
+    from ..outputs import folder_lock
+
+    if os.environ.get("RANK", "0") != "0" or os.environ.get("LOCAL_RANK", "0") != "0":
+        return contextlib.nullcontext()
+    return folder_lock(cfg.output_dir, "--output-dir")
+
+
 def train(cfg: TrainConfig, resume: bool = False, callbacks: Sequence[Callback] = ()) -> Path:
     """Run (or resume) the training run described by ``cfg``; returns its output directory."""
+    from ..errors import IterHeadsError
+    from .artifacts import check_values
+
+    check_values(cfg)
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise IterHeadsError("--mixed-precision fp16 needs a CUDA GPU; without one the run would silently train in "
+                             "fp32 (use bf16, or no)")
+    with run_lock(cfg):
+        return _train(cfg, resume, callbacks)
+
+
+def _train(cfg: TrainConfig, resume: bool, callbacks: Sequence[Callback]) -> Path:
     from accelerate.utils import set_seed
 
     if cfg.threads:
@@ -197,9 +228,10 @@ def train_with_restarts(cfg: TrainConfig, resume: bool = False, callbacks: Seque
     """``train``, started again from a fresh initialisation (the next attempt's seed) each time ``HeadWatch``
     restarts it (``--anchor-at``, ``--restart-at``); the failed attempt's records move to ``attempts/N/``, and the next attempt
     trains for the steps the run has left (``TrainConfig.attempt_steps``)."""
-    while True:
-        try:
-            return train(cfg, resume, callbacks)
-        except Plateau as stop:
-            archive_attempt(Path(cfg.output_dir), cfg.attempt)
-            cfg, resume = replace(cfg, attempt=cfg.attempt + 1, restarted_at=(*cfg.restarted_at, stop.step)), False
+    with run_lock(cfg):  # held across attempts: no other process slips in between two of them
+        while True:
+            try:
+                return train(cfg, resume, callbacks)
+            except Plateau as stop:
+                archive_attempt(Path(cfg.output_dir), cfg.attempt)
+                cfg, resume = replace(cfg, attempt=cfg.attempt + 1, restarted_at=(*cfg.restarted_at, stop.step)), False
