@@ -343,7 +343,7 @@ def publish(out: Path, repo_id: str, dry_run: bool = False) -> str:
     """Write the Hub dataset folder ``DIR/hub`` (Parquet per config + card); upload it unless ``dry_run``."""
     from huggingface_hub import DatasetCard, DatasetCardData
 
-    from ..outputs import atomic_output_dir
+    from ..outputs import atomic_output_dir, fingerprint_configs
 
     parts = [json.loads(f.read_text()) for f in sorted((out / "parts").glob("*.json"))]
     with atomic_output_dir(out / "hub", overwrite=True) as tmp:
@@ -357,10 +357,10 @@ def publish(out: Path, repo_id: str, dry_run: bool = False) -> str:
             pretty_name=f"Iteration-head atlas ({repo_id})",
             tags=["interpretability", "attention-heads", "iteration-head", "chain-of-thought", "hf-iterheads"],
             size_categories=[_size_category(n_rows)],
-            configs=[
+            configs=fingerprint_configs(tmp, [  # each folder's own datasets cache entry (every atlas's is named hub)
                 {"config_name": "heads", "data_files": [{"split": "train", "path": "heads/train-*.parquet"}], "default": True},
                 {"config_name": "summary", "data_files": [{"split": "train", "path": "summary/train-*.parquet"}]},
-            ],
+            ]),
         )
         columns = "\n".join(f"- `{k}` ({t}): {doc}" for k, (t, doc) in COLUMNS.items())
         settings = next((p["settings"] for p in parts), {})

@@ -30,7 +30,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import IterHeadsError
-from ..outputs import check_writable, write_json_atomic
+from ..outputs import LOCK_NAME, check_writable, write_json_atomic
 from ..tasks import get_task
 from .probes import parse_lengths
 
@@ -246,7 +246,23 @@ def _shard(items: list, index: int, count: int) -> list:
 # --- the whole scan --------------------------------------------------------------------------------------
 
 
-def run_scan(
+def run_scan(models: list[tuple[str, str | None]], tasks: list[str], output_dir: str | Path, *args, **kwargs) -> dict[str, Any]:
+    """:func:`_run_scan` holding the output folder's lock (main process): a second scan of the folder is refused."""
+    import contextlib
+    import os
+
+    from ..outputs import folder_lock
+
+    check_writable(output_dir)
+    if os.environ.get("RANK", "0") != "0" or os.environ.get("LOCAL_RANK", "0") != "0":
+        lock = contextlib.nullcontext()
+    else:
+        lock = folder_lock(output_dir, "--output-dir")
+    with lock:
+        return _run_scan(models, tasks, output_dir, *args, **kwargs)
+
+
+def _run_scan(
     models: list[tuple[str, str | None]],
     tasks: list[str],
     output_dir: str | Path,
@@ -276,7 +292,7 @@ def run_scan(
     split_options(options)
     if out.exists() and not out.is_dir():
         raise IterHeadsError(f"--output-dir {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / PARTS).is_dir():
+    if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()) and not (out / PARTS).is_dir():
         raise IterHeadsError(f"--output-dir {out} holds other files; scan into an empty folder or one a scan made")
     check_writable(out)
     # cpu=True: under a torchrun-style launch on CPUs, processes join a gloo group instead of staying alone
