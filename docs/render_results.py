@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """Render the Results pages from their data files, in one command.
 
-    python docs/render_results.py            # rewrites benchmarks/results/{seed_sweep,length_generalisation,benchmarks}.md
+    python docs/render_results.py   # rewrites benchmarks/results/{seed_sweep,length_generalisation,untuned_tasks,benchmarks}.md
 
 Each page comes from data only: the seed sweeps from ``benchmarks/results/seed_sweep.jsonl`` (through
 ``benchmarks/seed_sweep.py``'s renderer), length generalisation from ``length_generalisation.jsonl`` (through
-``benchmarks/length_generalisation.py``'s), and the benchmarks page from the JSON files the benchmark scripts write.
+``benchmarks/length_generalisation.py``'s), the untuned tasks from ``untuned_tasks.jsonl`` (through
+``benchmarks/untuned_tasks.py``'s), and the benchmarks page from the JSON files the benchmark scripts write.
 The documentation site (``mkdocs build``, through ``docs/hooks.py``) calls the same functions, so the site always
 shows what the data say; the reproduction report is ``docs/reproduction/report.md``, written by
 ``hf-iterheads reproduce``.
@@ -111,11 +112,35 @@ def length_generalisation_page() -> str:
     return lg.render(sweep.load_records(RESULTS / "length_generalisation.jsonl"), None)
 
 
+def untuned_tasks_page() -> str:
+    """Tasks no default was tuned for: ``benchmarks/untuned_tasks.py``'s page, its results rendered from
+    ``untuned_tasks.jsonl`` below the page's hand-written head (rendered into a copy, so building the site writes
+    nothing in the tree)."""
+    import tempfile
+
+    page = RESULTS / "untuned_tasks.md"
+    jsonl = RESULTS / "untuned_tasks.jsonl"
+    if not jsonl.is_file():
+        return page.read_text()
+    _benchmark_module("seed_sweep")  # the renderer imports it by name
+    untuned = _benchmark_module("untuned_tasks")
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / page.name
+        copy.write_text(page.read_text())
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        try:
+            untuned.render(jsonl, copy)
+        finally:
+            sys.path.pop(0)
+        return copy.read_text()
+
+
 # page in the site -> (renderer, the tracked file it is also written to)
 PAGES = {
     "results/benchmarks.md": (benchmarks_page, RESULTS / "benchmarks.md"),
     "results/seed-sweep.md": (seed_sweep_page, RESULTS / "seed_sweep.md"),
     "results/length-generalisation.md": (length_generalisation_page, RESULTS / "length_generalisation.md"),
+    "results/untuned-tasks.md": (untuned_tasks_page, RESULTS / "untuned_tasks.md"),
 }
 
 
