@@ -153,11 +153,8 @@ def plot_attention_maps(model, tokenizer, task: str, length: int, path: str | Pa
 
 def run_plot(args: argparse.Namespace) -> int:
     """Check the run folder, the metrics, the checkpoint and the output folder first; then draw."""
-    from transformers.utils import logging as hf_logging
-
     from .outputs import check_writable, read_jsonl
 
-    hf_logging.disable_progress_bar()
     require_matplotlib()  # before anything is written
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
@@ -173,8 +170,19 @@ def run_plot(args: argparse.Namespace) -> int:
     if has_metrics and not any(r.get("kind") in ("train", "eval") for r in records) and not has_model:
         raise IterHeadsError(f"{run_dir / 'metrics.jsonl'} holds no train or eval records yet: nothing to plot")
     task, length, model = args.task, args.length, None
+    if not has_model and (args.task or args.length):
+        raise IterHeadsError(f"{run_dir} has no final checkpoint yet: --task and --length choose the attention-map "
+                             "sequence, and there is no model to draw it from; plot the curves without them")
     if has_model:  # load before writing anything: a broken checkpoint leaves no half set of pictures
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        from transformers.utils import logging as hf_logging
+
         from .modeling import iterheads_meta, load_checkpoint
+
+        hf_logging.disable_progress_bar()
 
         model, tokenizer = load_checkpoint(run_dir)
         meta = iterheads_meta(model.config)
@@ -186,8 +194,6 @@ def run_plot(args: argparse.Namespace) -> int:
         from .tokenizer import Layout
 
         check_fits(model.config, Layout(tokenizer, task, meta.get("cot", True)).seq_len(length), f"length-{length} sequence")
-    elif args.task or args.length:
-        print(f"{run_dir} has no final checkpoint: --task/--length (attention maps only) are not used", file=sys.stderr)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     if any(r.get("kind") in ("train", "eval") for r in records):
@@ -216,4 +222,5 @@ def add_cli(subparsers) -> None:
     p.add_argument("--task", help="task of the attention-map sequence (default: the run's first task)")
     p.add_argument("--length", type=positive_int, help="length L of that sequence (default: the run's n_len)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed drawing that sequence")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.set_defaults(func=run_plot)

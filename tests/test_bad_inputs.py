@@ -276,6 +276,9 @@ PLOT_CASES: list[Case] = [
     ("config-field-wrong-type", ["{w}/badcfg"], "cannot load a model and tokenizer"),
     ("length-beyond-context", ["{w}/ckpt", "--length", "99"], "does not fit"),
     ("task-unknown", ["{w}/ckpt", "--task", "fibonacci"], "unknown task"),
+    ("task-without-checkpoint", ["{w}/run-ok", "--task", "parity"], "no final checkpoint yet: --task and --length"),
+    ("length-without-checkpoint", ["{w}/run-ok", "--length", "4"], "no model to draw it from"),
+    ("threads-0", ["{w}/run-ok", "--threads", "0"], "argument --threads"),
 ]
 
 REPRODUCE_CASES: list[Case] = [
@@ -560,6 +563,12 @@ TRAIN_CASES: list[Case] = [
         ("output-inside-init-from", ["--init-from", "{w}/ckpt", "--output-dir", "{w}/ckpt/transfer"], "inside the --init-from"),
         ("output-holds-init-from", ["--init-from", "{w}/ckpt", "--output-dir", "{w}", "--overwrite"], "holds the --init-from"),
         *([("fp16-on-cpu", ["--mixed-precision", "fp16"], "needs a CUDA GPU")] if not torch.cuda.is_available() else []),
+        ("init-from-with-preset", ["--init-from", "{w}/ckpt", "--preset", "tiny", "--n-embd", "32"],
+         "--preset, --n-embd shape(s) a new model"),
+        ("decay-steps-unused", ["--decay-steps", "100"], "--decay-steps applies to --schedule formed-cosine only"),
+        ("restart-below-unused", ["--restart-at", "0", "--restart-below", "0.3"], "--restart-below applies only"),
+        ("max-restarts-unused", ["--restart-at", "0", "--max-restarts", "2"], "--max-restarts applies only"),
+        ("anchor-below-unused", ["--anchor-below", "0.5"], "--anchor-below applies only with --anchor-at"),
     ]
 ]
 

@@ -65,6 +65,30 @@ def check_values(cfg: TrainConfig) -> None:
             raise IterHeadsError(f"{flag_name(name)} is a standard deviation and must be 0 or more, got {getattr(cfg, name)}")
 
 
+MODEL_FLAGS = ("preset", "n_layer", "n_head", "n_embd", "n_inner", "init_range", "embed_init_std", "query_init_scale",
+               "freeze_positions")  # what shapes and initialises a new model: --init-from loads one instead
+
+
+def check_flags_used(cfg: TrainConfig, given: set[str]) -> None:
+    """Refuse a flag the run would record in ``run_config.json`` but never use, saying why: a user who gives it
+    expects it to change something."""
+    from .config import flag_name
+
+    if cfg.init_from:
+        shaped = [flag_name(n) for n in MODEL_FLAGS if n in given]
+        if shaped:
+            raise IterHeadsError(f"{', '.join(shaped)} shape(s) a new model, but --init-from {cfg.init_from} trains the "
+                                 "checkpoint's model as it is; drop the flag(s) or --init-from")
+    if "decay_steps" in given and cfg.schedule != "formed-cosine":
+        raise IterHeadsError(f"--decay-steps applies to --schedule formed-cosine only (this run's schedule is {cfg.schedule})")
+    if cfg.restart_at == 0 and "restart_below" in given:
+        raise IterHeadsError("--restart-below applies only with --restart-at > 0 (the plateau check is off)")
+    if cfg.restart_at == 0 and cfg.anchor_at == 0 and "max_restarts" in given:
+        raise IterHeadsError("--max-restarts applies only when the run may restart: --restart-at and --anchor-at are 0 (never)")
+    if cfg.anchor_at == 0 and "anchor_below" in given:
+        raise IterHeadsError("--anchor-below applies only with --anchor-at > 0 (the anchor check is off)")
+
+
 def shown_number(value) -> str:
     return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 

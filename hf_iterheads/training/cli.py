@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..errors import IterHeadsError
-from .artifacts import check_values, load_run_config, prepare_output_dir
+from .artifacts import check_flags_used, check_values, load_run_config, prepare_output_dir
 from .config import RECIPES, TrainConfig, add_config_arguments, check_config, flag_name, given_flags, resolve_config, shown
 
 # Options a resumed run may change without changing its weights.
@@ -61,6 +61,7 @@ def run_train(args: argparse.Namespace) -> int:
     else:
         cfg = resolve_config(args)
         check_values(cfg)
+        check_flags_used(cfg, set(given_flags(args)))
         prepare_output_dir(cfg, resume=False, overwrite=args.overwrite)
     from transformers.utils import logging as hf_logging  # after every check: a mistake is said at once
 
