@@ -25,17 +25,9 @@ from ..errors import IterHeadsError
 from ..tasks import get_task
 from .attention import find_attention_modules, find_output_projection, head_counts
 from .probes import Probes
+from .runner import forward_params as _forward_kwargs
 
 Head = tuple[int, int]
-
-
-def _forward_kwargs(model) -> set[str]:
-    import inspect
-
-    try:
-        return set(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):
-        return set()
 
 
 def _device(model) -> torch.device:

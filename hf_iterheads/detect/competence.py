@@ -23,21 +23,13 @@ from ..circuit import PEAK_THRESHOLD, mass_on
 from ..tasks import get_task
 from .attention import AttentionCapture, find_attention_modules, head_counts
 from .probes import Probes
+from .runner import forward_params as _forward_params
 
 # Every score but the baselines. The queries of iteration/prev/next predict s_t; eoi's queries hold s_t and
 # predict s_(t+1), so eoi is split by that prediction, and its last step (which predicts no state) by neither.
 SPLIT_NAMES = ("iteration", "iteration_all", "eoi", "prev", "next")
 OUTCOMES = ("correct", "wrong")
 CANNOT = "the model cannot do the task; ablation drops are uninformative"
-
-
-def _forward_params(model) -> set[str]:
-    import inspect
-
-    try:
-        return set(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):
-        return set()
 
 
 def _greedy_hits(model, batch: dict[str, torch.Tensor], pred: torch.Tensor, target: torch.Tensor, keep: bool) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 
 from ..circuit import mass_on
 from ..evaluation import FORMED
-from .detection import _StopForward, capture_runner
+from .runner import CaptureRun
 
 
 @torch.no_grad()
@@ -24,21 +24,17 @@ def iteration_cells(model, probes, layer: int, head: int, batch_size: int = 16, 
     """The head's mean attention mass on x_t at the position predicting s_t, per (x_t, s_(t-1)) cell, most
     frequent cell first: ``{"x_t", "s_prev", "n", "mass"}``. Only ``layer`` runs (the forward stops there)."""
     sums: dict[tuple[int, int], list[float]] = {}
-    device = next(model.parameters()).device
     kept: list[torch.Tensor] = []
 
     def on_layer(l, module, weights, rows=None):
         if l == layer:
             kept.append(weights[:, head : head + 1])
-            raise _StopForward
 
-    with capture_runner(model, capture, on_layer):
+    with CaptureRun(model, capture, on_layer, stop_after=layer) as run:
         for idx in probes.batches(batch_size):
             kept.clear()
-            try:
-                model(**{k: v.to(device) for k, v in probes.batch(idx).items()}, use_cache=False)
-            except _StopForward:
-                pass
+            batch = probes.batch(idx)
+            run.forward(batch["input_ids"], batch["attention_mask"])
             q, k = probes.pred_pos[idx][:, 1:], probes.x_pos[idx][:, 1:]  # t >= 2: s_(t-1) exists
             mass = mass_on(kept[0].float(), q, k)[0][:, 0].cpu().numpy()  # (B, L - 1)
             valid = ((q >= 0) & (k >= 0)).numpy()

@@ -80,10 +80,14 @@ def _circuit(name: str) -> PairsFn:
 
 
 def previous_token_pairs(probes: Probes, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every real token after the first -> the token just before it."""
+    """Every real token of the probe itself (from x_1 on, after the first token) -> the token just before it.
+
+    Shots and chat turns before x_1 are context, as for every other pattern: never queries.
+    """
     n = torch.as_tensor(probes.seq_lens[idx])
+    start = probes.x_pos[idx][:, 0].clamp(min=1)
     q = torch.arange(1, int(n.max()))[None, :].expand(len(idx), -1)
-    q = torch.where(q < n[:, None], q, -1)
+    q = torch.where((q < n[:, None]) & (q >= start[:, None]), q, -1)
     return q, torch.where(q >= 0, q - 1, -1)
 
 

@@ -22,7 +22,6 @@ iteration head; bits repeat a lot, so a head that matches content cannot either.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -34,9 +33,8 @@ from ..errors import IterHeadsError
 from ..tasks import IterativeTask, get_task
 from ..tasks import parse_lengths as tasks_parse_lengths
 from ..tokenizer import Layout, is_native_tokenizer
-
-DEFAULT_TEMPLATE = "{inputs} -> {states}"
-_PLACEHOLDER = re.compile(r"\{(inputs|states)(?::([^{}]*))?\}")
+from . import prompts
+from .prompts import DEFAULT_TEMPLATE, render
 
 
 def parse_lengths(spec: str | int | Sequence[int]) -> list[int]:
@@ -130,6 +128,23 @@ def concat_probes(parts: Sequence[Probes]) -> Probes:
     )
 
 
+def select_probes(probes: Probes, idx: np.ndarray) -> Probes:
+    """The probes ``idx`` only (e.g. those a sequential verdict ran), trimmed to their longest sequence."""
+    idx = np.asarray(idx, dtype=np.int64)
+    if len(idx) == len(probes) and (idx == np.arange(len(probes))).all():
+        return probes
+    width, t = int(probes.seq_lens[idx].max()), torch.from_numpy(idx)
+    texts = [probes.texts[i] for i in idx] if probes.texts else None
+    return Probes(
+        task=probes.task, rendering=probes.rendering, input_ids=probes.input_ids[t, :width],
+        attention_mask=probes.attention_mask[t, :width], lengths=probes.lengths[idx], inputs=probes.inputs[idx],
+        states=probes.states[idx], x_pos=probes.x_pos[t], state_pos=probes.state_pos[t], pred_pos=probes.pred_pos[t],
+        eoi_pos=probes.eoi_pos[t], target_ids=probes.target_ids[t], template=probes.template, texts=texts, bos=probes.bos,
+        multi_token=probes.multi_token, shots=probes.shots, chat=probes.chat, seq_lens=probes.seq_lens[idx],
+        informative=probes.informative[idx],
+    )
+
+
 def _pad(rows: list[np.ndarray], width: int, fill: int = -1) -> np.ndarray:
     out = np.full((len(rows), width), fill, dtype=np.int64)
     for i, r in enumerate(rows):
@@ -193,33 +208,6 @@ def _assemble(task, rendering, chains, ids, xp, sp, tg, pad_id, **extra) -> Prob
     )
 
 
-def render(template: str, inputs: Sequence[int], states: Sequence[int]) -> tuple[str, list[tuple[int, int]], list[tuple[int, int]]]:
-    """The probe text and the character span of every input and state value."""
-    found = list(_PLACEHOLDER.finditer(template))
-    kinds = [m.group(1) for m in found]
-    if kinds != ["inputs", "states"]:
-        raise IterHeadsError(
-            f"template {template!r} must contain {{inputs}} then {{states}} exactly once each "
-            "(optionally {inputs:SEP} to join values with SEP)"
-        )
-    rest = _PLACEHOLDER.sub("", template)
-    if "{" in rest or "}" in rest:
-        raise IterHeadsError(f"template {template!r} has an unknown placeholder; only {{inputs}} and {{states}} exist")
-    text, spans, pos = "", {"inputs": [], "states": []}, 0
-    for m in found:
-        text += template[pos : m.start()]
-        sep = " " if m.group(2) is None else m.group(2)
-        values = inputs if m.group(1) == "inputs" else states
-        for i, v in enumerate(values):
-            if i:
-                text += sep
-            spans[m.group(1)].append((len(text), len(text) + len(str(v))))
-            text += str(v)
-        pos = m.end()
-    text += template[pos:]
-    return text, spans["inputs"], spans["states"]
-
-
 class _Visible:
     """Whether a token, decoded on its own, shows any character (cached per id).
 
@@ -267,6 +255,41 @@ def _locate(
     return hits[0], len(hits)
 
 
+def _check_text_args(tokenizer, template: str, multi_token: str, shots: int, chat: bool) -> None:
+    """One-line errors for a text rendering that cannot work, before any probe is built."""
+    if int(shots) < 0:
+        raise IterHeadsError(f"--shots must be 0 or more, got {shots}")
+    if chat and not prompts.has_chat_template(tokenizer):
+        prompts.chat(tokenizer, DEFAULT_TEMPLATE, [], [0], [0])  # raises the one-line error
+    if multi_token not in ("first", "refuse"):
+        raise IterHeadsError(f"multi_token must be 'first' or 'refuse', got {multi_token!r}")
+    if not getattr(tokenizer, "is_fast", False):
+        raise IterHeadsError(
+            f"{type(tokenizer).__name__} is not a fast tokenizer: the text rendering needs its offset mapping"
+        )
+    render(template, [0], [0])  # placeholder errors first
+    between = template[template.index("}") + 1 : template.index("{states")]
+    if not between.strip():
+        raise IterHeadsError(f"template {template!r} needs a marker between {{inputs}} and {{states}} (it plays EoI), e.g. ' -> '")
+
+
+def _value_tokens(text: str, enc, spans: list[tuple[int, int]], unk, visible, multi_token: str) -> tuple[list[int], bool]:
+    """(first token of each value at ``spans``, whether any value is split into several tokens)."""
+    row, offsets, special = enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]], enc["special_tokens_mask"]
+    firsts, split = [], False
+    for span in spans:
+        first, count = _locate(text, offsets, special, span, unk, row, visible)
+        if count > 1:
+            split = True
+            if multi_token == "refuse":
+                raise IterHeadsError(
+                    f"the tokenizer splits value {text[span[0]:span[1]]!r} into {count} tokens "
+                    "(multi_token='refuse'); use multi_token='first' to score the first token"
+                )
+        firsts.append(first)
+    return firsts, split
+
+
 def text_probes(
     tokenizer,
     task: str | IterativeTask,
@@ -283,55 +306,27 @@ def text_probes(
     ``shots`` worked examples of the task come before each probe, and ``chat`` wraps them all in the
     tokenizer's chat template (:mod:`hf_iterheads.detect.prompts`); only the probe's own values are scored.
     """
-    from . import prompts
-
     task = get_task(task)
-    if int(shots) < 0:
-        raise IterHeadsError(f"--shots must be 0 or more, got {shots}")
-    if chat and not prompts.has_chat_template(tokenizer):
-        prompts.chat(tokenizer, DEFAULT_TEMPLATE, [], [0], [0])  # raises the one-line error
     template = template or DEFAULT_TEMPLATE
-    if multi_token not in ("first", "refuse"):
-        raise IterHeadsError(f"multi_token must be 'first' or 'refuse', got {multi_token!r}")
-    if not getattr(tokenizer, "is_fast", False):
-        raise IterHeadsError(
-            f"{type(tokenizer).__name__} is not a fast tokenizer: the text rendering needs its offset mapping"
-        )
-    render(template, [0], [0])  # placeholder errors first
-    between = template[template.index("}") + 1 : template.index("{states")]
-    if not between.strip():
-        raise IterHeadsError(f"template {template!r} needs a marker between {{inputs}} and {{states}} (it plays EoI), e.g. ' -> '")
+    _check_text_args(tokenizer, template, multi_token, shots, chat)
     chains = sample_chains(task, parse_lengths(lengths), n, seed)
     examples = prompts.shot_chains(task, parse_lengths(lengths), chains, int(shots), seed)
-    unk = getattr(tokenizer, "unk_token_id", None)
-    visible = _Visible(tokenizer)
+    unk, visible = getattr(tokenizer, "unk_token_id", None), _Visible(tokenizer)
     ids, xp, sp, tg, texts = [], [], [], [], []
     bos = split = False
     for (xs, ss), shot in zip(chains, examples):
-        if chat:
-            text, in_spans, st_spans = prompts.chat(tokenizer, template, shot, xs.tolist(), ss.tolist())
-        else:
-            text, in_spans, st_spans = prompts.few_shot(template, shot, xs.tolist(), ss.tolist())
+        render_fn = (lambda *a: prompts.chat(tokenizer, *a)) if chat else prompts.few_shot
+        text, in_spans, st_spans = render_fn(template, shot, xs.tolist(), ss.tolist())
         # a chat template writes its own special tokens (BOS included), as apply_chat_template(tokenize=True) does
         enc = tokenizer(text, return_offsets_mapping=True, return_special_tokens_mask=True, add_special_tokens=not chat)
-        row, offsets, special = enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]], enc["special_tokens_mask"]
-        x_first, s_first = [], []
-        for spans, out in ((in_spans, x_first), (st_spans, s_first)):
-            for span in spans:
-                first, count = _locate(text, offsets, special, span, unk, row, visible)
-                if count > 1:
-                    split = True
-                    if multi_token == "refuse":
-                        raise IterHeadsError(
-                            f"the tokenizer splits value {text[span[0]:span[1]]!r} into {count} tokens "
-                            "(multi_token='refuse'); use multi_token='first' to score the first token"
-                        )
-                out.append(first)
-        bos = bos or bool(special[0])
-        ids.append(np.asarray(row))
+        x_first, x_split = _value_tokens(text, enc, in_spans, unk, visible, multi_token)
+        s_first, s_split = _value_tokens(text, enc, st_spans, unk, visible, multi_token)
+        split = split or x_split or s_split
+        bos = bos or bool(enc["special_tokens_mask"][0])
+        ids.append(np.asarray(enc["input_ids"]))
         xp.append(np.asarray(x_first))
         sp.append(np.asarray(s_first))
-        tg.append(np.asarray(row)[s_first])
+        tg.append(ids[-1][s_first])
         texts.append(text)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     return _assemble(

@@ -3,7 +3,8 @@
 A pretrained model given ``3 7 2 -> ...`` cold has no idea which task is meant; K worked examples of the
 same task (``shots``) show it, and instruction-tuned models expect their chat format. Both only add text
 around the probe: the values of the probe itself are still located by their character spans, and only
-they are scored (the shots' values are context, never queries or keys).
+they are scored (the shots' values are context, never queries or keys). Every probe gets the same shots, so
+they are a prefix all probes share.
 
 * few-shot: the K examples, rendered with the same template, then the probe, one per line (a blank line
   between them when the template itself spans several lines);
@@ -14,36 +15,66 @@ they are scored (the shots' values are context, never queries or keys).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import numpy as np
 
 from ..errors import IterHeadsError
-from .probes import render
+
+DEFAULT_TEMPLATE = "{inputs} -> {states}"
+_PLACEHOLDER = re.compile(r"\{(inputs|states)(?::([^{}]*))?\}")
 
 Span = tuple[int, int]
 Chain = tuple[Sequence[int], Sequence[int]]
 
 
-def shot_chains(task, lengths: list[int], probes: list[tuple[np.ndarray, np.ndarray]], k: int, seed: int) -> list[list[Chain]]:
-    """``k`` worked examples per probe, lengths drawn from ``lengths``, never the probe's own inputs.
+def render(template: str, inputs: Sequence[int], states: Sequence[int]) -> tuple[str, list[tuple[int, int]], list[tuple[int, int]]]:
+    """The probe text and the character span of every input and state value."""
+    found = list(_PLACEHOLDER.finditer(template))
+    kinds = [m.group(1) for m in found]
+    if kinds != ["inputs", "states"]:
+        raise IterHeadsError(
+            f"template {template!r} must contain {{inputs}} then {{states}} exactly once each "
+            "(optionally {inputs:SEP} to join values with SEP)"
+        )
+    rest = _PLACEHOLDER.sub("", template)
+    if "{" in rest or "}" in rest:
+        raise IterHeadsError(f"template {template!r} has an unknown placeholder; only {{inputs}} and {{states}} exist")
+    text, spans, pos = "", {"inputs": [], "states": []}, 0
+    for m in found:
+        text += template[pos : m.start()]
+        sep = " " if m.group(2) is None else m.group(2)
+        values = inputs if m.group(1) == "inputs" else states
+        for i, v in enumerate(values):
+            if i:
+                text += sep
+            spans[m.group(1)].append((len(text), len(text) + len(str(v))))
+            text += str(v)
+        pos = m.end()
+    text += template[pos:]
+    return text, spans["inputs"], spans["states"]
 
-    A shot equal to the probe would let a copying (induction) head answer without doing the task.
+
+def shot_chains(task, lengths: list[int], probes: list[tuple[np.ndarray, np.ndarray]], k: int, seed: int) -> list[list[Chain]]:
+    """The same ``k`` worked examples for every probe, lengths drawn from ``lengths``, never a probe's own inputs.
+
+    One set for all: the shots become a token prefix every probe shares, computed once (the detector's
+    shared-prefix cache) instead of once per probe. A shot equal to a probe would let a copying (induction)
+    head answer without doing the task, so such draws are redrawn.
     """
     if k <= 0:
         return [[] for _ in probes]
     rng = np.random.default_rng([int(seed), 1])
-    out = []
-    for xs, _ in probes:
-        shots = []
-        for _ in range(k):
-            for _attempt in range(100):  # a one-value alphabet can only repeat the probe: accept it then
-                cand = task.sample_inputs(1, int(rng.choice(lengths)), rng)
-                if cand.shape[1] != len(xs) or not np.array_equal(cand[0], xs):
-                    break
-            shots.append((cand[0].tolist(), task.run(cand)[0].tolist()))
-        out.append(shots)
-    return out
+    taken = {tuple(np.asarray(xs).tolist()) for xs, _ in probes}
+    shots = []
+    for _ in range(k):
+        for _attempt in range(100):  # a one-value alphabet can only repeat a probe: accept it then
+            cand = task.sample_inputs(1, int(rng.choice(lengths)), rng)
+            if tuple(cand[0].tolist()) not in taken:
+                break
+        shots.append((cand[0].tolist(), task.run(cand)[0].tolist()))
+    return [list(shots) for _ in probes]
 
 
 def few_shot(template: str, shots: Sequence[Chain], inputs: Sequence[int], states: Sequence[int]) -> tuple[str, list[Span], list[Span]]:

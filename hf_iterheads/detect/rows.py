@@ -56,8 +56,9 @@ def row_probabilities(query, key, mask, rows: torch.Tensor | None, scaling: floa
     if softcap is not None:
         w = torch.tanh(w / softcap) * softcap
     T = key.shape[2]
-    if mask is None:  # pure causal (no padding, no window): query position i sees keys 0..i
+    if mask is None:  # pure causal (no padding, no window): query i (after T - Q cached keys) sees keys 0..T - Q + i
         pos = torch.arange(query.shape[2], device=w.device) if rows is None else rows.to(w.device)
+        pos = pos + (T - query.shape[2])
         mask = (torch.arange(T, device=w.device)[None, :] <= pos[:, None])[None, None]
     else:
         mask = mask[..., :T]

@@ -1,0 +1,86 @@
+"""Sequential verdicts: run probes in rounds until every head's verdict is settled.
+
+Most models at most revisions of a scan have no iteration head, and the first quarter of the probes already
+says so. After each round of probes every verdict (a pattern with a chance baseline: score >= ``MIN_SCORE``,
+>= ``CHANCE_RATIO`` x baseline, >= ``CONTROL_RATIO`` x each control) is checked against a confidence interval:
+each criterion's margin is a ratio of sums over probes, whose standard error comes from the per-probe
+residuals (the ratio estimator's linearisation). A head is settled when every margin lies ``z`` standard
+errors above zero (detected) or one lies ``z`` below (not detected), and each of its scores is within
+``tolerance`` of what the full ``n`` would give (the standard error of the difference, with the finite-
+population correction, times ``z``). The run stops when every head is settled; ``n`` is the maximum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .criteria import CHANCE_RATIO, CONTROL_RATIO, MIN_SCORE
+
+if TYPE_CHECKING:
+    from .patterns import HeadPattern
+
+
+@dataclass(frozen=True)
+class Sequential:
+    """When to stop: at least ``min_probes``, then after every round once all verdicts are settled."""
+
+    min_probes: int = 16
+    z: float = 3.0  # verdicts: margins this many standard errors clear of zero
+    tolerance: float = 0.02
+    precision_z: float = 2.0  # scores: this many standard errors of the difference to the full-n score within tolerance
+
+
+def probe_order(lengths: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Probe indices with lengths interleaved (shuffled within each length): any first share mixes all lengths."""
+    rng = np.random.default_rng([int(seed), 2])
+    rank = np.zeros(len(lengths))
+    for L in np.unique(lengths):
+        where = np.flatnonzero(lengths == L)
+        rank[where] = rng.permutation(len(where))
+    return np.lexsort((lengths, rank))
+
+
+def _ratio(mass: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sum(mass) / sum(count), per-probe residuals scaled by the mean count): the ratio and its linearisation."""
+    total = max(float(count.sum()), 1.0)
+    r = mass.sum(0) / total
+    shape = (-1,) + (1,) * (mass.ndim - 1)
+    z = (mass - r * count.reshape(shape)) / max(total / len(count), 1e-12)
+    return r, z
+
+
+def _se(z: np.ndarray, n: int) -> np.ndarray:
+    return np.sqrt((z**2).sum(0) / max(n * (n - 1), 1))
+
+
+def settled(acc, patterns: list[HeadPattern], ran: np.ndarray, n_max: int, rule: Sequential) -> np.ndarray:
+    """(layers, heads) booleans: every verdict clear of its threshold and every score close to its full-n value."""
+    n = len(ran)
+    if n < max(rule.min_probes, 2):
+        return np.zeros(acc.shape, dtype=bool)
+    by_name = {p.name: p for p in patterns}
+    ratios = {p.name: _ratio(acc.mass[p.name][ran], acc.count[p.name][ran]) for p in patterns}
+    shrink = np.sqrt(max(1.0 - n / max(n_max, 1), 0.0))  # the full-n mean shares the probes run so far
+    ok = np.ones(acc.shape, dtype=bool)
+    for _, z in ratios.values():
+        ok &= rule.precision_z * _se(z, n) * shrink <= rule.tolerance
+    for p in patterns:
+        if not p.baseline:
+            continue
+        r, z = ratios[p.name]
+        b, zb = _ratio(acc.chance[p.name][ran], acc.count[p.name][ran])
+        margins = [(r - MIN_SCORE, z), (r - CHANCE_RATIO * b[:, None], z - CHANCE_RATIO * zb[..., None])]
+        for c in p.controls:
+            rc, zc = ratios[by_name[c].name]
+            margins.append((r - CONTROL_RATIO * rc, z - CONTROL_RATIO * zc))
+        sure = np.ones(acc.shape, dtype=bool)
+        never = np.zeros(acc.shape, dtype=bool)
+        for d, zd in margins:
+            half = rule.z * _se(zd, n)
+            sure &= d - half > 0
+            never |= d + half < 0
+        ok &= sure | never
+    return ok

@@ -1,0 +1,106 @@
+"""The engine's speed-ups change no answer: shared-prefix caching, sequential verdicts and half precision.
+
+Every architecture of the test zoo (GQA, sliding windows, softcapping, partial rotary) scores the same with the
+shots computed once as with every probe run in full; sequential verdicts equal the full-n ones on the bundled
+checkpoints, a planted head and models without one, with scores within 0.02.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hf_iterheads.detect.detection import DetectionResult, detect_iteration_heads, score_heads
+from hf_iterheads.detect.probes import make_probes
+from hf_iterheads.detect.sequential import Sequential
+from hf_iterheads.tokenizer import build_tokenizer
+from tests.test_detection import ARCHS, plant_circuit, text_tokenizer, tiny_model
+
+CHECKPOINTS = Path(__file__).resolve().parents[1] / "hf_iterheads" / "checkpoints"
+SCORES = ("iteration_score", "eoi_score", "prev_score", "next_score", "baseline", "previous_token_score", "state_score")
+
+
+def _floats(scores: dict) -> dict[str, np.ndarray]:
+    return {k: v for k, v in scores.items() if isinstance(v, np.ndarray) and v.dtype.kind == "f"}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("capture", ["rows", "eager"])
+def test_shared_prefix_cache_equals_the_uncached_run(arch, capture):
+    model, tok = tiny_model(arch), text_tokenizer()
+    probes = make_probes(tok, "parity", "4-5", n=6, seed=0, shots=2)  # 2 shots = 20 shared tokens; window 6 / 10 slides
+    cached = score_heads(model, probes, 4, capture=capture)
+    plain = score_heads(model, probes, 4, capture=capture, prefix_cache=False)
+    assert cached["prefix_tokens"] == int(probes.x_pos[:, 0].min()) > 10 and plain["prefix_tokens"] == 0
+    assert cached["capture"] == capture
+    for key, value in _floats(plain).items():
+        np.testing.assert_allclose(cached[key], value, atol=1e-5, err_msg=key)
+
+
+def test_shots_are_shared_and_never_a_probe():
+    probes = make_probes(text_tokenizer(), "parity", "4", n=8, seed=3, shots=3)
+    heads = {t.rsplit("\n", 1)[0] for t in probes.texts}
+    assert len(heads) == 1  # one prefix for every probe
+    shots = [line.split(" -> ")[0] for line in next(iter(heads)).strip().splitlines()]
+    assert len(shots) == 3 and not set(shots) & {t.splitlines()[-1].split(" -> ")[0] for t in probes.texts}
+
+
+def _verdicts(model, probes, **kwargs) -> tuple[dict, np.ndarray, np.ndarray]:
+    s = score_heads(model, probes, 16, **kwargs)
+    r = DetectionResult("m", probes.task, s, {})
+    return s, r.detected(), r.eoi_detected()
+
+
+def _same_verdicts(model, probes, **kwargs) -> dict:
+    full, det_full, eoi_full = _verdicts(model, probes, **kwargs)
+    seq, det_seq, eoi_seq = _verdicts(model, probes, sequential=Sequential(), **kwargs)
+    assert (det_seq == det_full).all() and (eoi_seq == eoi_full).all()
+    for key in SCORES:
+        assert np.abs(seq[key] - full[key]).max() <= 0.02, key
+    assert full["n_probes_run"] == len(probes) and (full["probes_used"] == len(probes)).all()
+    assert seq["probes_used"].max() <= seq["n_probes_run"] <= len(probes)
+    return seq
+
+
+@pytest.mark.parametrize("name, task", [("parity-cot", "parity"), ("polynomial-cot", "polynomial"), ("polynomial-nocot", "polynomial")])
+def test_sequential_verdicts_equal_full_n_on_bundled_checkpoints(name, task):
+    path = CHECKPOINTS / name
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    _same_verdicts(model, make_probes(AutoTokenizer.from_pretrained(path), task, "4-16", n=64, seed=0))
+
+
+def test_sequential_verdicts_equal_full_n_on_a_planted_head(monkeypatch):
+    model = plant_circuit(monkeypatch)
+    seq = _same_verdicts(model, make_probes(build_tokenizer(), "parity", "4-12", n=64, seed=0), capture="eager")
+    assert seq["n_probes_run"] < 64  # a one-hot head is settled at once
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama_gqa", "gemma2"])
+def test_sequential_verdicts_equal_full_n_without_a_head(arch):
+    seq = _same_verdicts(tiny_model(arch, init=0.02), make_probes(build_tokenizer(), "parity", "4-16", n=64, seed=1))
+    assert seq["n_probes_run"] < 64
+
+
+def test_scores_json_records_probes_per_verdict():
+    d = detect_iteration_heads(tiny_model("gpt2", init=0.02), build_tokenizer(), "parity", "4-16", n=48, competence=False).to_dict()
+    assert d["sequential"] and d["n_max"] == 48 and d["n"] < 48
+    assert np.asarray(d["probes_used"]).shape == (2, 4) and max(map(max, d["probes_used"])) <= d["n"]
+    full = detect_iteration_heads(tiny_model("gpt2", init=0.02), build_tokenizer(), "parity", "4-16", n=48, competence=False,
+                                  full_n=True).to_dict()
+    assert not full["sequential"] and full["n"] == 48 and full["probes_used"] == [[48] * 4] * 2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_scores_match_float32(dtype):
+    path = CHECKPOINTS / "parity-cot"
+    probes = make_probes(AutoTokenizer.from_pretrained(path), "parity", "4-16", n=32, seed=0)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    full, det, eoi = _verdicts(model, probes)
+    half, det_h, eoi_h = _verdicts(model.to(dtype), probes)
+    assert det.any() and (det_h == det).all() and (eoi_h == eoi).all()
+    for key in SCORES:
+        assert np.abs(half[key] - full[key]).max() <= 0.02, key
