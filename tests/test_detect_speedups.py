@@ -104,3 +104,11 @@ def test_half_precision_scores_match_float32(dtype):
     assert det.any() and (det_h == det).all() and (eoi_h == eoi).all()
     for key in SCORES:
         assert np.abs(half[key] - full[key]).max() <= 0.02, key
+
+
+def test_fast_dtype_is_native_half_precision_or_float32():
+    from hf_iterheads.detect.loading import fast_dtype, load_model
+
+    model, _ = load_model(str(CHECKPOINTS / "parity-cot"), dtype="fast")
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert next(model.parameters()).dtype == fast_dtype("cpu") == (torch.bfloat16 if native else torch.float32)

@@ -24,7 +24,7 @@ def _imports(path: Path) -> set[str]:
     return found
 
 
-def test_no_import_cycle_in_detect():
+def test_no_import_cycle_through_the_engine():
     graph = {p.stem: _imports(p) & {q.stem for q in DETECT.glob("*.py")} for p in DETECT.glob("*.py")}
 
     def reach(start: str) -> set[str]:
@@ -36,7 +36,7 @@ def test_no_import_cycle_in_detect():
                 todo.extend(graph.get(m, ()))
         return seen
 
-    cycles = [m for m in graph if m in reach(m)]
+    cycles = [m for m in ENGINE if m in reach(m)]
     assert not cycles, f"import cycles through {cycles}"
 
 
@@ -68,3 +68,26 @@ def test_old_import_paths_still_work():
     for name in ("detect_iteration_heads", "write_outputs", "add_cli", "load_model", "MIN_SCORE", "capture_runner",
                  "attention_pattern", "check_causal", "context_length", "_StopForward", "_Accumulator"):
         assert hasattr(detection, name), name
+
+
+def test_threads_option_sets_torch_threads_and_refuses_zero():
+    import argparse
+
+    import pytest
+    import torch
+
+    from hf_iterheads.detect.cli import add_cli, apply_threads
+    from hf_iterheads.errors import IterHeadsError
+
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers())
+    args = parser.parse_args(["detect", "m", "--threads", "1", "--full-n", "--output-dir", "o"])
+    assert args.threads == 1 and args.full_n
+    before = torch.get_num_threads()
+    try:
+        apply_threads(args.threads)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(IterHeadsError, match="--threads must be at least 1"):
+        apply_threads(0)

@@ -51,7 +51,8 @@ def add_cli(subparsers) -> None:
     )
     p.add_argument("--shots", type=int, default=0, help="worked examples of the task before each probe (text rendering; default 0)")
     p.add_argument("--chat", action="store_true", help="wrap the examples and the probe in the tokenizer's chat template")
-    p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="weights dtype (default float32)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32",
+                   help="weights dtype (default float32; fast: bf16/fp16 where the device computes it natively)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, auto (default cpu)")
     p.add_argument("--device-map", default=None, help="passed to from_pretrained (e.g. auto: needs accelerate)")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")

@@ -11,4 +11,4 @@ CHANCE_RATIO = 3.0
 CONTROL_RATIO = 2.0
 NO_CONTROL = "every head of the model is ablated: no other head remains for a random control"
 CAPTURES = ("auto", "rows", "eager")
-DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
+DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16", "fast")  # fast: half precision where the device computes it natively
