@@ -86,8 +86,10 @@ def test_sequential_verdicts_equal_full_n_without_a_head(arch):
 
 
 def test_scores_json_records_probes_per_verdict():
-    d = detect_iteration_heads(tiny_model("gpt2", init=0.02), build_tokenizer(), "parity", "4-16", n=48, competence=False).to_dict()
+    result = detect_iteration_heads(tiny_model("gpt2", init=0.02), build_tokenizer(), "parity", "4-16", n=48, competence=False)
+    d = result.to_dict()
     assert d["sequential"] and d["n_max"] == 48 and d["n"] < 48
+    assert f"{d['n']} probes of at most 48 (verdicts settled)" in result.table()
     assert np.asarray(d["probes_used"]).shape == (2, 4) and max(map(max, d["probes_used"])) <= d["n"]
     full = detect_iteration_heads(tiny_model("gpt2", init=0.02), build_tokenizer(), "parity", "4-16", n=48, competence=False,
                                   full_n=True).to_dict()

@@ -180,7 +180,7 @@ class DetectionResult:
         lines = [
             (
                 f"iteration heads of {self.model} on {self.task} ({self.meta.get('rendering')} rendering, "
-                f"{self.meta.get('n')} probes, lengths {self.meta.get('lengths_spec')}, "
+                f"{self.meta.get('n')} probes{self._of_max()}, lengths {self.meta.get('lengths_spec')}, "
                 f"{self.meta.get('capture', 'eager')} capture); layers/heads 0-based"
             ),
             (
@@ -219,6 +219,11 @@ class DetectionResult:
 
             lines.extend(patch_lines(self.patch))
         return "\n".join(lines)
+
+    def _of_max(self) -> str:
+        """' of at most N (verdicts settled)' when sequential verdicts stopped before the maximum."""
+        n, n_max = self.meta.get("n"), self.meta.get("n_max")
+        return f" of at most {n_max} (verdicts settled)" if self.meta.get("sequential") and n_max and n != n_max else ""
 
     def _extra_header(self) -> str:
         head = f" {'right':>6} {'wrong':>6}" if self.competence else ""
