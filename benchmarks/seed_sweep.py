@@ -181,6 +181,16 @@ def recipe_config(run_dir: Path) -> dict[str, Any] | None:
     return {k: v for k, v in json.loads(path.read_text()).items() if k not in PER_RUN_KEYS}
 
 
+def run_task_name(run_dir: Path, task: str) -> str:
+    """The name the run's records use for ``task`` (an import string ``module:attr`` trains as its task's name):
+    the run's first task in ``run_config.json``, else ``task`` itself."""
+    path = run_dir / "run_config.json"
+    try:
+        return json.loads(path.read_text())["tasks"][0] if path.is_file() else task
+    except (ValueError, KeyError, IndexError):
+        return task
+
+
 def summarize_run(run_dir: Path, task: str) -> dict[str, Any]:
     """Milestones from the curve, final numbers from ``eval_results.json`` (None where the run has none)."""
     curve = read_curve(run_dir, task)
@@ -356,6 +366,10 @@ class Sweep:
     def run_job(self, job: Job, device: str, env: dict) -> None:
         """Train, summarise, detect, and write the run's record."""
         out = job.run_dir(self.args.runs_dir)
+        if (out / "eval_results.json").is_file() and (out / "model.safetensors").is_file():
+            # finished, but its record is missing (the sweep was stopped while it summarised): no second training
+            return self.finish(job, out, 0, None, device, env, f"hf-iterheads train --task {job.task} --seed {job.seed} "
+                               f"--output-dir {out} {' '.join(job.recipe.flags)} --threads 1".replace("  ", " "))
         cmd = [sys.executable, "-m", "hf_iterheads.cli", "train", "--task", job.task, "--seed", str(job.seed),
                "--output-dir", str(out), *job.recipe.flags, "--threads", "1", *self.args.train_flags]
         if (out / "run_config.json").is_file():
@@ -364,9 +378,17 @@ class Sweep:
         start = time.time()
         left = None if self.deadline is None else self.deadline - start
         rc = self.call(cmd, env, out.parent / f"{out.name}.log", left)
+        self.finish(job, out, rc, start, device, env, " ".join(["hf-iterheads", *cmd[3:]]))
+
+    def finish(self, job: Job, out: Path, rc: int | None, start: float | None, device: str, env: dict,
+               command: str) -> None:
+        """Summarise and detect a run that ended with ``rc`` (None: killed); ``start`` None: a run finished before
+        this sweep started, whose record is missing (its wall time is then its training time plus detection)."""
         record: dict[str, Any] = {"recipe": job.recipe.name, "task": job.task, "seed": job.seed,
-                                  "flags": " ".join(job.recipe.flags), "device": device,
-                                  "command": " ".join(["hf-iterheads", *cmd[3:]])}
+                                  "flags": " ".join(job.recipe.flags), "device": device, "command": command}
+        if start is None:
+            record["summarised_later"] = True
+            start = time.time()
         if rc is None:
             record["status"] = "incomplete"
         elif rc != 0:
@@ -376,7 +398,7 @@ class Sweep:
             record["status"] = "ok"
             with self.lock:
                 self.durations.append(time.time() - start)
-        record.update(summarize_run(out, job.task))
+        record.update(summarize_run(out, run_task_name(out, job.task)))
         if rc == 0:
             det_env = dict(env, CUDA_VISIBLE_DEVICES="")
             left = None if self.deadline is None else max(1.0, self.deadline + DETECT_GRACE - time.time())
@@ -386,7 +408,7 @@ class Sweep:
             record["detection"] = last_json(det_log.read_text()) if drc == 0 else None
             if record["detection"] is None:
                 record["detection_error"] = det_log.read_text()[-500:] if det_log.is_file() else "killed"
-        record["wall_s"] = round(time.time() - start, 1)
+        record["wall_s"] = round(time.time() - start + (record.get("train_s") or 0 if record.get("summarised_later") else 0), 1)
         record["success"] = bool(rc == 0 and (record.get("accuracy") or 0) >= SOLVED
                                  and (record.get("attn1") or 0) >= FORMED
                                  and (record.get("detection") or {}).get("paper_head", False))
