@@ -82,8 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     results = ROOT / "benchmarks/results"
     p.add_argument("--jsonl", type=Path, default=results / "length_generalisation.jsonl")
     p.add_argument("--out", type=Path, default=results / "length_generalisation.md")
-    p.add_argument("--notes", type=Path, default=results / "length_generalisation_notes.md",
-                   help="hand-written analysis appended to the table")
+    p.add_argument("--notes", type=Path, default=None, help="a markdown file appended to the table (default: none)")
     args = p.parse_args(argv)
     if not args.jsonl.is_file():
         sys.exit(f"error: no rows at {args.jsonl}; run benchmarks/seed_sweep.py with --jsonl {args.jsonl} first")
