@@ -53,7 +53,7 @@ def render(jsonl, page) -> None:
             lines.append(f"| `{task.rpartition(':')[2]}` | {r['seed']} | {r.get('attempts') or 1} | "
                          f"{sweep._f(r.get('formed_step'))} | {sweep._f(r.get('solved_step'))} | "
                          f"{sweep._f(r.get('accuracy'))} | {sweep._f(r.get('attn1'))} | "
-                         f"{sweep._top((r.get('detection') or {}).get('top') or {})} | {sweep.circuit_class(r)} | "
+                         f"{sweep._top((r.get('detection') or {}).get('top_head') or {})} | {sweep.circuit_class(r)} | "
                          f"{r['wall_s']:.0f} | {'yes' if r.get('success') else '**no**'} |")
         ok = [r for r in rows if r.get("success")]
         walls = [r["wall_s"] for r in rows]

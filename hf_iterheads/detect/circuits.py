@@ -1,6 +1,6 @@
 """Which circuit a model formed, named: the paper's iteration head, half of it, or another circuit.
 
-Why: a model can learn an iterative task without the paper's circuit (issue 12's seed 11: layer 1 reads the
+Why: a model can learn an iterative task without the paper's circuit (a recorded parity run: layer 1 reads the
 inputs along a diagonal, layer 2 attends within the chain). "No iteration head" hides that; saying what each
 layer attends to instead is the finding. The name comes from the detector's pattern scores alone, so it applies
 to any causal LM the detector scores, ours or a third party's.

@@ -1,6 +1,6 @@
 """Content gating: does the iteration head look x_t up at every step, or only for some values of (x_t, s_(t-1))?
 
-Why: parity trained from scratch (issue 12) formed a head that attends x_t with mass 0.97-0.99 in three of the four
+Why: parity trained from scratch formed a head that attends x_t with mass 0.97-0.99 in three of the four
 (x_t, s_(t-1)) cells and ~0.00 in (1, 1), where it reads EoI instead: the attention itself computes XOR's fourth
 case ("x_t was not attended"). Averaged over steps it scores ~0.75 and reads as a weak head; split by cell it is
 a sharp, gated one. Computed for one head from the probes' own values, so it applies to any LM the detector
