@@ -200,7 +200,7 @@ def _score(model, probes: Probes, batch_size: int, patterns: list[HeadPattern], 
                 _run_batch(run, acc, probes, idx, patterns, prefix, capture)
             ran = np.concatenate([ran, subset])
             if rule is not None:
-                done = settled(acc, patterns, ran, len(probes), rule)
+                done = settled(acc, patterns, ran, len(probes), rule, probes.lengths)
                 used = np.where(done & (used > 0), used, np.where(done, len(ran), 0))
                 if done.all():
                     break

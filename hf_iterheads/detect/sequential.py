@@ -4,7 +4,8 @@ Most models at most revisions of a scan have no iteration head, and the first qu
 says so. After each round of probes every verdict (a pattern with a chance baseline: score >= ``MIN_SCORE``,
 >= ``CHANCE_RATIO`` x baseline, >= ``CONTROL_RATIO`` x each control) is checked against a confidence interval:
 each criterion's margin is a ratio of sums over probes, whose standard error comes from the per-probe
-residuals (the ratio estimator's linearisation). A head is settled when every margin lies ``z`` standard
+residuals (the ratio estimator's linearisation), stratified by chain length since every round draws all lengths
+in proportion. A head is settled when every margin lies ``z`` standard
 errors above zero (detected) or one lies ``z`` below (not detected), and each of its scores is within
 ``tolerance`` of what the full ``n`` would give (the standard error of the difference, with the finite-
 population correction, times ``z``). The run stops when every head is settled; ``n`` is the maximum.
@@ -52,21 +53,43 @@ def _ratio(mass: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return r, z
 
 
-def _se(z: np.ndarray, n: int) -> np.ndarray:
-    return np.sqrt((z**2).sum(0) / max(n * (n - 1), 1))
+def strata(lengths: np.ndarray) -> list[np.ndarray]:
+    """Positions grouped by chain length, neighbouring lengths merged until each group has two or more probes."""
+    groups: list[list[int]] = []
+    for L in np.unique(lengths):
+        where = np.flatnonzero(lengths == L).tolist()
+        if groups and len(groups[-1]) < 2:
+            groups[-1].extend(where)
+        else:
+            groups.append(where)
+    if len(groups) > 1 and len(groups[-1]) < 2:
+        groups[-2].extend(groups.pop())
+    return [np.asarray(g) for g in groups]
 
 
-def settled(acc, patterns: list[HeadPattern], ran: np.ndarray, n_max: int, rule: Sequential) -> np.ndarray:
-    """(layers, heads) booleans: every verdict clear of its threshold and every score close to its full-n value."""
+def _se(z: np.ndarray, groups: list[np.ndarray]) -> np.ndarray:
+    """Standard error of the mean residual under stratified sampling (every length in proportion, as
+    :func:`probe_order` draws them): only the spread within lengths counts, not the spread between them."""
+    n = sum(len(g) for g in groups)
+    var = sum(len(g) * z[g].var(axis=0, ddof=1) for g in groups if len(g) > 1)
+    return np.sqrt(var) / max(n, 1)
+
+
+def settled(acc, patterns: list[HeadPattern], ran: np.ndarray, n_max: int, rule: Sequential, lengths: np.ndarray) -> np.ndarray:
+    """(layers, heads) booleans: every verdict clear of its threshold and every score close to its full-n value.
+
+    ``lengths`` (one per probe) are the strata the rounds are drawn in proportion to.
+    """
     n = len(ran)
     if n < max(rule.min_probes, 2):
         return np.zeros(acc.shape, dtype=bool)
+    groups = strata(lengths[ran])
     by_name = {p.name: p for p in patterns}
     ratios = {p.name: _ratio(acc.mass[p.name][ran], acc.count[p.name][ran]) for p in patterns}
     shrink = np.sqrt(max(1.0 - n / max(n_max, 1), 0.0))  # the full-n mean shares the probes run so far
     ok = np.ones(acc.shape, dtype=bool)
     for _, z in ratios.values():
-        ok &= rule.precision_z * _se(z, n) * shrink <= rule.tolerance
+        ok &= rule.precision_z * _se(z, groups) * shrink <= rule.tolerance
     for p in patterns:
         if not p.baseline:
             continue
@@ -79,7 +102,7 @@ def settled(acc, patterns: list[HeadPattern], ran: np.ndarray, n_max: int, rule:
         sure = np.ones(acc.shape, dtype=bool)
         never = np.zeros(acc.shape, dtype=bool)
         for d, zd in margins:
-            half = rule.z * _se(zd, n)
+            half = rule.z * _se(zd, groups)
             sure &= d - half > 0
             never |= d + half < 0
         ok &= sure | never
