@@ -37,15 +37,16 @@ COMMAND_MODULES = (
     "hf_iterheads.task_plugins",
 )
 
-# command -> (the COMMAND_MODULES entry whose add_cli adds it, its one-line help for the top-level listing). A module
-# named here is imported only for its commands, so every command it adds must be listed; a module of
-# COMMAND_MODULES that is not named here is imported for every command line (keep such a module torch-free).
-COMMANDS: dict[str, tuple[str, str]] = {
+# command -> (the module(s) whose add_cli may add it, the first listed in COMMAND_MODULES counting; its one-line
+# help for the top-level listing). A module named here is imported only for its commands, so every command it adds
+# must be listed; a module of COMMAND_MODULES that is not named here is imported for every command line (keep such
+# a module torch-free).
+COMMANDS: dict[str, tuple[str | tuple[str, ...], str]] = {
     "build-datasets": ("hf_iterheads.dataset_builder", "write the tasks as a Hub-ready dataset folder"),
     "train": ("hf_iterheads.training.cli", "train the paper's transformer (Accelerate), log accuracy and attention peakiness"),
     "eval": ("hf_iterheads.evaluation", "test accuracy per length, greedy generation, attention peakiness of a checkpoint"),
     "plot": ("hf_iterheads.plots", "PNG figures of a training run: emergence curves and attention maps"),
-    "detect": ("hf_iterheads.detect.detection",
+    "detect": (("hf_iterheads.detect.cli", "hf_iterheads.detect.detection"),
                "score every attention head of a causal LM as an iteration head (and ablate the best)"),
     "scan": ("hf_iterheads.detect.scan",
              "detect iteration heads in many models, revisions and tasks; results.parquet, summary, figures, report.html"),
@@ -117,7 +118,11 @@ def build_parser(command: str | None = None, everything: bool = True) -> argpars
     )
     parser.add_argument("--debug", action="store_true", help="on an error, show the traceback behind its one line")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
-    known = {name: module for name, (module, _) in COMMANDS.items() if module in COMMAND_MODULES}
+    known = {}
+    for name, (modules, _) in COMMANDS.items():
+        found = [m for m in ((modules,) if isinstance(modules, str) else modules) if m in COMMAND_MODULES]
+        if found:
+            known[name] = found[0]
     if everything:
         for name in COMMAND_MODULES:
             _add_module(sub, name)

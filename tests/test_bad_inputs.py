@@ -458,6 +458,17 @@ def test_help_and_argparse_errors_answer_before_torch_is_imported(argv):
     assert done.returncode in (0, 2) and "HEAVY []" in done.stderr, done.stderr
 
 
+def test_debug_shows_the_traceback_behind_the_line(in_world, capsys):
+    """``--debug`` (before or after the command): the exception the one line replaced, with its traceback, then the
+    same line."""
+    for argv in (["--debug", "eval", "{w}/trunc", "--task", "polynomial"], ["eval", "{w}/trunc", "--task", "polynomial", "--debug"]):
+        assert main(_fill(argv, in_world)) == 2
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert lines[0].startswith("Traceback") and "IterHeadsError" not in lines[-2], err
+        assert lines[-1].startswith("hf-iterheads eval: error: ") and "damaged or incomplete" in lines[-1]
+
+
 def test_script_help_still_works(capsys):
     spec = importlib.util.spec_from_file_location("build_datasets_script", SCRIPT)
     module = importlib.util.module_from_spec(spec)
@@ -555,6 +566,7 @@ TRAIN_CASES: list[Case] = [
          "run_config.json holds a value no run can use: --batch-size must be at least 1"),
         ("resume-config-infinite", ["--resume", "--output-dir", "{w}/stored-inf"], "--lr must be a finite number"),
         ("lr-inf", ["--lr", "inf"], "--lr must be a finite number, got inf"),
+        ("n-len-over-limit", ["--n-len", "10000"], "--n-len 10000 is over the limit of 4096"),
         ("lr-nan", ["--lr", "nan"], "--lr must be"),
         ("betas-inf", ["--betas", "0.9,inf"], "--betas"),
         ("init-range-negative", ["--init-range", "-1"], "--init-range is a standard deviation and must be 0 or more"),
@@ -563,8 +575,8 @@ TRAIN_CASES: list[Case] = [
         ("output-inside-init-from", ["--init-from", "{w}/ckpt", "--output-dir", "{w}/ckpt/transfer"], "inside the --init-from"),
         ("output-holds-init-from", ["--init-from", "{w}/ckpt", "--output-dir", "{w}", "--overwrite"], "holds the --init-from"),
         *([("fp16-on-cpu", ["--mixed-precision", "fp16"], "needs a CUDA GPU")] if not torch.cuda.is_available() else []),
-        ("init-from-with-preset", ["--init-from", "{w}/ckpt", "--preset", "tiny", "--n-embd", "32"],
-         "--preset, --n-embd shape(s) a new model"),
+        ("init-from-with-shape", ["--init-from", "{w}/ckpt", "--preset", "tiny", "--n-embd", "32", "--init-range", "0.1"],
+         "--n-embd, --init-range shape(s) a new model"),
         ("decay-steps-unused", ["--decay-steps", "100"], "--decay-steps applies to --schedule formed-cosine only"),
         ("restart-below-unused", ["--restart-at", "0", "--restart-below", "0.3"], "--restart-below applies only"),
         ("max-restarts-unused", ["--restart-at", "0", "--max-restarts", "2"], "--max-restarts applies only"),

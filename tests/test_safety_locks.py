@@ -158,3 +158,12 @@ def test_resume_beside_a_running_training_is_refused(tmp_path, capsys):
         proc.kill()
     assert proc.returncode == 143 and "Traceback" not in err, err
     assert not (run / LOCK_NAME).exists()
+
+
+def test_reproduce_refuses_a_folder_in_use(tmp_path, capsys, live_pid):
+    repro = tmp_path / "repro"
+    repro.mkdir()
+    (repro / "reproduce.json").write_text('{"scale": "smoke"}\n')
+    hold(repro, live_pid)
+    refused(["reproduce", "--smoke", "--output-dir", str(repro)], tmp_path, capsys)
+    refused(["reproduce", "--quick", "--overwrite", "--output-dir", str(repro)], tmp_path, capsys)

@@ -1,5 +1,6 @@
 """``kill -9`` a training run at several points; ``--resume`` (no setting repeated) must end bit-identical to an
-uninterrupted run, leave no temporary folder, and keep one metrics record per (kind, step, task).
+uninterrupted run, leave no temporary folder, and keep one metrics record per (kind, step, task). The killed run's
+stale lock is taken over by the resume.
 
 Each run is a subprocess that SIGKILLs itself at a chosen point (a driver below), so the kill lands exactly
 where it is meant to: mid-epoch, between checkpoints, inside ``save_state``, or between the files of the final
@@ -17,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from hf_iterheads.cli import main
 
 ARGS = ["train", "--task", "polynomial", "--preset", "tiny", "--n-len", "5", "--per-length", "24", "--batch-size", "16",
         "--warmup-steps", "2", "--eval-per-length", "8", "--log-every", "2", "--report-to", "none", "--threads", "1",
@@ -60,14 +63,26 @@ train(cfg, callbacks=[KillAt()])
 """
 
 
-def _cli(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hf_iterheads.cli", *argv], capture_output=True, text=True)
+def _train(*argv: str) -> tuple[int, str]:
+    """``hf-iterheads ARGV`` in this process (only the runs that die need a process of their own): (status, stderr).
+    The thread count the run sets is restored after it."""
+    import contextlib
+    import io
+
+    threads, err = torch.get_num_threads(), io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            code = main(list(argv))
+    finally:
+        torch.set_num_threads(threads)
+    return code, err.getvalue()
 
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("straight") / "run"
-    assert _cli(*ARGS, "--output-dir", str(out)).returncode == 0
+    code, err = _train(*ARGS, "--output-dir", str(out))
+    assert code == 0, err[-2000:]
     return out
 
 
@@ -80,7 +95,7 @@ def _killed(out: Path, point: str, at: int) -> None:
 def _assert_same_run(run: Path, straight: Path) -> None:
     a, b = load_file(straight / "model.safetensors"), load_file(run / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert not [p for p in run.rglob(".*") if p.name.startswith((".final-", ".tmp_step_", ".metrics"))]
+    assert not [p for p in run.rglob(".*") if p.name.startswith((".final-", ".tmp_step_", ".metrics", ".hf-iterheads.lock"))]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     keys = [(r["kind"], r["step"], r.get("task")) for r in records]
     assert len(keys) == len(set(keys)), keys  # one record per (kind, step, task)
@@ -109,8 +124,8 @@ def test_killed_run_resumes_bit_identical(tmp_path, straight, point, at, relocat
         original = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
         shutil.copytree(run, tmp_path / "copy")
         run, source = tmp_path / "copy", run
-    proc = _cli("train", "--resume", "--output-dir", str(run))
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    code, err = _train("train", "--resume", "--output-dir", str(run))
+    assert code == 0, err[-2000:]
     _assert_same_run(run, straight)
     if relocate == "move":
         assert not (tmp_path / "killed").exists()  # nothing recreated at the old place
@@ -121,11 +136,11 @@ def test_killed_run_resumes_bit_identical(tmp_path, straight, point, at, relocat
 def test_resume_refuses_a_contradicting_option_and_applies_a_longer_run(tmp_path, straight):
     run = tmp_path / "run"
     shutil.copytree(straight, run)
-    proc = _cli("train", "--resume", "--output-dir", str(run), "--lr", "0.5")
-    assert proc.returncode == 2 and "--lr 0.5 contradicts the run" in proc.stderr and "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
-    proc = _cli("train", "--resume", "--output-dir", str(run), "--max-steps", "16", "--threads", "1")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "resuming with --max-steps 16 instead of 14" in proc.stderr
+    code, err = _train("train", "--resume", "--output-dir", str(run), "--lr", "0.5")
+    assert code == 2 and "--lr 0.5 contradicts the run" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    code, err = _train("train", "--resume", "--output-dir", str(run), "--max-steps", "16", "--threads", "1")
+    assert code == 0, err[-2000:]
+    assert "resuming with --max-steps 16 instead of 14" in err
     assert json.loads((run / "eval_results.json").read_text())["step"] == 16
     assert json.loads((run / "run_config.json").read_text())["max_steps"] == 16

@@ -39,7 +39,7 @@ from typing import Any
 
 from ..errors import IterHeadsError
 from ..evaluation import FORMED, SOLVED, first_step
-from ..outputs import check_writable, write_json_atomic
+from ..outputs import check_not_in_use, check_writable, folder_lock, remove_atomically, write_json_atomic
 from ..tasks import PAPER_TASKS, get_task, task_ref
 from ..training.config import RECIPES, auto_max_steps, length_recipe
 from .report import update_readme, write_report
@@ -335,7 +335,8 @@ def prepare(out: Path, scale: Scale, overwrite: bool, create: bool = True) -> No
         if previous != scale.name and not overwrite:
             raise IterHeadsError(f"{out} holds a --{previous} reproduction; pass --overwrite to start a --{scale.name} one")
         if overwrite and create:
-            shutil.rmtree(out)
+            check_not_in_use(out, "--output-dir")  # another reproduction still runs there
+            remove_atomically(out)
     if create:
         out.mkdir(parents=True, exist_ok=True)
         if not marker.is_file():
@@ -387,44 +388,45 @@ def run_reproduce(args: argparse.Namespace) -> int:
     workers = args.workers or (gpus or cpus)
     threads = args.threads or max(1, cpus // workers)
     prepare(out, scale, args.overwrite)
-    command = "hf-iterheads reproduce --" + scale.name + f" --output-dir {args.output_dir}"
-    print(f"{len(jobs)} runs at the {scale.name} scale on {workers} worker(s) x {threads} thread(s) -> {out}", file=sys.stderr)
-    start = time.perf_counter()
-    finished = None
-    if args.render_only:
-        status = {job.name: "ok" if _done(out / "runs" / job.name) else "not run" for job in jobs}
-        previous = out / "results.json"
-        try:
-            old = json.loads(previous.read_text())["meta"] if previous.is_file() else {}
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-            old = {}  # a damaged results.json is rewritten below; only its timing is lost
-        wall, finished = old.get("wall_seconds", 0.0), old.get("finished")
-    else:
-        status = run_plan(jobs, out, workers, threads, scale, gpus)
-        wall = time.perf_counter() - start
-    rows = [collect(job, out) for job in jobs]
-    for row in rows:
-        row["status"] = status.get(row["name"], "not run")
-    failed = [n for n, s in status.items() if s != "ok"]
-    if not any(row.get("summary") for row in rows):
-        print(f"hf-iterheads reproduce: no run finished, so no report was written (see {out / 'logs'})", file=sys.stderr)
-        return 1
-    meta = {"command": command, "scale": dataclasses.asdict(scale), "workers": workers, "threads": threads,
-            "cpus": cpus, "gpus": gpus, "wall_seconds": round(wall, 1), "versions": versions(),
-            "finished": finished or time.strftime("%Y-%m-%d %H:%M:%S"),
-            "tasks": [*PAPER_TASKS, *(get_task(t).name for t in extra)]}
-    report = write_report(rows, meta, out, {job.name: job for job in jobs})
-    if args.update_readme:
+    with folder_lock(out, "--output-dir"):  # one reproduction per folder at a time
+        command = "hf-iterheads reproduce --" + scale.name + f" --output-dir {args.output_dir}"
+        print(f"{len(jobs)} runs at the {scale.name} scale on {workers} worker(s) x {threads} thread(s) -> {out}", file=sys.stderr)
+        start = time.perf_counter()
+        finished = None
+        if args.render_only:
+            status = {job.name: "ok" if _done(out / "runs" / job.name) else "not run" for job in jobs}
+            previous = out / "results.json"
+            try:
+                old = json.loads(previous.read_text())["meta"] if previous.is_file() else {}
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+                old = {}  # a damaged results.json is rewritten below; only its timing is lost
+            wall, finished = old.get("wall_seconds", 0.0), old.get("finished")
+        else:
+            status = run_plan(jobs, out, workers, threads, scale, gpus)
+            wall = time.perf_counter() - start
+        rows = [collect(job, out) for job in jobs]
+        for row in rows:
+            row["status"] = status.get(row["name"], "not run")
+        failed = [n for n, s in status.items() if s != "ok"]
+        if not any(row.get("summary") for row in rows):
+            print(f"hf-iterheads reproduce: no run finished, so no report was written (see {out / 'logs'})", file=sys.stderr)
+            return 1
+        meta = {"command": command, "scale": dataclasses.asdict(scale), "workers": workers, "threads": threads,
+                "cpus": cpus, "gpus": gpus, "wall_seconds": round(wall, 1), "versions": versions(),
+                "finished": finished or time.strftime("%Y-%m-%d %H:%M:%S"),
+                "tasks": [*PAPER_TASKS, *(get_task(t).name for t in extra)]}
+        report = write_report(rows, meta, out, {job.name: job for job in jobs})
+        if args.update_readme:
 
-        readme = Path(args.update_readme)
-        update_readme(readme, out, os.path.relpath(out, readme.resolve().parent).replace(os.sep, "/") + "/")
-        print(f"updated the results block of {readme}", file=sys.stderr)
-    print(f"wrote {report} and {out / 'results.json'} in {wall / 60:.1f} min", file=sys.stderr)
-    if failed:
-        print(f"hf-iterheads reproduce: {len(failed)} run(s) did not finish: {', '.join(failed)} (see {out / 'logs'})",
-              file=sys.stderr)
-        return 1
-    return 0
+            readme = Path(args.update_readme)
+            update_readme(readme, out, os.path.relpath(out, readme.resolve().parent).replace(os.sep, "/") + "/")
+            print(f"updated the results block of {readme}", file=sys.stderr)
+        print(f"wrote {report} and {out / 'results.json'} in {wall / 60:.1f} min", file=sys.stderr)
+        if failed:
+            print(f"hf-iterheads reproduce: {len(failed)} run(s) did not finish: {', '.join(failed)} (see {out / 'logs'})",
+                  file=sys.stderr)
+            return 1
+        return 0
 
 
 def add_cli(subparsers) -> None:
@@ -450,7 +452,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads per run (default: cores / workers)")
     p.add_argument("--overwrite", action="store_true", help="discard an earlier reproduction in --output-dir")
     p.add_argument("--render-only", action="store_true", help="rewrite report.md/results.json from the finished runs")
-    p.add_argument("--update-readme", metavar="README", help="also refresh README's generated results block")
+    p.add_argument("--update-readme", metavar="MARKDOWN", help="also refresh the generated results block of this Markdown "
+                   "file (between <!-- reproduce:results:start --> and <!-- reproduce:results:end -->)")
     p.add_argument("--tasks", default="", metavar="TASK[,TASK...]",
                    help="more tasks (names or import strings module:attr) through the first finding's grid: CoT 2 layers "
                    "from scratch per seed, no CoT, 1 layer, each with the detector; the paper's verdicts are unchanged")

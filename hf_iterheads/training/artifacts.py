@@ -60,13 +60,20 @@ def check_values(cfg: TrainConfig) -> None:
         for x in value if isinstance(value, (list, tuple)) else [value]:
             if isinstance(x, float) and not math.isfinite(x):
                 raise IterHeadsError(f"{flag_name(f.name)} must be a finite number, got {shown_number(value)}")
+    from ..data import MAX_N_LEN
+
+    if isinstance(cfg.n_len, int) and cfg.n_len > MAX_N_LEN:
+        raise IterHeadsError(f"--n-len {cfg.n_len} is over the limit of {MAX_N_LEN} (the longest sequence length a "
+                             "dataset may have; the paper's is 16)")
     for name in ("init_range", "embed_init_std"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 0:
             raise IterHeadsError(f"{flag_name(name)} is a standard deviation and must be 0 or more, got {getattr(cfg, name)}")
 
 
-MODEL_FLAGS = ("preset", "n_layer", "n_head", "n_embd", "n_inner", "init_range", "embed_init_std", "query_init_scale",
-               "freeze_positions")  # what shapes and initialises a new model: --init-from loads one instead
+# What shapes and initialises a new model: --init-from loads one instead. (--preset is not here: a sweep or the
+# reproduction passes its preset to every run, transfers included, and a preset names the family, not a change.)
+MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "n_inner", "init_range", "embed_init_std", "query_init_scale",
+               "freeze_positions")
 
 
 def check_flags_used(cfg: TrainConfig, given: set[str]) -> None:
