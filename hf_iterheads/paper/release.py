@@ -70,6 +70,7 @@ def release_card(checkpoint: str | Path, notes: str | Path, name: str | None = N
         clean=ab["clean"]["token_accuracy"], ablated=ab["zero"]["top"]["token_accuracy"],
         chance=ab["clean"]["chance_token_accuracy"],
         per_length={int(L): m["accuracy"] for L, m in evals.get("per_length", {}).items()},
+        evals=json.loads((src / "text_eval.json").read_text()) if (src / "text_eval.json").is_file() else {},
     )
     values["min_long"] = min((a for L, a in values["per_length"].items() if L >= 7), default=float("nan"))
     body = jinja2.Template(Path(notes).read_text(), undefined=jinja2.StrictUndefined).render(**values)
