@@ -82,7 +82,7 @@ def test_at_chance_rule():
 @pytest.mark.parametrize("name, task, iteration, eoi", [("polynomial-cot", "polynomial", 0.993, 0.815), ("parity-cot", "parity", 0.992, 0.777)])
 def test_bundled_checkpoints_keep_their_scores(name, task, iteration, eoi):
     """The numbers of their model cards (native rendering, 64 probes of lengths 4-16, seed 0)."""
-    result = detect_iteration_heads(name, task=task)
+    result = detect_iteration_heads(name, task=task, full_n=True)  # the cards' numbers are over all 64 probes
     d = result.to_dict()
     assert d["rendering"] == "native" and d["templates"] == [None]
     assert abs(d["iteration_score"][1][0] - iteration) < 0.005 and abs(d["eoi_score"][0][0] - eoi) < 0.005

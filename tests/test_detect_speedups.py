@@ -109,8 +109,8 @@ def test_half_precision_scores_match_float32(dtype):
 
 
 def test_fast_dtype_is_native_half_precision_or_float32():
-    from hf_iterheads.detect.loading import fast_dtype, load_model
+    from hf_iterheads.detect.loading import _cpu_has_amx, fast_dtype, load_model
 
     model, _ = load_model(str(CHECKPOINTS / "parity-cot"), dtype="fast")
-    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    assert next(model.parameters()).dtype == fast_dtype("cpu") == (torch.bfloat16 if native else torch.float32)
+    amx = _cpu_has_amx()
+    assert next(model.parameters()).dtype == fast_dtype("cpu") == (torch.bfloat16 if amx else torch.float32)
