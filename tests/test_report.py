@@ -107,3 +107,72 @@ def test_chromium_renders_the_report(big, tmp_path):
     ):
         assert heading in dom, heading
     assert dom.count("<rect") > 12 * 12 and 'id="readout"' in dom
+
+
+# --- readable reports: text labels, colour bars, heads tables, verdicts, scan order ---------------------------
+
+GPT2_TOK = __import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared" / "tokenizers" / "gpt2"
+
+
+@pytest.fixture(scope="module")
+def text_report(tmp_path_factory):
+    """A random 2-layer x 1-head GPT-2 with the real GPT-2 tokenizer, probed as text, ablated and patched."""
+    if not GPT2_TOK.is_dir():
+        pytest.skip("no ../shared/tokenizers/gpt2 (not in a user's clone)")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(GPT2_TOK)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=len(tok), n_layer=2, n_head=1, n_embd=16, n_positions=128)).eval()
+    result = detect_iteration_heads(model, tok, task="parity", lengths="4-6", n=6, ablate=True, patch=True)
+    out = tmp_path_factory.mktemp("text-report") / "detect"
+    write_outputs(result, out)
+    return out / "report.html"
+
+
+def test_text_report_labels_values_not_bpe_pieces_and_has_no_heatmaps_for_one_head_per_layer(text_report):
+    text = text_report.read_text()
+    labels = re.findall(r"<text [^>]*>([^<]*)</text>", text)
+    assert labels and not any("Ġ" in t or "Ċ" in t for t in labels), [t for t in labels if "Ġ" in t][:5]
+    assert any(re.fullmatch(r"x\d+ = [01]", t) for t in labels) and "EoI &quot;-&gt;&quot;" in text
+    assert "<h3>Heatmaps" not in text and "<h3>Heads (2 layers x 1 head, 0-based)</h3>" in text
+    assert "clean accuracy on the probes:" in text and "circuit:" in text
+    assert "does not separate s_t from s&#x27;_t" in text or "does not separate s_t from s'_t" in text  # honest patching
+
+
+def test_heatmaps_carry_colour_bars(big):
+    text = (big[3] / "report.html").read_text()
+    heatmaps = text.count("<figcaption>iteration_score</figcaption>")
+    assert heatmaps == 1 and text.count("<linearGradient") >= 8  # one bar per heatmap shown
+    assert "more score grids</summary>" in text  # the rest folded away
+
+
+def test_scan_report_orders_models_by_name_and_groups_local_folders(big):
+    from hf_iterheads.detect.atlas import report_html
+
+    model, tok, result, out = big
+    d = {**result.to_dict(), "eoi_detected": result.eoi_detected().tolist()}
+    parts = [{"model": m, "revision": None, "step": None, "task": "parity", "status": "ok", "result": d, "maps": [], "n_params": 1}
+             for m in ("zeta-org/b", "/tmp/some/local-model", "Alpha-org/a", "polynomial-cot")]
+    html = report_html(parts)
+    table = html.split("<h2>Models</h2>", 1)[1].split("<section", 1)[0]
+    order = [m for m in re.findall(r'<a href="#s\d+">([^<]+)</a>', table)]
+    assert order == ["Alpha-org/a", "polynomial-cot", "zeta-org/b", "/tmp/some/local-model"], order
+    assert table.index("Hub and bundled models") < table.index("Local folders") < table.index("/tmp/some/local-model")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (Debian: apt-get install chromium)")
+def test_chromium_1400px_text_report_has_none_of_the_defects(text_report, tmp_path):
+    from PIL import Image
+
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path)}"]
+    shot = tmp_path / "text.png"
+    subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", "--window-size=1400,2000", text_report.as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    img = np.asarray(Image.open(shot).convert("RGB"))
+    assert img.shape[:2] == (2000, 1400) and (img < 250).any(axis=2).mean() > 0.01
+    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", text_report.as_uri()], capture_output=True, text=True, timeout=120,
+                         check=True).stdout
+    assert "Ġ" not in dom and "clean accuracy on the probes" in dom and "circuit:" in dom and "<h3>Heatmaps" not in dom
+    assert "EoI \"-&gt;\"" in dom or 'EoI "->"' in dom or "EoI &quot;-&gt;&quot;" in dom

@@ -300,3 +300,40 @@ def test_model_specs_files_revisions_and_options(tmp_path):
         split_options({"warp_speed": 9})
     with pytest.raises(IterHeadsError, match="not a file"):
         model_specs([], str(tmp_path / "missing.txt"))
+
+
+# --- the text organism as the scan's control ------------------------------------------------------------------
+
+GPT2_TOK = Path(__file__).resolve().parents[1].parent / "shared" / "tokenizers" / "gpt2"
+
+
+@pytest.mark.skipif(not GPT2_TOK.is_dir(), reason="no ../shared/tokenizers/gpt2 (not in a user's clone)")
+def test_a_text_scan_runs_the_organism_per_template_and_flags_where_its_head_is_not_found(tmp_path):
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path / "gpt2-random"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_layer=2, n_head=2, n_embd=16, n_positions=128)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(GPT2_TOK).save_pretrained(folder)
+    env = _env(tmp_path / "hf_home")
+    out = tmp_path / "atlas"
+    templates = ["--template", "{inputs} -> {states}", "--template", "{inputs} => {states} ;"]
+    run = _cli([str(folder), "--tasks", "parity", "--n", "6", "--lengths", "4-6", "--maps", "1", *templates, "--output-dir", str(out)], env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    control = json.loads((out / "control.json").read_text())
+    rows = {r["template"]: r for r in control["templates"]}
+    assert rows["{inputs} -> {states}"]["found"] and rows["{inputs} -> {states}"]["trained"]
+    held = rows["{inputs} => {states} ;"]
+    assert not held["found"] and not held["trained"] and held["drop"] > 0.3
+    summary = (out / "summary.md").read_text()
+    assert "## Control: the text organism" in summary and "**FLAG**" in summary and "{inputs} => {states} ;" in summary
+    assert summary.count("**FLAG**") == 1 and "FLAG control" in run.stdout
+    report = (out / "report.html").read_text()
+    assert '<section id="control">' in report and "NOT found under template" in report
+    # the LLM's own section carries the flag too, and --no-control removes the control
+    assert report.count('class="flag">control: the text organism') >= 2
+    again = _cli([str(folder), "--tasks", "parity", "--n", "6", "--lengths", "4-6", "--maps", "1", *templates, "--no-control",
+                  "--output-dir", str(out)], env)
+    assert again.returncode == 0 and not (out / "control.json").exists()
+    assert "Control: the text organism" not in (out / "summary.md").read_text()

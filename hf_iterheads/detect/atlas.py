@@ -207,7 +207,9 @@ def _label(p: dict) -> str:
     return f"{p['model']}{'@' + p['revision'] if p.get('revision') else ''}"
 
 
-def summary_md(parts: list[dict]) -> str:
+def summary_md(parts: list[dict], control: dict | None = None) -> str:
+    from .control import control_markdown
+
     rows = summary_rows(parts)
     ok = [r for r in rows if r["status"] == "ok"]
     settings = next((p["settings"] for p in parts), {})
@@ -227,6 +229,7 @@ def summary_md(parts: list[dict]) -> str:
             f"{r['best_score'] / max(r['best_baseline'], 1e-9):.1f} | {r['best_prev']:.3f} / {r['best_next']:.3f} | {acc} | "
             f"{'yes' if r['detected'] else 'no'} | {r['causal']} | {r['circuit'] or '-'} |"
         )
+    lines += control_markdown(control)
     lines += ["", "## How to read it", "",
               "Layers and heads are 0-based. A head is *detected* when its iteration score is at least 0.25, three times the "
               "uniform-attention chance and twice either neighbour control (x_t-1, x_t+1). *Causal*: zero-ablating the found "
@@ -241,28 +244,58 @@ def summary_md(parts: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report_html(parts: list[dict]) -> str:
-    """report.html for a scan: a table of models linking to one section per triple."""
-    rows, sections = [], []
-    for i, (p, s) in enumerate(zip(parts, summary_rows(parts))):
-        if p["status"] == "ok":
-            anchor = f"s{i}"
-            d = {**p["result"], "revision": p.get("revision"), "commit": p.get("commit"), "n_params": p.get("n_params")}
-            sections.append(section(d, p.get("maps") or [], anchor, f"{_label(p)} on {p['task']}"))
-            rows.append(
-                f'<tr><td class="l"><a href="#{anchor}">{_label(p)}</a></td><td class="l">{p["task"]}</td>'
-                f"<td>{p.get('n_params') or ''}</td><td>L{s['best_layer']}H{s['best_head']}</td><td>{s['best_score']:.3f}</td>"
-                f"<td>{s['best_baseline']:.3f}</td><td>{'<span class=yes>yes</span>' if s['detected'] else 'no'}</td>"
-                f"<td>{s['causal']}</td></tr>"
-            )
-        else:
-            from html import escape
+def _is_local_part(p: dict) -> bool:
+    """A model given as a folder path (not a bundled checkpoint, not a Hub id)."""
+    from ..modeling import bundled_path
+    from .scan import _is_local
 
-            rows.append(f'<tr><td class="l">{escape(_label(p))}</td><td class="l">{p["task"]}</td>'
-                        f'<td class="l fail" colspan="6">failed: {escape(str(p["error"]))}</td></tr>')
-    titles = ("model", "task", "parameters", "best head", "score", "chance", "detected", "causal")
-    head = "<tr>" + "".join(f"<th>{h}</th>" for h in titles) + "</tr>"
-    body = f"<h2>Models</h2><table>{head}{''.join(rows)}</table>" + "".join(sections)
+    return _is_local(p["model"]) and bundled_path(p["model"]) is None or p["model"].startswith(("/", ".", "~"))
+
+
+def report_order(parts: list[dict]) -> list[tuple[str, list[dict]]]:
+    """(group title, parts) by model name (case-folded), then revision step and task; local folders in their own group."""
+    key = lambda p: (p["model"].casefold(), p.get("step") or 0, p.get("revision") or "", p["task"])  # noqa: E731
+    hub = sorted((p for p in parts if not _is_local_part(p)), key=key)
+    local = sorted((p for p in parts if _is_local_part(p)), key=key)
+    return [(t, g) for t, g in (("Hub and bundled models", hub), ("Local folders", local)) if g]
+
+
+def report_html(parts: list[dict], control: dict | None = None) -> str:
+    """report.html for a scan: the control, then a table of models (by name; local folders apart) linking to one
+    section per triple."""
+    from html import escape
+
+    from .control import control_html, flags
+
+    warn = flags(control)
+    text_flags = lambda d: warn if d.get("rendering") == "text" else []  # noqa: E731
+    tables, sections, i = [], [], 0
+    titles = ("model", "task", "parameters", "best head", "score", "chance", "clean acc (chance)", "detected", "causal", "circuit")
+    head = "<tr>" + "".join(f'<th class="l">{h}</th>' if h in ("model", "task", "circuit") else f"<th>{h}</th>" for h in titles) + "</tr>"
+    groups = report_order(parts)
+    for title, group in groups:
+        rows = []
+        for p, s in zip(group, summary_rows(group)):
+            i += 1
+            if p["status"] == "ok":
+                anchor = f"s{i}"
+                d = {**p["result"], "revision": p.get("revision"), "commit": p.get("commit"), "n_params": p.get("n_params")}
+                if not isinstance(d.get("clean_accuracy"), dict) and isinstance(p.get("clean"), dict):
+                    d["clean_accuracy"] = p["clean"]
+                sections.append(section(d, p.get("maps") or [], anchor, f"{_label(p)} on {p['task']}", flags=text_flags(d)))
+                acc = "-" if s["clean_token_accuracy"] is None else f"{s['clean_token_accuracy']:.2f} ({s['chance_token_accuracy']:.2f})"
+                rows.append(
+                    f'<tr><td class="l nw"><a href="#{anchor}">{escape(_label(p))}</a></td><td class="l">{p["task"]}</td>'
+                    f"<td>{p.get('n_params') or ''}</td><td>L{s['best_layer']}H{s['best_head']}</td><td>{s['best_score']:.3f}</td>"
+                    f"<td>{s['best_baseline']:.3f}</td><td>{acc}</td><td>{'<span class=yes>yes</span>' if s['detected'] else 'no'}</td>"
+                    f"<td>{escape(str(s['causal']))}</td><td class=l>{escape(str(s['circuit'] or '-'))}</td></tr>"
+                )
+            else:
+                rows.append(f'<tr><td class="l nw">{escape(_label(p))}</td><td class="l">{p["task"]}</td>'
+                            f'<td class="l fail" colspan="{len(titles) - 2}">failed: {escape(str(p["error"]))}</td></tr>')
+        sub = f"<h3>{title}</h3>" if len(groups) > 1 else ""
+        tables.append(f"{sub}<table>{head}{''.join(rows)}</table>")
+    body = control_html(control) + "<h2>Models</h2>" + "".join(tables) + "".join(sections)
     return page("Iteration-head atlas", body)
 
 
@@ -276,8 +309,11 @@ def write_atlas(out: Path, parts: list[dict]) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix=".atlas-", dir=out))
     try:
         to_dataset([r for p in parts for r in part_rows(p)]).to_parquet(str(tmp / "results.parquet"))
-        (tmp / "summary.md").write_text(summary_md(parts))
-        (tmp / "report.html").write_text(report_html(parts), encoding="utf-8")
+        from .control import load_control
+
+        control = load_control(out)
+        (tmp / "summary.md").write_text(summary_md(parts, control))
+        (tmp / "report.html").write_text(report_html(parts, control), encoding="utf-8")
         try:
             from .atlas_plots import plot_atlas
 

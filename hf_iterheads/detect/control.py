@@ -203,7 +203,8 @@ def control_html(control: dict[str, Any] | None) -> str:
     out.append(f"<p>{esc(control['organism'])} ({esc(control['task'])}) under this scan's templates, shots {s['shots']}"
                f"{', chat' if s['chat'] else ''}; {esc(control['rule'])}. Drop: from its score under its default template "
                f"without shots ({_f(control.get('reference_score'))}).</p>")
-    head = "".join(f"<th>{h}</th>" for h in ("template", "trained on", "head", "score", "drop", "removed", "patching", "found"))
+    head = '<th class="l">template</th>' + "".join(f"<th>{h}</th>" for h in ("trained on", "head", "score", "drop", "removed",
+                                                                           "patching", "found"))
     rows = []
     for r in control["templates"]:
         where = f"L{r['layer']}H{r['head']}" if "layer" in r else "-"

@@ -8,7 +8,12 @@ read-out and inline CSS. It shows, per (model, revision, task) section:
 * the attention map of the top heads on one probe, tokens labelled with their role (``x_t``, ``EoI``,
   ``s_t``) and the cells the circuit should fill outlined (pred ``s_t`` -> ``x_t`` for the iteration head,
   ``s_t`` -> EoI for the EoI head);
-* the ablation numbers and, when present, the patching numbers.
+* the ablation numbers and, when present, the patching numbers;
+* the clean accuracy on the probes and the circuit verdict (the EoI partner head), as the terminal prints them.
+
+Probe tokens are shown as text (``x2 = 1``, ``EoI "->"``), never as tokenizer pieces (``Ġ1``). A model with
+one head per layer (or a handful in all) gets a table of its heads instead of heatmaps: there is nothing to
+compare across a grid of one column. Every heatmap carries its colour bar.
 
 ``detect`` writes one section (the best head's map, which the result carries); ``scan`` writes one per
 triple with a table of models linking to them, and the maps of its top heads (recomputed by :func:`head_maps`).
@@ -29,6 +34,9 @@ from .. import __version__
 
 PAPER = "https://arxiv.org/abs/2406.02128"
 FIRST = ("iteration_score", "eoi_score", "peakiness")
+# grids shown open; the others sit in a collapsed "more score grids" block
+MAIN = ("iteration_score", "eoi_score", "peakiness", "entropy", "prev_score", "next_score", "previous_token_score", "state_score")
+MIN_HEADS_FOR_HEATMAPS = 4  # fewer heads in all (or one per layer): a table of heads instead
 # viridis at 9 stops (matplotlib's), interpolated linearly: close enough to read, no dependency
 _VIRIDIS = ["#440154", "#472c7a", "#3b518b", "#2c718e", "#21908d", "#27ad81", "#5cc863", "#aadc32", "#fde725"]
 
@@ -37,7 +45,9 @@ body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222;max-width:1400px
 h1{font-size:1.6em}h2{border-top:2px solid #ccc;padding-top:.6em;margin-top:2em}h3{margin:1.2em 0 .4em}
 table{border-collapse:collapse;margin:.4em 0}td,th{border:1px solid #ddd;padding:2px 8px;text-align:right}
 th{background:#f3f3f3}td.l,th.l{text-align:left}.yes{color:#0a0;font-weight:600}.fail{color:#b00}
-.grids{display:flex;flex-wrap:wrap;gap:14px}figure{margin:0}figcaption{font-size:12px;font-weight:600}
+.grids{display:flex;flex-wrap:wrap;gap:14px;align-items:flex-start}.verdict{font-size:15px}
+.flag{background:#fff3cd;border:1px solid #e0c060;padding:4px 8px}details{margin:.4em 0}summary{cursor:pointer}.nw{white-space:nowrap}
+figure{margin:0}figcaption{font-size:12px;font-weight:600}
 svg text{font:10px monospace;fill:#333}svg rect[data-v]:hover{stroke:#000;stroke-width:1.5}
 #readout{position:fixed;top:8px;right:8px;background:#fff;border:1px solid #888;padding:4px 8px;
 font:12px monospace;min-width:16em;box-shadow:0 1px 4px #0003}.note{color:#555;font-size:12px}
@@ -56,6 +66,52 @@ else{out.textContent=s.dataset.name+': layer '+row+' head '+col+' = '+r.dataset.
 
 def _esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet back to bytes (``Ġ`` = space, ``Ċ`` = newline), as its tokenizer builds it."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+_BYTES = _byte_decoder()
+
+
+def token_text(token: str) -> str:
+    """A tokenizer piece as the text it stands for: byte-level BPE (``Ġ1`` -> `` 1``) and SentencePiece
+    (``▁1`` -> `` 1``, ``<0x0A>`` -> newline) decoded; anything else unchanged."""
+    token = str(token)
+    if token.startswith("<0x") and token.endswith(">") and len(token) == 6:
+        try:
+            return bytes([int(token[3:5], 16)]).decode("latin-1")
+        except ValueError:
+            return token
+    if "▁" in token:
+        return token.replace("▁", " ")
+    if token and all(ch in _BYTES for ch in token) and any(ch in "ĠĊĉ" or ord(ch) > 255 for ch in token):
+        return bytes(_BYTES[ch] for ch in token).decode("utf-8", errors="replace")
+    return token
+
+
+def _shown(text: str) -> str:
+    """Whitespace made visible for a label: newline as ⏎, tab as ⇥, leading/trailing spaces dropped."""
+    out = text.replace("\n", "⏎").replace("\t", "⇥").strip(" ")
+    return out or "␣"
+
+
+def token_label(role: str, token: str) -> str:
+    """``x2 = 1``, ``s3 = 0``, ``EoI "->"``, or the quoted text of any other token."""
+    text = _shown(token_text(token))
+    if role.startswith(("x", "s")) and role[1:].isdigit():
+        return f"{role} = {text}"
+    quoted = f'"{text}"'
+    return f"{role} {quoted}" if role else quoted
 
 
 def _color(v: float, lo: float, hi: float) -> str:
@@ -100,7 +156,8 @@ def heatmap(name: str, grid: Sequence[Sequence[float]], outline: Sequence[Sequen
     cell = max(4, min(18, 420 // max(H, 1)))
     x0, y0 = 26, 14
     lo, hi = (0.0, 1.0) if arr.min() >= 0 and arr.max() <= 1 else (float(arr.min()), float(arr.max()))
-    w, h = max(x0 + H * cell + 4, 90), y0 + L * cell + 4
+    bar_x = x0 + H * cell + 10
+    w, h = max(bar_x + 46, 120), max(y0 + L * cell + 4, 70)
     step = max(1, (L + 15) // 16)
     parts = [f'<svg width="{w}" height="{h}" data-name="{_esc(name)}" data-cell="{cell}" data-x0="{x0}" data-y0="{y0}">']
     parts += [f'<text x="{x0}" y="10">head 0..{H - 1}</text>']
@@ -112,9 +169,22 @@ def heatmap(name: str, grid: Sequence[Sequence[float]], outline: Sequence[Sequen
         for (r, c), on in np.ndenumerate(np.asarray(outline, dtype=bool)):
             if on:
                 parts.append(f'<rect x="{x0 + c * cell}" y="{y0 + r * cell}" {box} fill="none" stroke="red" stroke-width="2"/>')
+    parts.append(colour_bar(bar_x, y0, max(L * cell, 50), lo, hi))
     parts.append("</svg>")
-    scale = f"{lo:.2g}..{hi:.2g}"
-    return f'<figure><figcaption>{_esc(name)} <span class="note">({scale})</span></figcaption>{"".join(parts)}</figure>'
+    return f'<figure><figcaption>{_esc(name)}</figcaption>{"".join(parts)}</figure>'
+
+
+def colour_bar(x: int, y: int, height: int, lo: float, hi: float) -> str:
+    """A vertical viridis bar from ``lo`` (bottom) to ``hi`` (top), labelled at both ends and the middle."""
+    stops = "".join(f'<stop offset="{i / (len(_VIRIDIS) - 1):.3f}" stop-color="{c}"/>' for i, c in enumerate(reversed(_VIRIDIS)))
+    gid = f"cb{abs(hash((x, y, height, lo, hi))) % 10**8}"
+    mid = (lo + hi) / 2
+    return (
+        f'<defs><linearGradient id="{gid}" x1="0" y1="0" x2="0" y2="1">{stops}</linearGradient></defs>'
+        f'<rect x="{x}" y="{y}" width="8" height="{height}" fill="url(#{gid})" stroke="#999" stroke-width=".5"/>'
+        f'<text x="{x + 11}" y="{y + 8}">{hi:.2g}</text><text x="{x + 11}" y="{y + height / 2 + 3:.0f}">{mid:.2g}</text>'
+        f'<text x="{x + 11}" y="{y + height}">{lo:.2g}</text>'
+    )
 
 
 def _roles(n: int, x_pos: Sequence[int], pred_pos: Sequence[int]) -> list[str]:
@@ -147,14 +217,15 @@ def attention_map(m: dict) -> str:
     T = len(pat)
     tokens = [str(t) for t in m["tokens"]][:T]
     roles = _roles(T, m["x_pos"], m["pred_pos"])
-    labels = [(f"{r} " if r else "") + (t if len(t) <= 8 else t[:7] + "~") for r, t in zip(roles, tokens)]
+    full = [token_label(r, t) for r, t in zip(roles, tokens)]
+    labels = [lab if len(lab) <= 12 else lab[:11] + "~" for lab in full]
     cell = max(6, min(14, 560 // max(T, 1)))
     x0 = y0 = 8 + 7 * max(len(s) for s in labels)
     w, h = x0 + T * cell + 4, y0 + T * cell + 4
     name = f"L{m['layer']}H{m['head']} attention"
     parts = [
         f'<svg width="{w}" height="{h}" data-name="{_esc(name)}" data-cell="{cell}" data-x0="{x0}" data-y0="{y0}" '
-        f'data-tokens="{_esc(json.dumps([f"{r} {t}".strip() for r, t in zip(roles, tokens)]))}">'
+        f'data-tokens="{_esc(json.dumps(full, ensure_ascii=False))}">'
     ]
     for i, lab in enumerate(labels):
         weight = ' font-weight="bold"' if roles[i] else ""
@@ -225,26 +296,131 @@ META_KEYS = (
 )
 
 
-def section(d: dict, maps: Sequence[dict] = (), anchor: str = "s0", heading: str | None = None) -> str:
-    """One (model, revision, task): meta, heatmaps, attention maps, ablation and patching."""
-    heading = heading or f"{d['model']} on {d['task']}"
-    out = [f'<section id="{_esc(anchor)}"><h2>{_esc(heading)}</h2>']
-    meta = [(k, d[k]) for k in META_KEYS if d.get(k) not in (None, "")]
-    rows = "".join(f'<tr><th class="l">{_esc(k)}</th><td class="l">{_esc(v)}</td></tr>' for k, v in meta)
-    out.append(f"<table>{rows}</table>")
+def _f(v: Any, fmt: str = ".3f") -> str:
+    return "n/a" if v is None else format(v, fmt) if isinstance(v, (int, float)) else _esc(v)
+
+
+def verdict_block(d: dict) -> str:
+    """Best head, clean accuracy against chance, and the circuit verdict (the EoI partner head)."""
+    out = []
     best = (d.get("top_heads") or [{}])[0]
+    n_templates = len(d.get("templates") or [])
+    over = f"; means over {n_templates} templates" if n_templates > 1 else ""
     if best:
         verdict = '<span class="yes">detected</span>' if best.get("detected") else "not detected"
         out.append(
-            f"<p>best iteration head: layer {best['layer']} head {best['head']}, score {best['score']:.3f} "
+            f"<p class=verdict>best iteration head: <b>layer {best['layer']} head {best['head']}</b>, score {best['score']:.3f} "
             f"(chance {best.get('baseline', float('nan')):.3f}, x_t-1 {best.get('prev_score', float('nan')):.3f}, "
-            f"x_t+1 {best.get('next_score', float('nan')):.3f}): {verdict}</p>"
+            f"x_t+1 {best.get('next_score', float('nan')):.3f}{over}): {verdict}</p>"
         )
-    out.append("<h3>Heatmaps (layer x head)</h3><div class=grids>")
-    for key in score_grids(d):
-        outline = d.get("detected") if key == "iteration_score" else d.get("eoi_detected") if key == "eoi_score" else None
-        out.append(heatmap(key, d[key], outline))
-    out.append("</div><p class=note>layers top to bottom, heads left to right, 0-based; red outline: detected heads</p>")
+    circuit = d.get("circuit") or {}
+    if circuit.get("text") or circuit.get("label"):
+        gate = (d.get("gating") or {}).get("text") or (d.get("gating") or {}).get("description")
+        extra = f"; {_esc(gate)}" if isinstance(gate, str) else ""
+        out.append(f"<p class=verdict>circuit: <b>{_esc(circuit.get('text') or circuit.get('label'))}</b>{extra}</p>")
+    clean = d.get("clean_accuracy") or {}
+    if clean.get("token_accuracy") is not None:
+        per = clean.get("per_length") or {}
+        lengths = " ".join(f"L{k}:{v:.2f}" for k, v in per.items() if v is not None)
+        state = " <b>at chance</b>" if clean.get("at_chance") else ""
+        note = f' <span class="note">{_esc(clean["note"])}</span>' if clean.get("note") else ""
+        out.append(
+            f"<p class=verdict>clean accuracy on the probes: <b>{clean['token_accuracy']:.3f}</b> "
+            f"(chance {clean.get('chance_token_accuracy', float('nan')):.3f}, {clean.get('steps', '?')} steps){state}"
+            f' <span class="note">per length {_esc(lengths)}</span>{note}</p>'
+        )
+    return "".join(out)
+
+
+def heads_table(d: dict, keys: Sequence[str]) -> str:
+    """Every head as a row and every score grid as a column: for models too small for heatmaps."""
+    cols = [k for k in keys if k in d]
+    head = '<tr><th class="l">head</th>' + "".join(f"<th>{_esc(k)}</th>" for k in cols) + "</tr>"
+    rows = []
+    for layer in range(d["n_layers"]):
+        for h in range(d["n_heads"]):
+            flag = " (detected)" if (d.get("detected") or [[False] * d["n_heads"]] * d["n_layers"])[layer][h] else ""
+            rows.append(f'<tr><td class="l">L{layer}H{h}{flag}</td>'
+                        + "".join(f"<td>{_f(d[k][layer][h])}</td>" for k in cols) + "</tr>")
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def patch_table(p: dict) -> str:
+    """The patching numbers: the rule, the logit differences, and each patched head's share (n/a when refused)."""
+    if p.get("refused"):
+        return f'<p class="flag">patching not run: {_esc(p["refused"])}</p>'
+    rows = [(f"L{r['layer']}H{r['head']}", "found (top-k)", r["share"]) for r in p.get("heads", [])]
+    rows += [(f"L{r['layer']}H{r['head']}", "random, same layer", r["share"]) for r in p.get("random", [])]
+    if not p.get("random"):
+        rows.append(("-", "random, same layer: none (one head per layer)", "-"))
+    if p.get("contrast"):
+        r = p["contrast"]
+        rows.append((f"L{r['layer']}H{r['head']}", "best EoI head (contrast)", r["share"]))
+    rows += [(f"L{r['layer']} (all heads)", "whole layer", r["share"]) for r in p.get("layers", [])]
+    body = "".join(f'<tr><td class="l">{_esc(a)}</td><td class="l">{_esc(b)}</td><td>{_f(c)}</td></tr>' for a, b, c in rows)
+    separates = p.get("separates", True)
+    verdict = "" if separates else (
+        '<p class="flag">n/a: the model does not separate s_t from s\'_t, so no head has a logit difference to move</p>')
+    groups = f", {p['token_groups']} token groups patched apart and pooled" if p.get("token_groups", 1) > 1 else ""
+    return (
+        f"<p>{p.get('n', '?')} probes ({p.get('skipped', 0)} without a counterfactual{groups}); logit difference "
+        f"logit(s_t) - logit(s'_t): clean {_f(p.get('clean_logit_diff'))}, counterfactual {_f(p.get('counterfactual_logit_diff'))}; "
+        f"separated on {p.get('separated', '?')} of {p.get('n', '?')}</p>{verdict}"
+        f'<table><tr><th class="l">head</th><th class="l">what</th><th>share moved</th></tr>{body}</table>'
+        f'<p class="note">share = sum(LD_clean - LD_patched) / sum(LD_clean - LD_counterfactual); {_esc(p.get("rule", ""))}</p>'
+    )
+
+
+def template_table(d: dict) -> str:
+    """Per template (``--template`` given several times): the best head's score under each, and its drop."""
+    grids, templates = d.get("iteration_score_by_template"), d.get("templates") or []
+    if not grids or len(grids) != len(templates) or not d.get("top_heads"):
+        return ""
+    best = d["top_heads"][0]
+    trained = set(d.get("trained_templates") or [])
+    scores = [g[best["layer"]][best["head"]] for g in grids]
+    top = max(scores)
+    passed = d.get("detected_by_template") or []
+    rows = []
+    for i, (t, v) in enumerate(zip(templates, scores)):
+        ok = passed[i][best["layer"]][best["head"]] if i < len(passed) else None
+        mark = "" if not trained else f'<td class="l">{"trained on" if t in trained else "not trained on"}</td>'
+        rows.append(f'<tr><td class="l"><code>{_esc(t)}</code></td><td>{v:.3f}</td><td>{top - v:.3f}</td>'
+                    f'<td>{"yes" if ok else "no" if ok is not None else "-"}</td>{mark}</tr>')
+    extra = "<th class=l>model</th>" if trained else ""
+    return (f"<h3>Per template (head L{best['layer']}H{best['head']})</h3><table><tr><th class=l>template</th>"
+            f"<th>iteration score</th><th>drop from best</th><th>detected</th>{extra}</tr>{''.join(rows)}</table>")
+
+
+def section(d: dict, maps: Sequence[dict] = (), anchor: str = "s0", heading: str | None = None, flags: Sequence[str] = ()) -> str:
+    """One (model, revision, task): verdicts, meta, heads (heatmaps or a table), attention maps, ablation, patching.
+
+    ``flags``: warnings shown first (the scan's control: templates under which the organism's head is not found)."""
+    heading = heading or f"{d['model']} on {d['task']}"
+    out = [f'<section id="{_esc(anchor)}"><h2>{_esc(heading)}</h2>']
+    out.extend(f'<p class="flag">{_esc(f)}</p>' for f in flags)
+    out.append(verdict_block(d))
+    meta = [(k, d[k]) for k in META_KEYS if d.get(k) not in (None, "")]
+    if d.get("shots"):
+        meta.append(("shots", d["shots"]))
+    rows = "".join(f'<tr><th class="l">{_esc(k)}</th><td class="l">{_esc(v)}</td></tr>' for k, v in meta)
+    out.append(f"<details><summary>settings</summary><table>{rows}</table></details>")
+    keys = score_grids(d)
+    if d["n_layers"] * d["n_heads"] < MIN_HEADS_FOR_HEATMAPS or d["n_heads"] == 1:
+        out.append(f"<h3>Heads ({d['n_layers']} layers x {d['n_heads']} head{'s' if d['n_heads'] > 1 else ''}, 0-based)</h3>")
+        out.append(heads_table(d, [k for k in MAIN if k in keys]))
+    else:
+        main, more = [k for k in keys if k in MAIN], [k for k in keys if k not in MAIN]
+        out.append("<h3>Heatmaps (layer x head)</h3><div class=grids>")
+        for key in main:
+            outline = d.get("detected") if key == "iteration_score" else d.get("eoi_detected") if key == "eoi_score" else None
+            out.append(heatmap(key, d[key], outline))
+        out.append("</div><p class=note>layers top to bottom, heads left to right, 0-based; red outline: detected heads</p>")
+        if more:
+            out.append(f"<details><summary>{len(more)} more score grids</summary><div class=grids>")
+            out.extend(heatmap(key, d[key]) for key in more)
+            out.append("</div></details>")
+    out.append(template_table(d))
     if maps:
         out.append("<h3>Attention of the top heads</h3><div class=grids>")
         out.extend(attention_map(m) for m in maps)
@@ -252,7 +428,7 @@ def section(d: dict, maps: Sequence[dict] = (), anchor: str = "s0", heading: str
     if d.get("ablation"):
         out.append("<h3>Ablation</h3>" + ablation_table(d["ablation"]))
     if d.get("patch"):
-        out.append("<h3>Patching</h3>" + generic_table(d["patch"]))
+        out.append("<h3>Patching</h3>" + patch_table(d["patch"]))
     out.append("</section>")
     return "".join(out)
 

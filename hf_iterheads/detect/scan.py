@@ -275,8 +275,12 @@ def _run_scan(
     push_to_hub: str | None = None,
     dry_run: bool = False,
     progress: bool = True,
+    control: bool | None = None,
 ) -> dict[str, Any]:
-    """Scan every (model, revision, task) not yet in ``output_dir``, then merge (main process) into the atlas."""
+    """Scan every (model, revision, task) not yet in ``output_dir``, then merge (main process) into the atlas.
+
+    ``control``: run the text organism under the scan's templates and shots (:mod:`.control`); None = when some
+    finished triple probed its model through text."""
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
@@ -330,7 +334,13 @@ def _run_scan(
     summary: dict[str, Any] = {"triples": len(triples), "skipped": len(triples) - len(pending), "ran": len(pending),
                                "processes": state.num_processes, "main": state.is_main_process}
     if state.is_main_process:
+        from .control import CONTROL_FILE, control_wanted, ensure_control
+
         parts = load_parts(out / PARTS)
+        if control_wanted(list(parts.values()), options, control):
+            summary["control"] = ensure_control(out, n, lengths, options)
+        else:
+            (out / CONTROL_FILE).unlink(missing_ok=True)
         summary.update(write_atlas(out, list(parts.values())))
         if push_to_hub:
             summary["hub"] = publish(out, push_to_hub, dry_run)
@@ -357,6 +367,9 @@ def add_cli(subparsers) -> None:
     for flag, kwargs in FORWARDED:
         p.add_argument(flag, **kwargs)
     p.add_argument("--maps", type=int, default=3, help="top heads whose attention map goes in report.html (default 3)")
+    p.add_argument("--control", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the bundled text organism (positive control) under the same templates and shots and flag "
+                   "every template under which its head is not found (default: when the scan probes some model as text)")
     p.add_argument("--retry-failed", action="store_true", help="rerun the triples that failed before (finished ones are skipped)")
     p.add_argument("--push-to-hub", default=None, metavar="ORG/NAME", help="publish the atlas as a Hub dataset (with a card)")
     p.add_argument("--dry-run", action="store_true", help="with --push-to-hub: write the dataset folder DIR/hub, upload nothing")
@@ -381,12 +394,16 @@ def _run_cli(args: argparse.Namespace) -> int:
 
     datasets.disable_progress_bars()
     s = run_scan(models, tasks, args.output_dir, args.n, args.lengths, options, maps=args.maps, retry_failed=args.retry_failed,
-                 push_to_hub=args.push_to_hub, dry_run=args.dry_run)
+                 push_to_hub=args.push_to_hub, dry_run=args.dry_run, control=args.control)
     if s["main"]:
         out = Path(args.output_dir)
         print(f"scanned {s['ran']} of {s['triples']} (model, revision, task) triples ({s['skipped']} already done) "
               f"on {s['processes']} process(es); {s['failed']} failed in the atlas")
         print((out / "summary.md").read_text().split("\n## ", 1)[0].strip())
+        from .control import flags
+
+        for flag in flags(s.get("control")):
+            print(f"FLAG {flag}")
         for note in s.get("notes", []):
             print(note, file=sys.stderr)
         print(f"wrote {out / 'results.parquet'}, {out / 'summary.md'}, {out / 'report.html'}")
