@@ -135,9 +135,11 @@ def _one_line_error(capsys) -> str:
 
 def test_bad_eval_input(checkpoint, tmp_path, capsys):
     out = tmp_path / "eval.json"
+    (tmp_path / "empty").mkdir()
     cases = [
         ([str(checkpoint), "--task", "polynomal"], "unknown task"),
-        ([str(tmp_path), "--task", "parity"], "not a model checkpoint"),
+        ([str(tmp_path / "empty"), "--task", "parity"], "not a model checkpoint"),
+        ([str(tmp_path), "--task", "parity"], "inside the evaluated model"),  # the output would go into the model's folder
         ([str(checkpoint), "--task", "parity", "--lengths", "1-9"], "does not fit"),
         ([str(checkpoint), "--task", "parity", "--lengths", "x"], "cannot read lengths"),
     ]
