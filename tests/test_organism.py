@@ -65,3 +65,12 @@ def test_a_template_never_trained_on_reports_its_drop(measured):
     assert r["drop"] == pytest.approx(default["score"] - r["score"], abs=1e-5)
     assert r["drop"] > 0.3 and not r["found"]
     json.dumps(measured)  # the card's numbers are plain JSON
+
+
+def test_detect_report_says_how_much_an_untrained_template_costs(tmp_path):
+    from hf_iterheads.detect.detection import detect_iteration_heads, write_outputs
+
+    result = detect_iteration_heads(str(organism_path()), task="polynomial", lengths="4-6", n=6, template="{inputs} => {states} ;")
+    write_outputs(result, tmp_path / "det")
+    html = (tmp_path / "det" / "report.html").read_text()
+    assert "drop from its trained default" in html and "not trained on" in html and "text_eval.json" in html

@@ -374,22 +374,31 @@ def patch_table(p: dict) -> str:
 def template_table(d: dict) -> str:
     """Per template (``--template`` given several times): the best head's score under each, and its drop."""
     grids, templates = d.get("iteration_score_by_template"), d.get("templates") or []
-    if not grids or len(grids) != len(templates) or not d.get("top_heads"):
+    if not d.get("top_heads"):
         return ""
     best = d["top_heads"][0]
+    reference = d.get("organism_reference")  # a text organism: its score under its default training rendering
+    if (not grids or len(grids) != len(templates)) and reference is not None and len(templates) == 1:
+        grids = [d["iteration_score"]]
+    if not grids or len(grids) != len(templates):
+        return ""
     trained = set(d.get("trained_templates") or [])
     scores = [g[best["layer"]][best["head"]] for g in grids]
-    top = max(scores)
+    top = max(scores) if reference is None else reference
     passed = d.get("detected_by_template") or []
     rows = []
     for i, (t, v) in enumerate(zip(templates, scores)):
-        ok = passed[i][best["layer"]][best["head"]] if i < len(passed) else None
+        ok = passed[i][best["layer"]][best["head"]] if i < len(passed) else best.get("detected") if len(templates) == 1 else None
         mark = "" if not trained else f'<td class="l">{"trained on" if t in trained else "not trained on"}</td>'
         rows.append(f'<tr><td class="l"><code>{_esc(t)}</code></td><td>{v:.3f}</td><td>{top - v:.3f}</td>'
                     f'<td>{"yes" if ok else "no" if ok is not None else "-"}</td>{mark}</tr>')
     extra = "<th class=l>model</th>" if trained else ""
+    what = "drop from best" if reference is None else "drop from its trained default"
+    note = "" if reference is None else (
+        f'<p class="note">a text organism: drop = its iteration score under its default training template without shots '
+        f"({reference:.3f}, text_eval.json) minus the score here</p>")
     return (f"<h3>Per template (head L{best['layer']}H{best['head']})</h3><table><tr><th class=l>template</th>"
-            f"<th>iteration score</th><th>drop from best</th><th>detected</th>{extra}</tr>{''.join(rows)}</table>")
+            f"<th>iteration score</th><th>{what}</th><th>detected</th>{extra}</tr>{''.join(rows)}</table>{note}")
 
 
 def section(d: dict, maps: Sequence[dict] = (), anchor: str = "s0", heading: str | None = None, flags: Sequence[str] = ()) -> str:
@@ -492,9 +501,33 @@ def head_maps(model, tokenizer, result, k: int = 3) -> list[dict]:
             for at, h, c, why in wanted]
 
 
+def organism_context(model: str, d: dict) -> dict:
+    """For a text organism (``iterheads.text_organism`` in its config): the templates it was trained on and, from its
+    ``text_eval.json``, its score under its default template without shots, so the report says how much a
+    rendering costs it. Empty for any other model."""
+    from ..modeling import bundled_path
+
+    path = bundled_path(model) or (Path(model) if Path(model).is_dir() else None)
+    if path is None or not (path / "config.json").is_file() or d.get("rendering") != "text":
+        return {}
+    try:
+        meta = json.loads((path / "config.json").read_text()).get("iterheads") or {}
+        if not meta.get("text_organism"):
+            return {}
+        out: dict = {"trained_templates": meta.get("templates", [])}
+        evals = json.loads((path / "text_eval.json").read_text()) if (path / "text_eval.json").is_file() else {}
+        ref = next((r["score"] for r in evals.get("renderings", []) if r["template"] == meta["templates"][0] and r["shots"] == 0), None)
+        if ref is not None:
+            out["organism_reference"] = ref
+        return out
+    except (OSError, ValueError, KeyError, IndexError):
+        return {}
+
+
 def write_report(result, path: str | Path, maps: Sequence[dict] | None = None) -> None:
     """report.html for one detection (``detect`` calls this from ``write_outputs``)."""
     d = result.to_dict()
     d.setdefault("eoi_detected", [[bool(v) for v in row] for row in result.eoi_detected()])
+    d.update(organism_context(str(result.model), d))
     body = section(d, result_maps(result) if maps is None else maps, "s0", f"{result.model} on {result.task}")
     Path(path).write_text(page(f"Iteration heads of {result.model}", body), encoding="utf-8")
