@@ -81,7 +81,6 @@ class CaptureRun:
         if "use_cache" in params:  # a KV cache would hold every layer's keys and values: memory grows with depth
             self.kwargs["use_cache"] = False
         self.offset = 0
-        self.prefix_tokens = 0  # tokens computed once in a prefix, summed over the forwards that reused one
         self._filling = False
         self._prefixes: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._runner = capture_runner(model, capture, self._layer)
@@ -135,7 +134,6 @@ class CaptureRun:
         b = input_ids.shape[0]
         cache = DynamicCache([(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in layers])
         self.offset = prefix
-        self.prefix_tokens += prefix * (b - 1)
         self._call(input_ids=input_ids[:, prefix:], attention_mask=attention_mask, **{self.cache_arg: cache},
                    **{**self.kwargs, "use_cache": True})
 
