@@ -30,7 +30,7 @@ COMMAND_MODULES = (
     "hf_iterheads.training.cli",
     "hf_iterheads.evaluation",
     "hf_iterheads.plots",
-    "hf_iterheads.detect.detection",
+    "hf_iterheads.detect.cli",
     "hf_iterheads.detect.scan",
     "hf_iterheads.paper.reproduce",
     "hf_iterheads.paper.release",
@@ -53,6 +53,8 @@ COMMANDS: dict[str, tuple[str | tuple[str, ...], str]] = {
     "reproduce": ("hf_iterheads.paper.reproduce",
                   "train, evaluate and probe every model the paper's findings need; write report.md + results.json"),
     "release": ("hf_iterheads.paper.release", "upload a checkpoint (weights, tokenizer, model card) to the Hub"),
+    "tasks": ("hf_iterheads.task_plugins", "list the tasks usable by name, with what they are and the training defaults "
+              "that follow"),
 }
 
 
