@@ -445,7 +445,7 @@ def test_help_still_works(verb, capsys):
 NO_TORCH_ARGV = [["--help"], ["fly"], ["train", "--help"], ["train", "--lr", "x"], ["train", "--bogus", "--output-dir", "x"],
                  ["eval", "--help"], ["eval", "m", "--batch-size", "0"], ["build-datasets", "--help"],
                  ["build-datasets", "--output-dir", "x", "--n-len", "0"], ["release", "--help"], ["reproduce", "--help"],
-                 ["plot", "--help"]]
+                 ["plot", "--help"], ["detect", "--help"], ["tasks", "--help"]]
 
 
 @pytest.mark.parametrize("argv", NO_TORCH_ARGV, ids=[" ".join(a) for a in NO_TORCH_ARGV])
