@@ -59,7 +59,7 @@ def release_card(checkpoint: str | Path, notes: str | Path, name: str | None = N
     base = card.split(NOTES_PREFIX)[0].split(GENERIC_NOTES)[0].rstrip()
     config = json.loads((src / "config.json").read_text())
     task = (config.get("iterheads", {}).get("tasks") or ["parity"])[-1]  # a transfer model: its last task
-    result = detect_iteration_heads(str(src), task=task, ablate=True)
+    result = detect_iteration_heads(str(src), task=task, ablate=True, full_n=True)  # the card's numbers: all 64 probes
     d, ab = result.to_dict(), result.ablation
     top, eoi = d["top_heads"][0], d["eoi_top_heads"][0]
     evals = json.loads((src / "eval_results.json").read_text())["results"][0] if (src / "eval_results.json").is_file() else {}
