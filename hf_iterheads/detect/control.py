@@ -23,7 +23,7 @@ from typing import Any
 
 from ..errors import IterHeadsError
 from ..outputs import write_json_atomic
-from .probes import DEFAULT_TEMPLATE
+from .prompts import DEFAULT_TEMPLATE
 
 ORGANISM = "text-organism"
 CONTROL_FILE = "control.json"

@@ -32,7 +32,12 @@ from .. import __version__
 from ..errors import IterHeadsError
 from ..outputs import LOCK_NAME, check_writable, write_json_atomic
 from ..tasks import get_task
-from .probes import parse_lengths
+from ..tasks import parse_lengths as _parse_lengths
+
+
+def parse_lengths(spec) -> list[int]:
+    """Probe lengths (at least 2: a probe needs a step to look back on); torch-free, so ``scan --help`` is fast."""
+    return _parse_lengths(spec, minimum=2)
 
 DEFAULT_TASKS = "parity,binary_copy,polynomial"
 PARTS = "parts"
@@ -360,7 +365,8 @@ def add_cli(subparsers) -> None:
     )
     p.add_argument("models", nargs="*", metavar="MODEL", help="model folder, bundled checkpoint, Hub repo id, or ID@REV[,REV...]")
     p.add_argument("--models-file", default=None, help="a file with one MODEL (or ID@REV,...) per line; # starts a comment")
-    p.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma-separated tasks (default {DEFAULT_TASKS})")
+    p.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma-separated tasks: names or import strings module:attr "
+                   f"(default {DEFAULT_TASKS})")
     p.add_argument("--revisions", default=None, help="Hub revisions for every Hub model without its own, e.g. main,step1000")
     p.add_argument("--n", type=int, default=64, help="probes per task (default 64)")
     p.add_argument("--lengths", default="4-16", help="chain lengths, e.g. 4-16 (default)")

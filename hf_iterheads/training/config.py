@@ -518,7 +518,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
 
 def check_config(cfg: TrainConfig) -> None:
     """Every combination that cannot train says so in one line, before anything is written."""
-    from ..modeling import PRESETS
+    from ..presets import PRESETS
 
     if not cfg.tasks:
         raise IterHeadsError("give at least one task with --task (e.g. --task polynomial)")
