@@ -164,7 +164,7 @@ def first(curve: list[dict], test) -> tuple[int | None, float | None]:
 
 PER_RUN_KEYS = ("output_dir", "seed", "threads", "attempt", "restarted_at")  # run_config.json keys that vary per run
 # Options added after rows were recorded, with the value every earlier run had (TrainConfig.load reads them so).
-ADDED_KEYS = {"length_weights": "uniform"}
+ADDED_KEYS = {"length_weights": "uniform", "task_sources": {}}
 
 
 def stored_config(row: dict) -> dict[str, Any] | None:

@@ -84,8 +84,8 @@ def test_custom_step_leaving_its_alphabet_is_refused():
     "make, message",
     [
         (lambda: get_task("fibonacci"), "unknown task"),
-        (lambda: make_cumsum_task(1), "modulus must be at least 2"),
-        (lambda: get_task("cumsum_mod1"), "modulus must be at least 2"),
+        (lambda: make_cumsum_task(1), "modulus must be between 2 and 4096"),
+        (lambda: get_task("cumsum_mod1"), "modulus must be between 2 and 4096"),
         (lambda: get_task("parity").sample_inputs(3, 0, np.random.default_rng(0)), "at least 1"),
         (lambda: IterativeTask("bad name!", (0,), (0,), step=lambda s, x: s), "letters, digits"),
     ],
