@@ -628,3 +628,49 @@ def test_detect(case, in_world, capsys):
     name, argv, expected = case
     argv = [_DETECT_MODEL.get(name, a) if i == 1 else a for i, a in enumerate(argv)]
     check_case(cli_runner(capsys), argv, expected, "hf-iterheads detect", in_world)
+
+
+# --- a user's own code that fails: one line naming it -------------------------------------------------------------
+
+USER_PATTERNS = """
+import torch
+from hf_iterheads.detect.patterns import HeadPattern
+RAISES = HeadPattern("raises_here", pairs=lambda probes, idx: {}["no key"])
+WRONG_SHAPE = HeadPattern("wrong_shape_here", pairs=lambda probes, idx: (torch.zeros(3), torch.zeros(3)))
+PAST_END = HeadPattern("past_end_here", pairs=lambda probes, idx: (torch.full((len(idx), 1), 999), torch.zeros(len(idx), 1, dtype=torch.long)))
+"""
+USER_CODE_CASES: list[Case] = [
+    ("pattern-import-raises", DETECT + ["--pattern", "user_pat_boom:X"], "importing 'user_pat_boom' raised RuntimeError: boom"),
+    ("pattern-fn-raises", DETECT + ["--pattern", "user_pats:RAISES"], "its function <lambda> raised KeyError"),
+    ("pattern-wrong-shape", DETECT + ["--pattern", "user_pats:WRONG_SHAPE"], "must return (queries, keys)"),
+    ("pattern-past-end", DETECT + ["--pattern", "user_pats:PAST_END"], "a position past the longest probe"),
+    ("scan-binary-models-file", ["scan", "--models-file", "{w}/models.bin", "--output-dir", "{w}/new"], "is not UTF-8 text"),
+    ("scan-nul-models-file", ["scan", "--models-file", "{w}/models-nul.txt", "--output-dir", "{w}/new"], "is a binary file"),
+]
+
+
+@pytest.fixture
+def user_code(in_world, tmp_path, monkeypatch) -> Path:
+    """The user's pattern modules on the import path (outside the world, whose files must not change)."""
+    (tmp_path / "user_pats.py").write_text(USER_PATTERNS)
+    (tmp_path / "user_pat_boom.py").write_text("raise RuntimeError('boom')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    for name, data in (("models.bin", b"\xff\xfe\x00\x01"), ("models-nul.txt", b"gpt2\n\x00\x00\n")):
+        if not (in_world / name).exists():
+            (in_world / name).write_bytes(data)
+    return in_world
+
+
+@pytest.mark.parametrize("case", USER_CODE_CASES, ids=_ids(USER_CODE_CASES))
+def test_users_own_code(case, user_code, capsys):
+    name, argv, expected = case
+    check_case(cli_runner(capsys), argv, expected, f"hf-iterheads {argv[0]}", user_code)
+
+
+def test_the_python_api_refuses_a_module_that_is_not_a_language_model():
+    from hf_iterheads import detect_iteration_heads
+    from hf_iterheads.errors import IterHeadsError
+
+    with pytest.raises(IterHeadsError, match="needs a transformers causal LM"):
+        detect_iteration_heads(torch.nn.Linear(2, 2), object(), task="parity")

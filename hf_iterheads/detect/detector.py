@@ -49,6 +49,9 @@ class IterationHeadDetector:
             self.model, loaded_tok = load_model(str(model), revision, dtype, device, device_map, trust_remote_code)
             tokenizer = tokenizer or loaded_tok
         else:
+            if not (hasattr(model, "config") and hasattr(model, "forward") and callable(getattr(model, "eval", None))):
+                raise IterHeadsError(f"the detector needs a transformers causal LM (e.g. AutoModelForCausalLM."
+                                     f"from_pretrained(...)) or its name, got a {type(model).__name__}")
             self.model = model
             self.name = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", "") or type(model).__name__
             if tokenizer is None:

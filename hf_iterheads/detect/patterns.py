@@ -52,6 +52,33 @@ class HeadPattern:
     column: str | None = None
     keys: tuple[tuple[str, str], ...] = ()
 
+    def checked_pairs(self, probes: Probes, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """``pairs(probes, idx)``, or one IterHeadsError naming the pattern's function when it raises or returns
+        anything but two integer tensors of shape (len(idx), P) with positions inside the probes."""
+        fn = getattr(self.pairs, "__qualname__", repr(self.pairs))
+        try:
+            out = self.pairs(probes, idx)
+        except IterHeadsError:
+            raise
+        except Exception as err:  # a user's pattern function: its failure is one line, the traceback under --debug
+            raise IterHeadsError(f"head pattern {self.name!r}: its function {fn} raised {type(err).__name__}: {err} "
+                                 f"on probes {idx[:4].tolist()}{'...' if len(idx) > 4 else ''}") from err
+        ok = isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out)
+        if ok:
+            q, k = out
+            ok = (q.shape == k.shape and q.dim() == 2 and q.shape[0] == len(idx) and not q.is_floating_point()
+                  and not k.is_floating_point())
+        if not ok:
+            shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in
+                      (out if isinstance(out, (tuple, list)) else [out])]
+            raise IterHeadsError(f"head pattern {self.name!r}: its function {fn} must return (queries, keys), two "
+                                 f"integer tensors of shape ({len(idx)}, P); got {shapes}")
+        longest = int(probes.seq_lens[idx].max()) if len(idx) else 0
+        if (q >= longest).any() or (k >= longest).any():
+            raise IterHeadsError(f"head pattern {self.name!r}: its function {fn} returned a position past the "
+                                 f"longest probe ({longest} tokens)")
+        return q, k
+
     def key(self, what: str) -> str:
         """The scores.json key of ``what`` (score, peakiness, entropy, baseline, detected)."""
         return dict(self.keys).get(what, f"{self.name}_{what}")
@@ -187,6 +214,8 @@ def load_pattern_spec(spec: str) -> list[HeadPattern]:
         module = importlib.import_module(module_name)
     except ImportError as err:
         raise IterHeadsError(f"--pattern {spec!r}: cannot import {module_name!r} ({err})") from None
+    except Exception as err:  # the user's module raised while it was imported
+        raise IterHeadsError(f"--pattern {spec!r}: importing {module_name!r} raised {type(err).__name__}: {err}") from err
     if not hasattr(module, attr):
         raise IterHeadsError(f"--pattern {spec!r}: module {module_name!r} has no attribute {attr!r}")
     value = getattr(module, attr)

@@ -81,7 +81,13 @@ def model_specs(models: list[str], models_file: str | None = None, revisions: st
         path = Path(models_file)
         if not path.is_file():
             raise IterHeadsError(f"--models-file {path} is not a file")
-        entries += [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
+        try:
+            text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first name
+        except UnicodeDecodeError:
+            raise IterHeadsError(f"--models-file {path} is not UTF-8 text (one model per line)") from None
+        if "\x00" in text:
+            raise IterHeadsError(f"--models-file {path} is a binary file, not a list of models (one per line)")
+        entries += [line.split("#", 1)[0].strip() for line in text.splitlines()]
     default = [r.strip() for r in revisions.split(",") if r.strip()] if revisions else [None]
     out: list[tuple[str, str | None]] = []
     for entry in filter(None, entries):
@@ -94,6 +100,9 @@ def model_specs(models: list[str], models_file: str | None = None, revisions: st
             if _is_local(name):
                 raise IterHeadsError(f"{name!r} is a local folder or bundled checkpoint: it has no revisions ({entry!r})")
         elif _is_local(entry):
+            if revisions:
+                print(f"note: --revisions does not apply to {entry} (a local folder or bundled checkpoint has none): "
+                      "scanned once", file=sys.stderr)
             revs = [None]
         for rev in revs:
             if (name, rev) not in out:

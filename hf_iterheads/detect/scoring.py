@@ -173,7 +173,7 @@ def _shared_prefix(probes: Probes, patterns: list[HeadPattern], enabled: bool) -
     if not enabled or len(probes) < 2:
         return 0
     every = np.arange(len(probes))
-    queries = [q[q >= 0] for q, _ in (p.pairs(probes, every) for p in patterns)]
+    queries = [q[q >= 0] for q, _ in (p.checked_pairs(probes, every) for p in patterns)]
     first = min((int(q.min()) for q in queries if len(q)), default=0)
     return common_prefix(probes.input_ids, probes.seq_lens, first)
 
@@ -222,7 +222,7 @@ def _run_batch(run: CaptureRun, acc: _Accumulator, probes: Probes, idx: np.ndarr
     acc.idx = idx
     acc.pairs = {}
     for p in patterns:
-        q, k = p.pairs(probes, idx)
+        q, k = p.checked_pairs(probes, idx)
         acc.pairs[p.name] = (q.to(device), k.to(device))
     batch = probes.batch(idx)
     cached = run.usable(prefix)
