@@ -247,9 +247,8 @@ def summary_md(parts: list[dict], control: dict | None = None) -> str:
 def _is_local_part(p: dict) -> bool:
     """A model given as a folder path (not a bundled checkpoint, not a Hub id)."""
     from ..modeling import bundled_path
-    from .scan import _is_local
 
-    return _is_local(p["model"]) and bundled_path(p["model"]) is None or p["model"].startswith(("/", ".", "~"))
+    return is_local(p["model"]) and bundled_path(p["model"]) is None or p["model"].startswith(("/", ".", "~"))
 
 
 def report_order(parts: list[dict]) -> list[tuple[str, list[dict]]]:
@@ -300,6 +299,13 @@ def report_html(parts: list[dict], control: dict | None = None) -> str:
 
 
 # --- writing ---------------------------------------------------------------------------------------------
+
+
+def is_local(name: str) -> bool:
+    """A local folder or a checkpoint bundled with the package: a model with no Hub revisions."""
+    from ..modeling import bundled_path
+
+    return Path(name).expanduser().is_dir() or bundled_path(name) is not None
 
 
 def write_atlas(out: Path, parts: list[dict]) -> dict[str, Any]:

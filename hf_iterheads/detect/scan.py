@@ -68,9 +68,9 @@ FORWARDED: tuple[tuple[str, dict[str, Any]], ...] = (
 
 
 def _is_local(name: str) -> bool:
-    from ..modeling import bundled_path
+    from .atlas import is_local  # atlas defines it: atlas never imports scan
 
-    return Path(name).expanduser().is_dir() or bundled_path(name) is not None
+    return is_local(name)
 
 
 def model_specs(models: list[str], models_file: str | None = None, revisions: str | None = None) -> list[tuple[str, str | None]]:
@@ -276,6 +276,54 @@ def run_scan(models: list[tuple[str, str | None]], tasks: list[str], output_dir:
         return _run_scan(models, tasks, output_dir, *args, **kwargs)
 
 
+def _check_scan_folder(out: Path, n: int, lengths: str, options: dict[str, Any], maps: int) -> None:
+    """Every option and the output folder, before any model loads."""
+    if n < 1 or int(options.get("batch_size", 1)) < 1 or int(options.get("top_k", 1)) < 1 or maps < 0:
+        raise IterHeadsError("--n, --batch-size and --top-k must be at least 1, --maps 0 or more")
+    if int(options.get("shots") or 0) < 0:
+        raise IterHeadsError(f"--shots must be 0 or more, got {options['shots']}")
+    parse_lengths(lengths)
+    split_options(options)
+    if out.exists() and not out.is_dir():
+        raise IterHeadsError(f"--output-dir {out} exists and is not a folder")
+    if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()) and not (out / PARTS).is_dir():
+        raise IterHeadsError(f"--output-dir {out} holds other files; scan into an empty folder or one a scan made")
+    check_writable(out)
+
+
+def _pending(out: Path, triples: list[tuple[str, str | None, str]], wanted: dict, retry_failed: bool) -> list:
+    """The triples not yet scanned (or failed, with ``retry_failed``); refuses a folder scanned with other settings."""
+    done = load_parts(out / PARTS)
+    for key, part in done.items():
+        if part.get("settings") != wanted:
+            had = part.get("settings") or {}
+            diff = sorted(k for k in set(wanted) | set(had) if wanted.get(k) != had.get(k))
+            raise IterHeadsError(
+                f"{out} was scanned with other settings ({', '.join(diff)} differ, e.g. in {key}.json); "
+                "use the same options or another --output-dir"
+            )
+    return [(m, r, t) for m, r, t in triples
+            if (part := done.get(part_key(m, r, t))) is None or (retry_failed and part["status"] == "failed")]
+
+
+def _merge(out: Path, n: int, lengths: str, options: dict[str, Any], control: bool | None, push_to_hub: str | None,
+           dry_run: bool) -> dict[str, Any]:
+    """Main process: the organism control where wanted, the atlas from every part, and the upload."""
+    from .atlas import publish, write_atlas
+    from .control import CONTROL_FILE, control_wanted, ensure_control
+
+    summary: dict[str, Any] = {}
+    parts = load_parts(out / PARTS)
+    if control_wanted(list(parts.values()), options, control):
+        summary["control"] = ensure_control(out, n, lengths, options)
+    else:
+        (out / CONTROL_FILE).unlink(missing_ok=True)
+    summary.update(write_atlas(out, list(parts.values())))
+    if push_to_hub:
+        summary["hub"] = publish(out, push_to_hub, dry_run)
+    return summary
+
+
 def _run_scan(
     models: list[tuple[str, str | None]],
     tasks: list[str],
@@ -298,45 +346,18 @@ def _run_scan(
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    from .atlas import publish, write_atlas
-
     options = dict(options or {})
     out = Path(output_dir)
-    if n < 1 or int(options.get("batch_size", 1)) < 1 or int(options.get("top_k", 1)) < 1 or maps < 0:
-        raise IterHeadsError("--n, --batch-size and --top-k must be at least 1, --maps 0 or more")
-    if int(options.get("shots") or 0) < 0:
-        raise IterHeadsError(f"--shots must be 0 or more, got {options['shots']}")
-    parse_lengths(lengths)
-    split_options(options)
-    if out.exists() and not out.is_dir():
-        raise IterHeadsError(f"--output-dir {out} exists and is not a folder")
-    if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()) and not (out / PARTS).is_dir():
-        raise IterHeadsError(f"--output-dir {out} holds other files; scan into an empty folder or one a scan made")
-    check_writable(out)
+    _check_scan_folder(out, n, lengths, options, maps)
     # cpu=True: under a torchrun-style launch on CPUs, processes join a gloo group instead of staying alone
     state = PartialState(cpu=options.get("device") == "cpu" and not options.get("device_map"))
     if options.get("device") == "auto" and state.num_processes > 1:
         options["device"] = str(state.device)
-    wanted = settings(n, lengths, options)
-    done = load_parts(out / PARTS)
-    for key, part in done.items():
-        if part.get("settings") != wanted:
-            had = part.get("settings") or {}
-            diff = sorted(k for k in set(wanted) | set(had) if wanted.get(k) != had.get(k))
-            raise IterHeadsError(
-                f"{out} was scanned with other settings ({', '.join(diff)} differ, e.g. in {key}.json); "
-                "use the same options or another --output-dir"
-            )
     triples = [(m, r, t) for m, r in models for t in tasks]
-    pending = []
-    for m, r, t in triples:
-        part = done.get(part_key(m, r, t))
-        if part is None or (retry_failed and part["status"] == "failed"):
-            pending.append((m, r, t))
+    pending = _pending(out, triples, settings(n, lengths, options), retry_failed)
     state.wait_for_everyone()  # every process has listed the same pending work before any writes a part
-    mine = _shard(pending, state.process_index, state.num_processes)
     groups: dict[tuple[str, str | None], list[str]] = {}
-    for m, r, t in mine:
+    for m, r, t in _shard(pending, state.process_index, state.num_processes):
         groups.setdefault((m, r), []).append(t)
     (out / PARTS).mkdir(parents=True, exist_ok=True)
     desc = "models" if state.num_processes == 1 else f"models (process {state.process_index + 1}/{state.num_processes})"
@@ -348,16 +369,7 @@ def _run_scan(
     summary: dict[str, Any] = {"triples": len(triples), "skipped": len(triples) - len(pending), "ran": len(pending),
                                "processes": state.num_processes, "main": state.is_main_process}
     if state.is_main_process:
-        from .control import CONTROL_FILE, control_wanted, ensure_control
-
-        parts = load_parts(out / PARTS)
-        if control_wanted(list(parts.values()), options, control):
-            summary["control"] = ensure_control(out, n, lengths, options)
-        else:
-            (out / CONTROL_FILE).unlink(missing_ok=True)
-        summary.update(write_atlas(out, list(parts.values())))
-        if push_to_hub:
-            summary["hub"] = publish(out, push_to_hub, dry_run)
+        summary.update(_merge(out, n, lengths, options, control, push_to_hub, dry_run))
     state.wait_for_everyone()
     return summary
 
