@@ -67,16 +67,17 @@ def test_register_custom_task():
         register_task(task)
         assert "test_affine7" in task_names()
         assert chain("test_affine7", [3, 1, 6]) == [3, 0, 6]
+        assert register_task(task) is task  # the same task again: nothing changes
+        twin = IterativeTask("test_affine7", inputs=range(7), states=range(7), step=lambda s, x: (3 * s + x) % 7)
         with pytest.raises(IterHeadsError, match="already registered"):
-            register_task(task)
+            register_task(twin)
     finally:
         _REGISTRY.pop("test_affine7", None)
 
 
 def test_custom_step_leaving_its_alphabet_is_refused():
-    bad = IterativeTask("test_bad", inputs=(0, 1), states=(0, 1), step=lambda s, x: s + x + 5)
-    with pytest.raises(IterHeadsError, match="not in its state alphabet"):
-        register_task(bad)
+    with pytest.raises(IterHeadsError, match=r"returned 5 on \(0, 0\), which is not one of its states"):
+        IterativeTask("test_bad", inputs=(0, 1), states=(0, 1), step=lambda s, x: s + x + 5)
     assert "test_bad" not in task_names()
 
 

@@ -134,7 +134,10 @@ def test_frozen_positions_are_never_trained(tmp_path):
 
     assert run_train(tmp_path / "r", "--max-steps", "3", "--freeze-positions", "--seed", "5", "--lr", "1e-2") == 0
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "r")
-    config = build_config(build_tokenizer(model_max_length=13), 5, "tiny", freeze_positions=True,
+    from hf_iterheads.tasks import BUILTIN_TASKS
+
+    vocab = [t.name for t in BUILTIN_TASKS]  # training's vocabulary: the built-ins and the run's own tasks
+    config = build_config(build_tokenizer(vocab, model_max_length=13), 5, "tiny", freeze_positions=True,
                           initializer_range=FAST.init_range, embed_init_std=FAST.embed_init_std)
     fresh = build_model(config, seed=5)
     assert torch.equal(trained.transformer.wpe.weight, fresh.transformer.wpe.weight)
