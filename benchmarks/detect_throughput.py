@@ -149,9 +149,11 @@ def _measure(model_name: str, methods: list[str], n: int, batch_size: int, round
 CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "OMP_WAIT_POLICY": "PASSIVE"}
 
 
-def _child(args) -> list[dict]:
-    cmd = [sys.executable, __file__, "--child", json.dumps(args)]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, **CHILD_ENV}, check=False)
+def _child(args, script: str = __file__, env: dict | None = None) -> list[dict]:
+    """``script --child ARGS`` in a fresh process (its own peak memory); the last stdout line is its JSON result."""
+    cmd = [sys.executable, script, "--child", json.dumps(args)]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, **(CHILD_ENV if env is None else env)},
+                          check=False)
     if proc.returncode:
         raise SystemExit(f"child failed: {args}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -155,11 +154,9 @@ CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def _child(args: dict) -> list[dict]:
-    cmd = [sys.executable, __file__, "--child", json.dumps(args)]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, **CHILD_ENV}, check=False)
-    if proc.returncode:
-        raise SystemExit(f"child failed: {args}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    from detect_throughput import _child as run_child  # the same child-process runner, with this script's env
+
+    return run_child(args, __file__, CHILD_ENV)
 
 
 def _report(runs: list[dict], a, started: str) -> list[str]:
