@@ -656,6 +656,10 @@ def user_code(in_world, tmp_path, monkeypatch) -> Path:
     (tmp_path / "user_pat_boom.py").write_text("raise RuntimeError('boom')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    from hf_iterheads.detect import patterns
+
+    # --pattern registers the user's patterns in this process: the broken ones must not outlive their test
+    monkeypatch.setattr(patterns, "_REGISTRY", dict(patterns._REGISTRY))
     for name, data in (("models.bin", b"\xff\xfe\x00\x01"), ("models-nul.txt", b"gpt2\n\x00\x00\n")):
         if not (in_world / name).exists():
             (in_world / name).write_bytes(data)
