@@ -617,10 +617,12 @@ DETECT_CASES: list[Case] = [
         ("not-causal", [], "not a causal LM"),
         ("truncated", [], "damaged or incomplete"),
         ("not-on-hub-offline", [], "HF_HUB_OFFLINE"),
+        ("out-is-the-model", ["--output-dir", "{w}/ckpt", "--overwrite"], "is the model"),
+        ("overwrite-not-detects", ["--output-dir", "{w}/full", "--overwrite"], "not written by hf-iterheads detect"),
     ]
 ]
 _DETECT_MODEL = {"missing-folder": "./nope/x", "not-causal": "{w}/bert", "truncated": "{w}/trunc",
-                 "not-on-hub-offline": "acme/missing-model"}
+                 "not-on-hub-offline": "acme/missing-model", "out-is-the-model": "{w}/ckpt"}
 
 
 @pytest.mark.parametrize("case", DETECT_CASES, ids=_ids(DETECT_CASES))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from ..errors import IterHeadsError
 from .criteria import CAPTURES, DTYPE_NAMES
@@ -92,11 +93,30 @@ def _check_args(args: argparse.Namespace) -> None:
         raise IterHeadsError(f"--threads must be at least 1, got {args.threads}")
 
 
+def _detect_layout(folder: Path) -> bool:
+    """A folder ``detect`` wrote: --overwrite may replace it (a checkpoint or anything else it refuses)."""
+    return (folder / "scores.json").is_file() and not (folder / "config.json").is_file()
+
+
+def _local_model(name: str) -> str | None:
+    """The folder the model is read from when it is one (a local folder or a bundled checkpoint): never an output."""
+    import hf_iterheads
+
+    for folder in (Path(name).expanduser(), Path(hf_iterheads.__file__).parent / "checkpoints" / name):
+        if folder.is_dir():
+            return str(folder)
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
     from ..outputs import check_output_dir
 
-    out = check_output_dir(args.output_dir, args.overwrite, "--output-dir")
+    model_dir = _local_model(args.model)
+    if model_dir is not None and Path(args.output_dir).resolve() == Path(model_dir).resolve():
+        raise IterHeadsError(f"--output-dir {args.output_dir} is the model {args.model}: the detector never writes "
+                             "into the folder it reads (a folder inside it is fine)")
+    out = check_output_dir(args.output_dir, args.overwrite, "--output-dir", command="detect", layout=_detect_layout)
     from .patterns import load_pattern_spec
 
     extra = [p for spec in args.pattern for p in load_pattern_spec(spec)]
