@@ -3,7 +3,7 @@
 Every tracked text file (code, comments, docstrings, tests, model cards, docs, benchmark results and their data
 files) is searched for references to the work's own history: numbered work sessions or issues, an unnamed
 "issue" whose goal a comment quotes, a session something happened before. Git keeps the history; a reader of the
-tree cannot know what those refer to. This file holds examples of such phrasings on purpose and is not searched.
+tree cannot know what those refer to. This file assembles its examples of such phrasings from parts, and is not searched.
 """
 
 from __future__ import annotations
@@ -52,11 +52,12 @@ def history_lines(path: Path) -> list[str]:
 
 
 def test_pattern_catches_history_and_spares_the_rest():
-    for said in ("as in session 7", "sessions 6-11", "issue 12", "Issue #33", "the issue's goal", "before session",
-                 "recorded this session"):
+    s, i = "session", "issue"  # the examples are assembled, so that no line of this file reads as history itself
+    for said in (f"as in {s} 7", f"{s}s 6-11", f"{i} 12", f"{i.title()} #33", f"the {i}'s goal", f"before {s}",
+                 f"recorded this {s}"):
         assert HISTORY.search(said), said
-    for said in ("pytest's session fixture", "loaded once per session", "an issue with the tokenizer",
-                 "tissue 3", "the session scope"):
+    for said in (f"pytest's {s} fixture", f"loaded once per {s}", f"an {i} with the tokenizer", f"t{i} 3",
+                 f"the {s} scope"):
         assert not HISTORY.search(said), said
 
 
