@@ -32,6 +32,7 @@ from pathlib import Path
 from seed_sweep import best_anchor, parse_seeds, trained  # this folder's sibling script (run from the repository root)
 
 from hf_iterheads.outputs import read_jsonl
+from hf_iterheads.tasks import get_task
 from hf_iterheads.training import FAST
 from hf_iterheads.training.config import ANCHOR_BELOW, auto_restart_at, auto_restart_below
 
@@ -70,7 +71,7 @@ def screen(name: str, flags: str, task: str, seed: int, until: int, threads: int
         log.close()
     keys = ("accuracy", "attn0_mass", "attn0_peakiness", "attn1_mass", "attn1_peakiness")
     curve = {r["step"]: {k: None if v is None else round(v, 3) for k in keys for v in [trained(r, k)]}
-             for r in rows if r.get("task") == task}
+             for r in rows if r.get("task") == get_task(task).name}  # an import string's records carry its task's name
     at = max((s for s in curve if s <= until), default=None)
     mass = curve[at]["attn1_mass"] if at is not None else None
     anchor = best_anchor(((s, c["attn0_peakiness"]) for s, c in curve.items()), until)

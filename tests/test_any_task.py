@@ -121,7 +121,7 @@ def test_register_task_refuses_a_builtin_name_and_non_tasks():
 BUILTIN_DEFAULTS = {
     "binary_copy": (True, 1000, 0.4, 5, "uniform", 12000, "binary_copy:0.5:3000,cumsum:0.3:0"),
     "parity": (True, 3000, 0.22, 1, "linear", 12000, "binary_copy:0.5:3000,cumsum:0.3:0"),
-    "polynomial": (False, 3000, 0.4, 2, "uniform", 12000, "binary_copy:0.5:3000"),
+    "polynomial": (True, 3000, 0.4, 2, "linear", 12000, "binary_copy:0.5:3000,cumsum:0.3:0"),
     "cumsum": (True, 3000, 0.4, 1, "uniform", 9000, "binary_copy:0.5:3000"),
     "s3_product": (True, 3000, 0.4, 1, "uniform", 9000, "binary_copy:0.5:3000"),
 }

@@ -209,3 +209,23 @@ def test_render_only_with_some_finished_runs_is_allowed_to_start(tmp_path, capsy
     assert main(["reproduce", "--smoke", "--output-dir", str(out), "--render-only"]) == 1  # rows without summary
     assert "no run finished, so no report was written" in capsys.readouterr().err
     assert len(seen) == len(plan(SMOKE)) and not (out / "report.md").exists()
+
+
+def test_a_jobs_commands_run_in_one_process_each_with_its_own_log(tmp_path):
+    """A job's commands share one process; each writes its own log, and the first failure stops the job and is
+    reported with its log's last line."""
+    import os
+
+    import pytest
+
+    from hf_iterheads.paper.reproduce import _call
+
+    ok, bad, never = tmp_path / "logs" / "a.log", tmp_path / "logs" / "b.log", tmp_path / "logs" / "c.log"
+    steps = [[str(ok), "tasks", "parity"], [str(bad), "eval", str(tmp_path / "absent")], [str(never), "tasks"]]
+    with pytest.raises(RuntimeError) as err:
+        _call(steps, dict(os.environ))
+    assert "exit 2" in str(err.value) and str(bad) in str(err.value) and "absent" in str(err.value)
+    assert "parity" in ok.read_text() and "hf-iterheads eval: error" in bad.read_text() and not never.exists()
+    assert "binary_copy" not in ok.read_text()  # a log holds its own command's output only
+    _call([[str(never), "tasks", "polynomial"]], dict(os.environ))
+    assert "polynomial" in never.read_text()

@@ -152,10 +152,6 @@ def plan(scale: Scale, extra: tuple[str, ...] = ()) -> list[Job]:
 # --- running ------------------------------------------------------------------------------------------------
 
 
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "hf_iterheads.cli", *args]
-
-
 def _done(run: Path) -> bool:
     return (run / "eval_results.json").is_file() and (run / "model.safetensors").is_file()
 
@@ -177,38 +173,44 @@ def _stale(run: Path, args: list[str]) -> bool:
 
 
 def run_job(job: Job, out: Path, threads: int, probes: int, lengths: str, env: dict[str, str]) -> None:
-    """Train (or resume, or skip when finished with today's configuration), then detect; logs go to
-    ``runs/NAME/*.log``."""
+    """Train (or resume, or skip when finished with today's configuration), then detect, in one worker process
+    (``paper.steps``: torch is imported once per job); logs go to ``logs/NAME.train.log`` and
+    ``logs/NAME.detect-TASK.log``."""
     run = out / "runs" / job.name
+    logs = out / "logs"
     args = [a.replace("@", str(out / "runs") + os.sep) if a.startswith("@") else a for a in job.train_args]
     if _stale(run, args):
         shutil.rmtree(run)  # its weights, logs and detections answer another plan
-    if not _done(run):
+    steps: list[list[str]] = []
+    train = not _done(run)
+    if train:
         resume = (run / "run_config.json").is_file() and (run / "checkpoints").is_dir()
         if run.exists() and not resume:
             shutil.rmtree(run)
-        cmd = _cli("train", "--output-dir", str(run), "--threads", str(threads), *(["--resume"] if resume else args))
-        log_dir = out / "logs"
-        _call(cmd, log_dir / f"{job.name}.train.log", env)
-        shutil.rmtree(run / "checkpoints", ignore_errors=True)  # the final model is what the report needs
+        steps.append([str(logs / f"{job.name}.train.log"), "train", "--output-dir", str(run), "--threads", str(threads),
+                      *(["--resume"] if resume else args)])
     for task in job.detect_tasks:
         dest = run / f"detect-{task}"
         if not (dest / "scores.json").is_file():
             shutil.rmtree(dest, ignore_errors=True)
-            cmd = _cli("detect", str(run), "--task", task, "--ablate", "--n", str(probes), "--lengths", lengths,
-                       "--output-dir", str(dest))
-            _call(cmd, out / "logs" / f"{job.name}.detect-{task}.log", env)
+            steps.append([str(logs / f"{job.name}.detect-{task}.log"), "detect", str(run), "--task", task, "--ablate",
+                          "--n", str(probes), "--lengths", lengths, "--output-dir", str(dest)])
+    if steps:
+        _call(steps, env)
+    if train:
+        shutil.rmtree(run / "checkpoints", ignore_errors=True)  # the final model is what the report needs
 
 
-def _call(cmd: list[str], log: Path, env: dict[str, str]) -> None:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as fh:
-        fh.write(" ".join(cmd) + "\n")
-        fh.flush()
-        code = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
-    if code:
-        tail = log.read_text().strip().splitlines()[-1:] or [""]
-        raise RuntimeError(f"exit {code}: {tail[0][:200]} (log: {log})")
+def _call(steps: list[list[str]], env: dict[str, str]) -> None:
+    """Run ``steps`` (each ``[log, command, args...]``) in one ``paper.steps`` process; a failure names its log's
+    last line."""
+    proc = subprocess.run([sys.executable, "-m", "hf_iterheads.paper.steps", json.dumps(steps)], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if proc.returncode:
+        named = (proc.stderr.strip().splitlines() or [""])[-1]
+        log = Path(named) if named in {s[0] for s in steps} else None
+        tail = (log.read_text().strip().splitlines()[-1:] if log and log.is_file() else proc.stderr.strip().splitlines()[-1:]) or [""]
+        raise RuntimeError(f"exit {proc.returncode}: {tail[0][:200]}" + (f" (log: {log})" if log else ""))
 
 
 def run_plan(jobs: list[Job], out: Path, workers: int, threads: int, scale: Scale, gpus: int) -> dict[str, str]:
