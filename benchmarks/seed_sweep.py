@@ -516,7 +516,7 @@ def _at(curve: list[dict], step: int, key: str) -> float | None:
 # A second recipe, recorded when the default allowed fewer restarts (--max-restarts), stands in for seeds the first
 # has not run, where that limit decided nothing (limit_unused).
 DEFAULT_ROWS = {"binary_copy": ("early1k-s13",), "parity": ("linear-s17",),
-                "polynomial": ("restarts2-s16", "steps12k-s12"), "cumsum": ("default",), "s3_product": ("default",)}
+                "polynomial": ("cumsum-rows",), "cumsum": ("default",), "s3_product": ("default",)}
 
 
 def limit_unused(row: dict) -> bool:
@@ -564,10 +564,9 @@ def default_table(records: list[dict]) -> list[str]:
     """The goal (9 of 10 seeds), task by task, from the rows of ``DEFAULT_ROWS`` (seeds 0-9; other seeds listed apart)."""
     lines = ["## Today's default against the goal (seeds 0-9; 9 of 10 per task)", "",
              "The plain command `hf-iterheads train --task T --seed S --output-dir D`, on the rows recorded under "
-             "the recipe whose flags resolve to it (`DEFAULT_ROWS`). Polynomial's default allows two restarts; "
-             "its rows recorded with one (`steps12k-s12`) stand in for the seeds where that limit decided "
-             "nothing (the run kept a restart, or its last attempt was forming when judged); seeds where it decided "
-             "were run again (`restarts2-s16`).", "",
+             "the recipe whose flags resolve to it (`DEFAULT_ROWS`). A second recipe, where one is listed, was "
+             "recorded when the default allowed fewer restarts and stands in for the seeds where that limit decided "
+             "nothing (the run kept a restart, or its last attempt was forming when judged).", "",
              "| task | rows | success (seeds 0-9) | goal | head formed at step | 0.99 at step | wall s | failed seeds: "
              "final accuracy, attn1, circuit | other seeds |", "|---|---|---|---|---|---|---|---|---|"]
     for task in TASKS:
@@ -712,12 +711,15 @@ def restart_evidence(records: list[dict]) -> list[str]:
     return lines
 
 
-OFFSET_TASKS = ("binary_copy", "parity", "cumsum", "s3_product")  # position offsets by default (training.config)
+OFFSET_TASKS = ("binary_copy", "parity", "cumsum", "s3_product")  # position offsets by default before polynomial had them
 ANCHOR_BELOW, ANCHOR_STEP = 0.2, 1000  # the anchor restart's defaults (training.config.auto_anchor_below, anchor_at)
 
 
 def has_offsets(r: dict) -> bool:
-    """Whether a recorded run trained with position offsets (its flags reproduce it under today's defaults)."""
+    """Whether a recorded run trained with position offsets: its stored configuration says so, or (older rows,
+    recorded without one) its flags under the defaults of their time."""
+    if "position_offsets" in (r.get("config") or {}):
+        return bool(r["config"]["position_offsets"])
     flags = (r.get("flags") or "").split()
     return "--position-offsets" in flags or (r["task"] in OFFSET_TASKS and "--no-position-offsets" not in flags)
 

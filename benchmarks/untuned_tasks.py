@@ -39,31 +39,53 @@ LIMIT_S = 15 * 60  # the per-run wall-time goal
 
 
 def render(jsonl, page) -> None:
-    """Rewrite ``page`` below the ``RESULTS`` marker with one row per seed and one verdict per task."""
+    """Rewrite ``page`` below the ``RESULTS`` marker with one row per seed and one verdict per task, from each task's
+    latest recipe (the plain command under today's defaults); rows run under earlier defaults are summed up apart."""
     import seed_sweep as sweep
 
     records = [r for r in sweep.load_records(jsonl) if r["status"] in ("ok", "failed")]
+    latest = {r["task"]: r["recipe"] for r in records}  # the last recipe recorded per task
+    current = [r for r in records if r["recipe"] == latest[r["task"]]]
     lines = [RESULTS, "", "## Results", "",
              "| task | seed | attempts | head formed at step | 0.99 at step | final accuracy | attn1 peakiness | "
              "detector's top head | circuit | wall s | success |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     verdicts = []
-    for task in dict.fromkeys(r["task"] for r in records):
-        rows = sorted((r for r in records if r["task"] == task), key=lambda r: r["seed"])
+    for task in dict.fromkeys(r["task"] for r in current):
+        rows = sorted((r for r in current if r["task"] == task), key=lambda r: r["seed"])
         for r in rows:
             lines.append(f"| `{task.rpartition(':')[2]}` | {r['seed']} | {r.get('attempts') or 1} | "
                          f"{sweep._f(r.get('formed_step'))} | {sweep._f(r.get('solved_step'))} | "
                          f"{sweep._f(r.get('accuracy'))} | {sweep._f(r.get('attn1'))} | "
                          f"{sweep._top((r.get('detection') or {}).get('top_head') or {})} | {sweep.circuit_class(r)} | "
                          f"{r['wall_s']:.0f} | {'yes' if r.get('success') else '**no**'} |")
-        ok = [r for r in rows if r.get("success")]
-        walls = [r["wall_s"] for r in rows]
-        verdicts.append(f"| `{task.rpartition(':')[2]}` | {len(ok)} of {len(rows)} (seeds {sweep.seed_ranges([r['seed'] for r in rows])}) | "
-                        f"{'met' if len(ok) >= 9 and len(rows) >= 10 else 'not met' if len(rows) - len(ok) > 1 else 'open'} | "
-                        f"{min(walls):.0f}-{max(walls):.0f} | {sum(w > LIMIT_S for w in walls)} |")
+        verdicts.append(_verdict(task, rows))
     lines[4:4] = ["| task | success | goal (9 of 10) | wall s | runs over 15 min |", "|---|---|---|---|---|", *verdicts, ""]
+    earlier = [r for r in records if r["recipe"] != latest[r["task"]]]
+    if earlier:
+        lines += ["", "## Under earlier defaults", "",
+                  "The same command before the defaults changed; the settings that differ from today's are named.", "",
+                  "| task | success | goal (9 of 10) | wall s | runs over 15 min | defaults then |", "|---|---|---|---|---|---|"]
+        for task, recipe in dict.fromkeys((r["task"], r["recipe"]) for r in earlier):
+            rows = [r for r in earlier if r["task"] == task and r["recipe"] == recipe]
+            now = next(r.get("config") or {} for r in current if r["task"] == task)
+            then = rows[0].get("config") or {}
+            differ = ", ".join(f"{k} {then[k]!r}" for k in ("position_offsets", "curriculum", "length_weights",
+                                                            "max_steps", "restart_at", "restart_below", "max_restarts")
+                               if k in then and then.get(k) != now.get(k)) or "-"
+            lines.append(_verdict(task, rows)[:-1] + f" {differ} |")
     text = page.read_text()
     head = text.split(RESULTS)[0].rstrip("\n")
     page.write_text(head + "\n\n" + "\n".join(lines) + "\n")
+
+
+def _verdict(task: str, rows: list[dict]) -> str:
+    ok = [r for r in rows if r.get("success")]
+    walls = [r["wall_s"] for r in rows]
+    import seed_sweep as sweep
+
+    goal = "met" if len(ok) >= 9 and len(rows) >= 10 else "not met" if len(rows) - len(ok) > 1 else "open"
+    return (f"| `{task.rpartition(':')[2]}` | {len(ok)} of {len(rows)} (seeds {sweep.seed_ranges([r['seed'] for r in rows])}) | "
+            f"{goal} | {min(walls):.0f}-{max(walls):.0f} | {sum(w > LIMIT_S for w in walls)} |")
 
 
 if __name__ == "__main__":

@@ -112,8 +112,8 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path, data):
              if json.loads(line)["kind"] == "train"]
     assert steps == sorted(steps) and len(steps) == len(set(steps))  # no duplicate records after resuming
     card = (tmp_path / "straight" / "README.md").read_text()
-    # on by default for binary copy (the adaptive case), off by default for polynomial
-    assert ("position offsets (every training row" in card) == (data in ("offsets", "adaptive"))
+    # on by default for every task with online data; the fixed dataset has none
+    assert ("position offsets (every training row" in card) == (data != "fixed")
 
 
 @pytest.mark.parametrize("gate", [0.0, 1.01])
@@ -404,8 +404,11 @@ def test_curriculum_and_adaptive_lengths_are_defaults_of_online_training_only():
     # length weights: linear for parity alone; uniform for the other tasks, mixtures, transfer, fixed data, the paper
     assert FAST.length_weights is None and PAPER.length_weights == "uniform"
     assert cfg().length_weights == "linear" and cfg("--task", "parity", "--max-train-len", "12").length_weights == "linear"
-    assert {cfg("--task", t).length_weights for t in ("binary_copy", "polynomial", "cumsum", "s3_product")} == {"uniform"}
-    assert cfg("--task", "parity,polynomial").length_weights == "uniform"
+    assert {cfg("--task", t).length_weights for t in ("binary_copy", "cumsum", "s3_product")} == {"uniform"}
+    assert cfg("--task", "polynomial").length_weights == "linear"  # state 0 ignores x_t: cumsum rows, long lengths
+    assert cfg("--task", "polynomial").curriculum == "binary_copy:0.5:3000,cumsum:0.3:0"
+    assert cfg("--task", "parity,polynomial").length_weights == "linear"  # both get the cumsum rows and read their state
+    assert cfg("--task", "parity,cumsum").length_weights == "uniform"  # linear only when every task has the property
     assert cfg("--init-from", "polynomial-cot").length_weights == "uniform"
     assert cfg("--data", "fixed").length_weights == "uniform" and cfg("--recipe", "paper").length_weights == "uniform"
     assert cfg("--length-weights", "uniform").length_weights == "uniform"
@@ -415,13 +418,13 @@ def test_curriculum_and_adaptive_lengths_are_defaults_of_online_training_only():
         c = cfg("--task", task, "--max-train-len", "12", *length_recipe(16))
         assert (c.length_weights, c.position_offsets, c.longest_trained) == ("linear", True, 12)
         assert [(h.task, h.max_len) for h in parse_curriculum(c.curriculum)] == [("binary_copy", None), ("cumsum", 16)]
-    # position offsets: on for every task but polynomial; off for mixtures with it, transfer, fixed data
+    # position offsets: on for every task, mixtures included; off for transfer and fixed data
     assert FAST.position_offsets is None and PAPER.position_offsets is False
     assert cfg("--task", "cumsum").position_offsets is True and cfg("--task", "s3_product").position_offsets is True
     assert cfg().position_offsets is True and cfg("--task", "binary_copy").position_offsets is True
-    assert cfg("--task", "polynomial").position_offsets is False
+    assert cfg("--task", "polynomial").position_offsets is True
     assert cfg("--task", "cumsum,s3_product").position_offsets is True and cfg("--task", "cumsum,parity").position_offsets is True
-    assert cfg("--task", "cumsum,polynomial").position_offsets is False  # a mixture with polynomial
+    assert cfg("--task", "cumsum,polynomial").position_offsets is True
     assert cfg("--task", "cumsum", "--no-position-offsets").position_offsets is False
     assert cfg("--position-offsets").position_offsets is True
     assert cfg("--task", "cumsum", "--init-from", "polynomial-cot").position_offsets is False
@@ -570,8 +573,8 @@ def test_the_anchor_check_reads_layer1_on_eoi_with_offsets_only():
     assert _unanchored({"binary_copy": 0.15}, 0.2) and not _unanchored({"binary_copy": 0.29}, 0.2)
     assert not _unanchored({}, 0.2)  # no attn0 (no CoT, one layer): never a restart
     assert TrainConfig(tasks=["binary_copy"]).anchor_below == 0.2 and TrainConfig(tasks=["cumsum"]).anchor_below == 0.2
-    assert TrainConfig(tasks=["polynomial"]).anchor_below == 0.0  # no offsets: layer 1 finds EoI later
-    assert TrainConfig(tasks=["polynomial"], position_offsets=True).anchor_below == 0.2
+    assert TrainConfig(tasks=["polynomial"], position_offsets=False).anchor_below == 0.0  # no offsets: EoI found later
+    assert TrainConfig(tasks=["polynomial"]).anchor_below == 0.2
     assert FAST.anchor_at == 0 and PAPER.anchor_at == 0 and TrainConfig(tasks=["cumsum"]).max_restarts == 1  # opt-in
 
 

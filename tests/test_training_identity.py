@@ -29,11 +29,12 @@ from hf_iterheads.cli import main
 REFERENCE = json.loads((Path(__file__).parent / "data" / "training_identity.json").read_text())
 TOLERANCE_RMS = 1e-4
 
-# Recorded when the fast recipe still put one length in each batch, hence --bucket (mixed lengths became the
-# default later, on purpose).
+# Recorded when the fast recipe put one length in each batch and gave polynomial iteration neither position offsets
+# nor helper rows beyond binary copy, hence the explicit flags (those defaults changed later, on purpose).
+AS_RECORDED = ["--bucket", "--no-position-offsets", "--curriculum", "binary_copy:0.5:3000", "--length-weights", "uniform"]
 RUNS = {
-    "fast-online": ["--task", "polynomial", "--seed", "3", "--bucket"],
-    "nocot-adaptive": ["--task", "polynomial", "--seed", "4", "--no-cot", "--bucket"],
+    "fast-online": ["--task", "polynomial", "--seed", "3", *AS_RECORDED],
+    "nocot-adaptive": ["--task", "polynomial", "--seed", "4", "--no-cot", *AS_RECORDED],
     "paper-fixed": ["--task", "parity", "--seed", "5", "--recipe", "paper", "--eval-every", "100"],
 }
 COMMON = ["--max-steps", "200", "--n-len", "8", "--per-length", "64", "--eval-per-length", "16", "--report-to", "none",

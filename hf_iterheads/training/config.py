@@ -96,6 +96,7 @@ RESTART_BELOW, FEW_INPUTS_RESTART_BELOW = 0.4, 0.22  # the plateau restart's thr
 MAX_RESTARTS, EARLY_MAX_RESTARTS = 1, 5  # restarts at most (auto_max_restarts)
 ANCHOR_BELOW = 0.2  # the anchor restart's threshold on attn0 peakiness (auto_anchor_below)
 MAX_STEPS, QUICK_MAX_STEPS = 12000, 9000  # the run's step budget (auto_max_steps)
+LARGE_TABLE = 256  # (state, input) pairs above which a head forms after the plateau check (auto_restart_at)
 
 
 def _every(tasks: list[str], test) -> bool:
@@ -123,14 +124,24 @@ def early_head(tasks: list[str]) -> bool:
 
 def auto_position_offsets(tasks: list[str]) -> bool:
     """``--position-offsets``: on for every task. With offsets no absolute position means anything, so a look-up
-    tied to one length cannot fit, and layer 1 anchors on EoI by step 500-2,000 (without them polynomial
-    iteration mod 23 stayed unanchored, attn0 peakiness 0.12, in 23 of 25 attempts)."""
+    tied to one length cannot fit, and layer 1 anchors on EoI early (the documentation's "Why the training
+    defaults" has the measurements)."""
     return bool(tasks)
 
 
+def large_table(tasks: list[str]) -> bool:
+    """Whether some task's step table has more than ``LARGE_TABLE`` (state, input) pairs: its MLP has that many
+    cases to learn before a look-up of ``x_t`` pays, so layer 2's mass on ``x_t`` rises only after step 3,000."""
+    return any(get_task(t).properties.n_states * get_task(t).properties.n_inputs > LARGE_TABLE for t in tasks)
+
+
 def auto_restart_at(tasks: list[str]) -> int:
-    """``--restart-at``: step 1,000 where the head alone solves the task (``early_head``), else 3,000."""
-    return EARLY_RESTART_AT if early_head(tasks) else RESTART_AT
+    """``--restart-at``: step 1,000 where the head alone solves the task (``early_head``); 0 (one attempt with the
+    whole budget) where a task's table is large (``large_table``): a check at step 3,000 would cut heads that are
+    still forming; else 3,000."""
+    if early_head(tasks):
+        return EARLY_RESTART_AT
+    return 0 if large_table(tasks) else RESTART_AT
 
 
 def auto_restart_below(tasks: list[str], n_len: int, restart_at: int) -> float:
@@ -142,10 +153,12 @@ def auto_restart_below(tasks: list[str], n_len: int, restart_at: int) -> float:
 
 def auto_max_restarts(tasks: list[str], n_len: int = 16) -> int:
     """``--max-restarts``: 5 where the run is judged at step 1,000 (the last attempt keeps 7,000 of 12,000 steps);
-    1 with few distinct inputs (late heads need the steps); else as many as leave the last attempt half the budget
-    (2 of 12,000 steps, 1 of 9,000)."""
+    0 where it is never judged (``large_table``); 1 with few distinct inputs (late heads need the steps); else as
+    many as leave the last attempt half the budget (2 of 12,000 steps, 1 of 9,000)."""
     if early_head(tasks):
         return EARLY_MAX_RESTARTS
+    if not auto_restart_at(tasks):
+        return 0
     if few_inputs(tasks, n_len):
         return MAX_RESTARTS
     return max(MAX_RESTARTS, auto_max_steps(tasks, n_len) // (2 * RESTART_AT))
@@ -294,7 +307,7 @@ class TrainConfig:
     restart_at: int | None = field(default=None, metadata=_help(
         "at the first evaluation from this step on, restart from a fresh initialisation if the iteration head is "
         "not forming (attn1 mass below --restart-below); 0 = never; auto = 3000, or 1000 for a task that does not "
-        "read its state (s_t = g(x_t))"))
+        "read its state (s_t = g(x_t)), or 0 for a task with more than 256 (state, input) pairs"))
     # None = auto (auto_restart_below).
     restart_below: float | None = field(default=None, metadata=_help(
         "attn1 mass under which --restart-at restarts; auto = 0.4, or 0.22 for a task with fewer than 256 distinct "
@@ -311,7 +324,8 @@ class TrainConfig:
     # attempt at least the steps this one had when judged. None = auto (auto_max_restarts).
     max_restarts: int | None = field(default=None, metadata=_help(
         "restarts at most (they share --max-steps; the wall time of every attempt counts); auto = 5 when judged at "
-        "step 1000, 1 for a task with few distinct inputs, else as many as leave the last attempt half the budget"))
+        "step 1000, 0 when never judged, 1 for a task with few distinct inputs, else as many as leave the last "
+        "attempt half the budget"))
     # task name -> the import string (module:attr) it came from, so a new process finds it again; not a flag
     task_sources: dict[str, str] = field(default_factory=dict)
     attempt: int = 0  # which attempt of the run this is (restarts); not a flag
