@@ -72,7 +72,7 @@ def render(jsonl, page) -> None:
             differ = ", ".join(f"{k} {then[k]!r}" for k in ("position_offsets", "curriculum", "length_weights",
                                                             "max_steps", "restart_at", "restart_below", "max_restarts")
                                if k in then and then.get(k) != now.get(k)) or "-"
-            lines.append(_verdict(task, rows)[:-1] + f" {differ} |")
+            lines.append(_verdict(task, rows) + f" {differ} |")
     text = page.read_text()
     head = text.split(RESULTS)[0].rstrip("\n")
     page.write_text(head + "\n\n" + "\n".join(lines) + "\n")

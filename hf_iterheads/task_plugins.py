@@ -203,7 +203,8 @@ def run_tasks_cli(args) -> int:
         table = [head] + [[r["name"], r["from"], str(r["properties"]["n_inputs"]), str(r["properties"]["n_states"]),
                            yes[r["properties"]["reads_state"]], yes[r["properties"]["input_recoverable"]],
                            yes[r["few_inputs"]], yes[r["defaults"]["position_offsets"]],
-                           f"{r['defaults']['restart_at']} < {r['defaults']['restart_below']}",
+                           (f"{r['defaults']['restart_at']} < {r['defaults']['restart_below']}"
+                            if r["defaults"]["restart_at"] else "never"),
                            str(r["defaults"]["max_restarts"]), r["defaults"]["length_weights"], str(r["defaults"]["max_steps"])]
                           for r in rows]
         widths = [max(len(row[i]) for row in table) for i in range(len(head))]

@@ -146,6 +146,19 @@ def test_a_renamed_builtin_gets_the_builtins_defaults():
         assert _defaults(twin.name) == BUILTIN_DEFAULTS[task.name]
 
 
+def test_a_task_that_ignores_its_input_somewhere_or_has_a_large_table_gets_its_defaults_from_that():
+    """Defaults read off the step table: a state that ignores x_t brings cumsum rows and lengths in proportion to
+    L; more than 256 (state, input) pairs, one attempt with the whole (12,000-step) budget; offsets always."""
+    reset = register_task(IterativeTask("reset_mod13", range(1, 13), range(13), step=lambda s, x: (s * x + 1) % 13),
+                          overwrite=True)  # state 0 ignores x_t; 13 x 12 = 156 pairs
+    big = register_task(IterativeTask("shift_mod29", range(29), range(29), step=lambda s, x: (3 * s + x) % 29),
+                        overwrite=True)  # x_t recoverable everywhere; 29 x 29 = 841 pairs
+    assert _defaults(reset.name) == (True, 3000, 0.4, 2, "linear", 12000, "binary_copy:0.5:3000,cumsum:0.3:0")
+    assert _defaults(big.name) == (True, 0, 0.4, 0, "uniform", 12000, "binary_copy:0.5:3000")
+    mixed = replace(FAST, tasks=["cumsum", big.name])
+    assert (mixed.restart_at, mixed.max_restarts, mixed.curriculum) == (0, 0, "binary_copy:0.5:3000")
+
+
 def test_training_holds_no_list_of_task_names():
     names = "|".join(t.name for t in BUILTIN_TASKS)
     pattern = re.compile(rf"[(\[{{,]\s*[\"'](?:{names})[\"']\s*[,)\]}}]")  # a name as an item of a tuple/list/set

@@ -216,7 +216,8 @@ def _pending(out: Path, triples: list[tuple[str, str | None, str]], wanted: dict
 def _merge(out: Path, n: int, lengths: str, options: dict[str, Any], control: bool | None, push_to_hub: str | None,
            dry_run: bool) -> dict[str, Any]:
     """Main process: the organism control where wanted, the atlas from every part, and the upload."""
-    from .atlas import publish, write_atlas
+    from .atlas import write_atlas
+    from .atlas_hub import publish
     from .control import CONTROL_FILE, control_wanted, ensure_control
 
     summary: dict[str, Any] = {}

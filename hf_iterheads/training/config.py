@@ -196,9 +196,10 @@ def length_recipe(n_len: int) -> list[str]:
 
 def auto_max_steps(tasks: list[str], n_len: int) -> int:
     """``--max-steps`` (unless ``--epochs`` is given): 9,000 when every task reads its state, its input is
-    recoverable from each step and it has inputs enough (such heads form by step 4,500); else 12,000."""
+    recoverable from each step, it has inputs enough (such heads form by step 4,500) and no table is large
+    (``large_table``: later heads); else 12,000."""
     quick = _every(tasks, lambda p: p.reads_state and p.input_recoverable and not p.few_inputs(n_len))
-    return QUICK_MAX_STEPS if quick else MAX_STEPS
+    return QUICK_MAX_STEPS if quick and not large_table(tasks) else MAX_STEPS
 
 
 def _help(text: str, **extra) -> dict:
