@@ -9,6 +9,13 @@ run from the repository root (the current directory is on the import path).
   lexicographic order): non-abelian, twice S3's size.
 * ``poly23``     -- ``s_t = s_(t-1) * x_t + 1 mod 23``, inputs 1..22: 23 states, and state 0 makes a step ignore its
   input (``s_t = 1``), so ``x_t`` is not recoverable from every step.
+
+Two more, written down after the defaults were read off the step tables and before either was trained, to check
+those defaults on tables no rule was measured on:
+
+* ``affine29``   -- ``s_t = 3 s_(t-1) + x_t mod 29``, inputs 0..28: 841 (state, input) pairs, ``x_t`` recoverable.
+* ``d4_product`` -- ``s_t = s_(t-1) o x_t`` in the dihedral group D4 (the 8 symmetries of a square, as permutations
+  of its corners, ids in lexicographic order): non-abelian, 64 pairs.
 """
 
 from __future__ import annotations
@@ -28,8 +35,15 @@ affine7 = IterativeTask("affine7", inputs=range(7), states=range(7), step=lambda
                         description="affine map mod 7: s_t = 2 s_(t-1) + x_t mod 7 (s_1 = x_1)")
 a4_product = IterativeTask("a4_product", inputs=range(12), states=range(12), step=lambda s, x: A4_TABLE[s, x],
                            description="product in the alternating group A4: s_t = s_(t-1) o x_t (s_1 = x_1)")
+D4_ELEMENTS = tuple(sorted({tuple(((k * i) + r) % 4 for i in range(4)) for r in range(4) for k in (1, -1)}))
+D4_TABLE = np.array([[D4_ELEMENTS.index(tuple(a[b[i]] for i in range(4))) for b in D4_ELEMENTS] for a in D4_ELEMENTS])
+
 poly23 = IterativeTask("poly23", inputs=range(1, 23), states=range(23), step=lambda s, x: (s * x + 1) % 23,
                        description="polynomial iteration mod 23: s_t = s_(t-1) * x_t + 1 mod 23 (s_1 = x_1)")
+affine29 = IterativeTask("affine29", inputs=range(29), states=range(29), step=lambda s, x: (3 * s + x) % 29,
+                         description="affine map mod 29: s_t = 3 s_(t-1) + x_t mod 29 (s_1 = x_1)")
+d4_product = IterativeTask("d4_product", inputs=range(8), states=range(8), step=lambda s, x: D4_TABLE[s, x],
+                           description="product in the dihedral group D4: s_t = s_(t-1) o x_t (s_1 = x_1)")
 
 
 # --- the rendered table: ``python benchmarks/untuned_tasks.py`` -------------------------------------------------
