@@ -231,3 +231,25 @@ def test_a_run_with_fewer_restarts_stands_for_the_default_only_where_the_limit_d
         mp.setitem(sweep.DEFAULT_ROWS, "polynomial", ("new", "old"))
         assert [(r["seed"], r["recipe"]) for r in sweep.default_rows(rows, "polynomial")] == [(1, "old"), (2, "old"),
                                                                                               (4, "new")]
+
+
+def test_untuned_tasks_rows_shown_as_today_are_the_plain_command():
+    """Each untuned task's latest recipe (the rows its page reports as today's) resolved to exactly what the plain
+    command resolves to now, so a changed default shows up here until the sweep runs again."""
+    import dataclasses
+
+    from hf_iterheads.cli import build_parser
+    from hf_iterheads.training.config import resolve_config
+
+    records = [r for r in sweep.load_records(ROOT / "benchmarks" / "results" / "untuned_tasks.jsonl")
+               if r["status"] in ("ok", "failed")]
+    latest = {r["task"]: r["recipe"] for r in records}
+    assert len(latest) >= 3
+    for task, recipe in latest.items():
+        args = build_parser().parse_args(["train", "--task", task, "--seed", "3", "--output-dir", "x"])
+        plain = json.loads(json.dumps(dataclasses.asdict(resolve_config(args))))
+        plain = {k: v for k, v in plain.items() if k not in sweep.PER_RUN_KEYS}
+        for r in records:
+            if r["task"] == task and r["recipe"] == recipe:
+                stored = {k: v for k, v in sweep.stored_config(r).items() if k not in sweep.PER_RUN_KEYS}
+                assert stored == plain, (task, r["seed"], {k for k in plain if stored.get(k) != plain[k]})
