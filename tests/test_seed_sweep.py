@@ -233,7 +233,23 @@ def test_a_run_with_fewer_restarts_stands_for_the_default_only_where_the_limit_d
                                                                                               (4, "new")]
 
 
-def test_untuned_tasks_rows_shown_as_today_are_the_plain_command():
+@pytest.fixture
+def builtin_tasks_only():
+    """The task registry with the built-ins alone (other tests load tasks of their own under the same names, e.g.
+    the README's ``my_tasks:affine7``), restored afterwards."""
+    from hf_iterheads import tasks
+
+    saved = dict(tasks._REGISTRY), dict(tasks._SOURCES)
+    for name in [n for n in tasks._REGISTRY if not tasks.is_builtin(n)]:
+        del tasks._REGISTRY[name]
+    tasks._SOURCES.clear()
+    yield
+    for live, kept in zip((tasks._REGISTRY, tasks._SOURCES), saved):
+        live.clear()
+        live.update(kept)
+
+
+def test_untuned_tasks_rows_shown_as_today_are_the_plain_command(builtin_tasks_only):
     """Each untuned task's latest recipe (the rows its page reports as today's) resolved to exactly what the plain
     command resolves to now, so a changed default shows up here until the sweep runs again."""
     import dataclasses
