@@ -54,11 +54,33 @@ def _model(name: str):
     return AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval(), cfg
 
 
+def timed(fn):
+    """(result, wall s, CPU s, peak RSS MB above the start) of ``fn()``."""
+    import psutil
+
+    proc = psutil.Process()
+    base = proc.memory_info().rss
+    peak, stop = [base], threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.001)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    stop.set()
+    th.join()
+    return out, wall, cpu, (peak[0] - base) / 2**20
+
+
 def _measure(model_name: str, methods: list[str], n: int, batch_size: int, rounds: int) -> list[dict]:
     """Every method on one model in this process, interleaved over ``rounds`` (best round kept): on a shared
     machine a burst of load then hits one round of every method rather than one method."""
     import numpy as np
-    import psutil
     import torch
 
     from hf_iterheads.circuit import mass_on
@@ -105,31 +127,16 @@ def _measure(model_name: str, methods: list[str], n: int, batch_size: int, round
                "rows": scored("rows", True), "patch": patch}
     for m in methods:
         runners[m](warm)  # warm-up on one batch of other probes
-    proc = psutil.Process()
     best: dict[str, dict] = {}
     for r in range(rounds):
         for m in methods:
             load = os.getloadavg()[0]
-            base = proc.memory_info().rss
-            peak, stop = [base], threading.Event()
-
-            def sample(peak=peak, stop=stop):
-                while not stop.is_set():
-                    peak[0] = max(peak[0], proc.memory_info().rss)
-                    time.sleep(0.001)
-
-            th = threading.Thread(target=sample, daemon=True)
-            th.start()
-            t0, c0 = time.perf_counter(), time.process_time()
-            scores, extra = runners[m](probes)
-            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-            stop.set()
-            th.join()
+            (scores, extra), wall, cpu, peak = timed(lambda m=m: runners[m](probes))
             row = {
                 "method": m, "model": model_name, "layers": layers, "heads": heads, "hidden": cfg.hidden_size,
                 "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "n": n, "max_tokens": probes.max_tokens,
                 "seconds": wall, "cpu_seconds": cpu, "heads_per_s": layers * heads / wall, "heads_per_cpu_s": layers * heads / cpu,
-                "peak_mb": (peak[0] - base) / 2**20, "load_avg": load, "round": r, "build_s": build_s,
+                "peak_mb": peak, "load_avg": load, "round": r, "build_s": build_s,
                 "checksum": float(np.asarray(scores).sum()),
             }
             if m == "naive":
@@ -159,19 +166,25 @@ def _child(args, script: str = __file__, env: dict | None = None) -> list[dict]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _report(runs: list[dict], a, started: str) -> list[str]:
+def machine(each: str) -> str:
+    """The machine sentence of a report's header: architecture, CPUs and the load, torch and transformers."""
     import platform
 
     import torch
     import transformers
 
+    return (f"{platform.machine()}, {os.cpu_count()} CPUs shared with other jobs (load average before each {each} "
+            f"below), torch {torch.__version__}, transformers {transformers.__version__}")
+
+
+def _report(runs: list[dict], a, started: str) -> list[str]:
+    import torch
+
     lines = [
         "# Detector throughput: naive vs eager capture vs row-sliced capture",
         "",
         (
-            f"`python benchmarks/detect_throughput.py {' '.join(sys.argv[1:])}`, started {started}, {platform.machine()}, "
-            f"{os.cpu_count()} CPUs shared with other jobs (load average before each run below), torch {torch.__version__}, "
-            f"transformers {transformers.__version__}, bf16 native: {torch.ops.mkldnn._is_mkldnn_bf16_supported()}. "
+            f"`python benchmarks/detect_throughput.py {' '.join(sys.argv[1:])}`, started {started}, {machine('run')}, bf16 native: {torch.ops.mkldnn._is_mkldnn_bf16_supported()}. "
             f"Random models, {a.n} parity probes of lengths 4-16 (native layout), batch {a.batch_size}. "
             "All score methods give the same iteration scores (checked)."
         ),

@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -69,29 +68,6 @@ def _naive(model, probes, patterns, batch_size: int) -> dict:
     return {**acc.scores(patterns), "n_probes_run": len(probes)}
 
 
-def _timed(fn):
-    """(result, wall s, CPU s, peak RSS MB above the start) of ``fn()``."""
-    import psutil
-
-    proc = psutil.Process()
-    base = proc.memory_info().rss
-    peak, stop = [base], threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.001)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    t0, c0 = time.perf_counter(), time.process_time()
-    out = fn()
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    stop.set()
-    th.join()
-    return out, wall, cpu, (peak[0] - base) / 2**20
-
-
 def _verdicts(scores: dict, task: str):
     from hf_iterheads.detect.result import DetectionResult
 
@@ -101,6 +77,7 @@ def _verdicts(scores: dict, task: str):
 
 def _measure(model_name: str, n: int, batch_size: int, rounds: int, shots: list[int]) -> list[dict]:
     import numpy as np
+    from detect_throughput import timed  # this folder's sibling script: the same wall / CPU / peak-memory measure
     from transformers import AutoTokenizer
 
     from hf_iterheads.detect.patterns import resolve_patterns
@@ -127,7 +104,7 @@ def _measure(model_name: str, n: int, batch_size: int, rounds: int, shots: list[
         for r in range(rounds):
             for name, fn in methods.items():
                 load = os.getloadavg()[0]
-                scores, wall, cpu, peak = _timed(lambda fn=fn, pr=probes: fn(pr))
+                scores, wall, cpu, peak = timed(lambda fn=fn, pr=probes: fn(pr))
                 row = {"model": model_name, "tokenizer": tok_name, "layers": layers, "heads": heads, "hidden": cfg.hidden_size,
                        "shots": k, "method": name, "n_max": n, "n_run": int(scores["n_probes_run"]), "lengths": lengths,
                        "max_tokens": probes.max_tokens, "mean_tokens": float(probes.seq_lens.mean()),
@@ -160,17 +137,12 @@ def _child(args: dict) -> list[dict]:
 
 
 def _report(runs: list[dict], a, started: str) -> list[str]:
-    import platform
-
-    import torch
-    import transformers
+    from detect_throughput import machine
 
     lines = [
         "# Detector speed: time to verdict, engine vs the naive way",
         "",
-        f"`python benchmarks/detector_speed.py {' '.join(sys.argv[1:])}`, started {started}, {platform.machine()}, "
-        f"{os.cpu_count()} CPUs shared with other jobs (load average before each call below), torch {torch.__version__}, "
-        f"transformers {transformers.__version__}, float32, no GPU. Random models, real tokenizers, parity probes "
+        f"`python benchmarks/detector_speed.py {' '.join(sys.argv[1:])}`, started {started}, {machine('call')}, float32, no GPU. Random models, real tokenizers, parity probes "
         f"(text rendering), at most {a.n} per run, batch {a.batch_size}. Speed-up = naive CPU seconds / engine CPU seconds "
         "(the load on a shared machine disturbs CPU time least); wall seconds beside them.",
         "",
