@@ -305,8 +305,9 @@ def run_eval(args: argparse.Namespace) -> int:
         from .outputs import check_not_input
 
         check_writable(args.output, "file", "--output")
-        bundled = Path(__file__).resolve().parent / "checkpoints" / args.model_dir  # modeling.bundled_path, without torch
-        model = args.model_dir if Path(args.model_dir).expanduser().exists() else bundled if bundled.is_dir() else None
+        from .bundled import bundled_path
+
+        model = args.model_dir if Path(args.model_dir).expanduser().exists() else bundled_path(args.model_dir)
         check_not_input(args.output, {"evaluated model": model, "--dataset": args.dataset}, "--output")
     if args.threads:
         import torch

@@ -23,6 +23,9 @@ from transformers import (
     GPT2LMHeadModel,
 )
 
+# the bundled checkpoints are found torch-free (bundled.py); these names stay importable from here
+from .bundled import BUNDLED as BUNDLED
+from .bundled import bundled_checkpoints, bundled_path
 from .errors import IterHeadsError
 from .presets import PRESETS  # torch-free, so the CLI checks a preset fast; modeling.PRESETS keeps working
 from .tasks import get_task
@@ -181,20 +184,6 @@ def loss_after_eoi(model: GPT2LMHeadModel, input_ids: torch.Tensor, labels: torc
     logits = model.lm_head(tr.ln_f(h))
     loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
     return loss, logits, targets
-
-
-BUNDLED = Path(__file__).parent / "checkpoints"  # reference checkpoints shipped with the package
-
-
-def bundled_checkpoints() -> list[str]:
-    """Short names of the reference checkpoints shipped inside the package (e.g. ``polynomial-cot``)."""
-    return sorted(p.parent.name for p in BUNDLED.glob("*/config.json"))
-
-
-def bundled_path(name: str) -> Path | None:
-    """The folder of a bundled checkpoint by short name, or None."""
-    path = BUNDLED / str(name)
-    return path if "/" not in str(name) and (path / "config.json").is_file() else None
 
 
 def weights_damaged(err: BaseException) -> bool:

@@ -245,7 +245,7 @@ def summary_md(parts: list[dict], control: dict | None = None) -> str:
 
 def _is_local_part(p: dict) -> bool:
     """A model given as a folder path (not a bundled checkpoint, not a Hub id)."""
-    from ..modeling import bundled_path
+    from ..bundled import bundled_path
 
     return is_local(p["model"]) and bundled_path(p["model"]) is None or p["model"].startswith(("/", ".", "~"))
 
@@ -302,7 +302,7 @@ def report_html(parts: list[dict], control: dict | None = None) -> str:
 
 def is_local(name: str) -> bool:
     """A local folder or a checkpoint bundled with the package: a model with no Hub revisions."""
-    from ..modeling import bundled_path
+    from ..bundled import bundled_path
 
     return Path(name).expanduser().is_dir() or bundled_path(name) is not None
 

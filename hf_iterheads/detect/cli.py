@@ -100,12 +100,11 @@ def _detect_layout(folder: Path) -> bool:
 
 def _local_model(name: str) -> str | None:
     """The folder the model is read from when it is one (a local folder or a bundled checkpoint): never an output."""
-    import hf_iterheads
+    from ..bundled import bundled_path
 
-    for folder in (Path(name).expanduser(), Path(hf_iterheads.__file__).parent / "checkpoints" / name):
-        if folder.is_dir():
-            return str(folder)
-    return None
+    folder = Path(name).expanduser()
+    bundled = bundled_path(name)
+    return str(folder) if folder.is_dir() else str(bundled) if bundled else None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -33,7 +33,7 @@ RULE = (f"found = top head detected, iteration score >= {FOUND_SCORE}, zero-abla
 
 
 def organism_path(name: str = ORGANISM) -> Path | None:
-    from ..modeling import bundled_path
+    from ..bundled import bundled_path
 
     return bundled_path(name)
 

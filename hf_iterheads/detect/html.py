@@ -333,7 +333,7 @@ def organism_context(model: str, d: dict) -> dict:
     """For a text organism (``iterheads.text_organism`` in its config): the templates it was trained on and, from its
     ``text_eval.json``, its score under its default template without shots, so the report says how much a
     rendering costs it. Empty for any other model."""
-    from ..modeling import bundled_path
+    from ..bundled import bundled_path
 
     path = bundled_path(model) or (Path(model) if Path(model).is_dir() else None)
     if path is None or not (path / "config.json").is_file() or d.get("rendering") != "text":

@@ -12,22 +12,11 @@ import argparse
 import shutil
 from pathlib import Path
 
+# torch-free (bundled.py): `release --help` lists the bundled checkpoints at once
+from ..bundled import BUNDLED as BUNDLED
+from ..bundled import bundled_checkpoints, bundled_path
 from ..errors import IterHeadsError, hub_errors, require_hub
 from ..outputs import atomic_output_dir, check_output_dir
-
-# The bundled checkpoints, found without importing ``modeling`` (torch): `release --help` lists them at once.
-BUNDLED = Path(__file__).resolve().parents[1] / "checkpoints"
-
-
-def bundled_checkpoints() -> list[str]:
-    """Short names of the checkpoints shipped in the package (``modeling.bundled_checkpoints``, torch-free)."""
-    return sorted(p.parent.name for p in BUNDLED.glob("*/config.json"))
-
-
-def bundled_path(name: str) -> Path | None:
-    """A bundled checkpoint's folder by short name, or None (``modeling.bundled_path``, torch-free)."""
-    path = BUNDLED / str(name)
-    return path if "/" not in str(name) and (path / "config.json").is_file() else None
 
 RELEASE_FILES = (
     "config.json",

@@ -157,8 +157,9 @@ def _local_init(init_from: str) -> Path | None:
     path = Path(init_from).expanduser()
     if path.exists():
         return path
-    bundled = Path(__file__).resolve().parents[1] / "checkpoints" / init_from  # modeling.bundled_path, without torch
-    return bundled if "/" not in init_from and (bundled / "config.json").is_file() else None
+    from ..bundled import bundled_path
+
+    return bundled_path(init_from)
 
 
 def start_run(run, resume: bool) -> None:
