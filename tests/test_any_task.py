@@ -157,6 +157,8 @@ def test_a_task_that_ignores_its_input_somewhere_or_has_a_large_table_gets_its_d
     assert _defaults(big.name) == (True, 0, 0.4, 0, "uniform", 12000, "binary_copy:0.5:3000")
     mixed = replace(FAST, tasks=["cumsum", big.name])
     assert (mixed.restart_at, mixed.max_restarts, mixed.curriculum) == (0, 0, "binary_copy:0.5:3000")
+    judged = replace(FAST, tasks=[big.name], restart_at=3000)  # a check asked for: it may restart
+    assert judged.max_restarts == 2
 
 
 def test_training_holds_no_list_of_task_names():

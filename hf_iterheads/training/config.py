@@ -151,13 +151,14 @@ def auto_restart_below(tasks: list[str], n_len: int, restart_at: int) -> float:
     return FEW_INPUTS_RESTART_BELOW if late and few_inputs(tasks, n_len) else RESTART_BELOW
 
 
-def auto_max_restarts(tasks: list[str], n_len: int = 16) -> int:
+def auto_max_restarts(tasks: list[str], n_len: int = 16, restart_at: int | None = None) -> int:
     """``--max-restarts``: 5 where the run is judged at step 1,000 (the last attempt keeps 7,000 of 12,000 steps);
-    0 where it is never judged (``large_table``); 1 with few distinct inputs (late heads need the steps); else as
-    many as leave the last attempt half the budget (2 of 12,000 steps, 1 of 9,000)."""
+    0 for a large table never judged (``large_table``; ``restart_at``: the run's resolved ``--restart-at``, auto
+    when None); 1 with few distinct inputs (late heads need the steps); else as many as leave the last attempt half
+    the budget (2 of 12,000 steps, 1 of 9,000)."""
     if early_head(tasks):
         return EARLY_MAX_RESTARTS
-    if not auto_restart_at(tasks):
+    if large_table(tasks) and not (auto_restart_at(tasks) if restart_at is None else restart_at):
         return 0
     if few_inputs(tasks, n_len):
         return MAX_RESTARTS
@@ -354,7 +355,7 @@ class TrainConfig:
         if self.restart_below is None and self.tasks:
             self.restart_below = auto_restart_below(self.tasks, self.n_len, self.restart_at)  # resolved just above
         if self.max_restarts is None and self.tasks:
-            self.max_restarts = auto_max_restarts(self.tasks, self.n_len)
+            self.max_restarts = auto_max_restarts(self.tasks, self.n_len, self.restart_at)  # resolved above
         if self.anchor_below is None and self.position_offsets is not None:
             self.anchor_below = auto_anchor_below(self.position_offsets)
         self.restarted_at = tuple(self.restarted_at)
