@@ -13,6 +13,11 @@ def bundled_checkpoints() -> list[str]:
     return sorted(p.parent.name for p in BUNDLED.glob("*/config.json"))
 
 
+def is_local(name: str) -> bool:
+    """A local folder or a checkpoint bundled with the package: a model with no Hub revisions."""
+    return Path(name).expanduser().is_dir() or bundled_path(name) is not None
+
+
 def bundled_path(name: str) -> Path | None:
     """The folder of a bundled checkpoint by short name, or None."""
     path = BUNDLED / str(name)

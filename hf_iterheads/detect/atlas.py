@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..bundled import bundled_path
+from ..bundled import is_local as is_local  # a local folder or bundled checkpoint; importable from here too
 from .html import PAPER, is_grid, page, section
 
 # Zero-ablating the found heads counts as causal when it removes at least CAUSAL_SHARE of the model's accuracy
@@ -245,8 +247,6 @@ def summary_md(parts: list[dict], control: dict | None = None) -> str:
 
 def _is_local_part(p: dict) -> bool:
     """A model given as a folder path (not a bundled checkpoint, not a Hub id)."""
-    from ..bundled import bundled_path
-
     return is_local(p["model"]) and bundled_path(p["model"]) is None or p["model"].startswith(("/", ".", "~"))
 
 
@@ -298,13 +298,6 @@ def report_html(parts: list[dict], control: dict | None = None) -> str:
 
 
 # --- writing ---------------------------------------------------------------------------------------------
-
-
-def is_local(name: str) -> bool:
-    """A local folder or a checkpoint bundled with the package: a model with no Hub revisions."""
-    from ..bundled import bundled_path
-
-    return Path(name).expanduser().is_dir() or bundled_path(name) is not None
 
 
 def write_atlas(out: Path, parts: list[dict]) -> dict[str, Any]:

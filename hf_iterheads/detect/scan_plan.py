@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..bundled import is_local as _is_local  # torch-free: a local folder or bundled checkpoint has no revisions
 from ..errors import IterHeadsError
 from ..tasks import get_task
 from ..tasks import parse_lengths as _parse_lengths
@@ -44,12 +45,6 @@ FORWARDED: tuple[tuple[str, dict[str, Any]], ...] = (
 
 
 # --- what to scan ----------------------------------------------------------------------------------------
-
-
-def _is_local(name: str) -> bool:
-    from .atlas import is_local  # atlas defines it: atlas never imports scan
-
-    return is_local(name)
 
 
 def model_specs(models: list[str], models_file: str | None = None, revisions: str | None = None) -> list[tuple[str, str | None]]:
