@@ -85,6 +85,34 @@ def test_sequential_verdicts_equal_full_n_without_a_head(arch):
     assert seq["n_probes_run"] < 64
 
 
+def test_settled_deep_layers_stop_running_and_keep_their_scores(monkeypatch):
+    """Once the deepest layers' verdicts are settled, later rounds stop the forward below them: those layers'
+    scores are exactly the full scores of the probes they saw, the layers still open see every round, and a
+    later round runs what the open heads are estimated to need."""
+    from hf_iterheads.detect import scoring
+    from hf_iterheads.detect.probes import select_probes
+    from hf_iterheads.detect.sequential import probe_order
+
+    model, probes = tiny_model("gpt2", init=0.02), make_probes(build_tokenizer(), "parity", "4-16", n=48, seed=2)
+    rounds = []
+
+    def fake_needed(acc, patterns, ran, n_max, rule, lengths):
+        rounds.append(len(ran))
+        need = np.zeros(acc.shape)
+        need[0] = 22 if len(rounds) == 1 else 0  # the last layer settles after the first round, layer 0 needs 6 more
+        return need
+
+    monkeypatch.setattr(scoring, "needed", fake_needed)
+    seq = score_heads(model, probes, 16, sequential=Sequential(min_probes=16, min_round=4))
+    assert rounds == [16, 24] and seq["n_probes_run"] == 24  # the second round: 6 probes, rounded up to 4s
+    assert (seq["probes_used"][1] == 16).all() and (seq["probes_used"][0] == 24).all()
+    order = probe_order(probes.lengths)
+    first, both = (score_heads(model, select_probes(probes, order[:k]), 16) for k in (16, 24))
+    for key in ("iteration_score", "eoi_score", "baseline"):
+        np.testing.assert_allclose(seq[key][1], first[key][1], atol=1e-6)
+        np.testing.assert_allclose(seq[key][0], both[key][0], atol=1e-6)
+
+
 def test_scores_json_records_probes_per_verdict():
     result = detect_iteration_heads(tiny_model("gpt2", init=0.02), build_tokenizer(), "parity", "4-16", n=48, competence=False)
     d = result.to_dict()
@@ -114,3 +142,12 @@ def test_fast_dtype_is_native_half_precision_or_float32():
     model, _ = load_model(str(CHECKPOINTS / "parity-cot"), dtype="fast")
     amx = _cpu_has_amx()
     assert next(model.parameters()).dtype == fast_dtype("cpu") == (torch.bfloat16 if amx else torch.float32)
+
+
+@pytest.mark.parametrize("need, n, want", [([20.0, 0.0], 16, 4), ([23.0, 0.0], 16, 8), ([200.0, 0.0], 16, 16),
+                                           ([np.inf, 0.0], 16, 16), ([16.5, 0.0], 16, 4)])
+def test_next_round_runs_what_the_open_heads_need(need, n, want):
+    from hf_iterheads.detect.sequential import next_round
+
+    need = np.array([need])
+    assert next_round(need, need <= n, n, Sequential(min_round=4), 16) == want

@@ -22,7 +22,7 @@ from .patterns import HeadPattern, resolve_patterns
 from .probes import Probes
 from .rows import RowsUnavailable
 from .runner import CaptureRun, common_prefix
-from .sequential import Sequential, probe_order, settled
+from .sequential import Sequential, needed, next_round, probe_order, settled_from
 
 
 def _visible(q: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -44,7 +44,8 @@ class _Accumulator:
     """Sums per probe, layer and head for every pattern, filled by the capture hook; the attention is never kept.
 
     Per-probe sums let :mod:`.sequential` put a confidence interval on each score; peakiness and entropy, which
-    no verdict reads, are summed over probes directly.
+    no verdict reads, are summed over probes directly. Each layer keeps its own count of (probe, pair)s: a
+    sequential run stops running layers whose verdicts are all settled, so deeper layers may see fewer probes.
     """
 
     def __init__(self, n_probes: int, n_layers: int, n_heads: int, patterns: list[HeadPattern]) -> None:
@@ -52,6 +53,7 @@ class _Accumulator:
         names = [p.name for p in patterns]
         self.mass = {k: np.zeros((n_probes, n_layers, n_heads)) for k in names}
         self.count = {k: np.zeros(n_probes) for k in names}
+        self.layer_count = {k: np.zeros(n_layers) for k in names}
         self.chance = {k: np.zeros((n_probes, n_layers)) for k in names}
         self.peak = {k: np.zeros((n_layers, n_heads)) for k in names}
         self.entropy = {k: np.zeros((n_layers, n_heads)) for k in names}
@@ -85,6 +87,7 @@ class _Accumulator:
         self.peak[p.name][layer] += ((m > PEAK_THRESHOLD) & v).sum((0, 2)).double().cpu().numpy()
         if layer == 0:
             self.count[p.name][self.idx] += valid.sum(1).cpu().numpy()
+        self.layer_count[p.name][layer] += float(valid.sum())
         if not (p.baseline or p.entropy):
             return
         visible = _visible(q, window)
@@ -97,11 +100,12 @@ class _Accumulator:
             ent = torch.where(norm > 0, ent / norm.clamp(min=1e-12), torch.zeros_like(ent))  # one visible key: 0
             self.entropy[p.name][layer] += (ent * v).sum((0, 2)).double().cpu().numpy()
 
-    def total(self, name: str) -> float:
-        return max(float(self.count[name].sum()), 1.0)
+    def total(self, name: str) -> np.ndarray:
+        """(n_layers, 1): the (probe, pair)s each layer has seen."""
+        return np.maximum(self.layer_count[name], 1.0)[:, None]
 
     def scores(self, patterns: list[HeadPattern]) -> dict[str, np.ndarray]:
-        """Means over every valid (probe, pair): the tables of scores.json."""
+        """Means over every valid (probe, pair) each layer saw: the tables of scores.json."""
         out: dict[str, np.ndarray] = {}
         for p in patterns:
             n = self.total(p.name)
@@ -111,7 +115,7 @@ class _Accumulator:
             if p.entropy:
                 out[p.key("entropy")] = self.entropy[p.name] / n
             if p.baseline:
-                out[p.key("baseline")] = np.repeat((self.chance[p.name].sum(0) / n)[:, None], self.n_heads, 1)
+                out[p.key("baseline")] = np.repeat(self.chance[p.name].sum(0)[:, None] / n, self.n_heads, 1)
         return out
 
 
@@ -151,24 +155,39 @@ def score_heads(
     return {**_score(*args, "eager"), "capture": "eager", "capture_note": note}
 
 
-def _rounds(probes: Probes, rule: Sequential | None, batch_size: int) -> list[np.ndarray]:
-    """Probe indices in the order they run: one round (all) for a full run, else rounds of mixed lengths."""
+def _rounds(probes: Probes, rule: Sequential | None, batch_size: int):
+    """Probe indices in the order they run: one round (all) for a full run, else rounds of mixed lengths, the
+    first ``max(min_probes, batch_size)`` long. The generator is sent each later round's size."""
     if rule is None:
-        return [np.arange(len(probes))]
+        yield np.arange(len(probes))
+        return
     order = probe_order(probes.lengths)
-    size = max(int(batch_size), 1)
-    first = max(rule.min_probes, size)
-    return [order[:first]] + [order[i : i + size] for i in range(first, len(order), size)]
+    start, size = 0, max(rule.min_probes, int(batch_size), 1)
+    while start < len(order):
+        subset = order[start : start + size]
+        start += len(subset)
+        size = (yield subset) or max(int(batch_size), 1)
 
 
 SPLIT_SAVES = 0.1  # a batch is run as two when that pads this share of its tokens less
 
 
-def _length_batches(probes: Probes, subset: np.ndarray, batch_size: int):
-    """Batches of ``subset`` with similar token counts (little padding), longest first. A batch whose lengths are
-    spread (a sequential round draws every length) runs as two, cut where padding costs least, when that saves at
-    least ``SPLIT_SAVES`` of its tokens: the linear layers' cost follows the padded tokens."""
-    lens = probes.seq_lens
+def _read_lens(probes: Probes, patterns: list[HeadPattern]) -> np.ndarray:
+    """Per probe, the tokens a forward must run: up to the last query row any pattern reads. The model is causal,
+    so the tokens after it (the last state, a template's tail) change nothing read here."""
+    every = np.arange(len(probes))
+    last = np.full(len(probes), -1, dtype=np.int64)
+    for p in patterns:
+        q, _ = p.checked_pairs(probes, every)
+        if q.numel():
+            last = np.maximum(last, q.max(1).values.numpy())
+    return np.where(last >= 0, np.minimum(last + 1, probes.seq_lens), probes.seq_lens)
+
+
+def _length_batches(lens: np.ndarray, subset: np.ndarray, batch_size: int):
+    """Batches of ``subset`` with similar token counts ``lens`` (little padding), longest first. A batch whose
+    lengths are spread (a sequential round draws every length) runs as two, cut where padding costs least, when that
+    saves at least ``SPLIT_SAVES`` of its tokens: the linear layers' cost follows the padded tokens."""
     order = subset[np.argsort(-lens[subset], kind="stable")]
     for i in range(0, len(order), max(1, int(batch_size))):
         chunk = order[i : i + batch_size]
@@ -206,18 +225,31 @@ def _score(model, probes: Probes, batch_size: int, patterns: list[HeadPattern], 
         acc.add(layer, weights, windows[layer], rows, run.offset)
 
     prefix = _shared_prefix(probes, patterns, prefix_cache)
+    lens = _read_lens(probes, patterns) if stop_early else probes.seq_lens
     used = np.zeros(acc.shape, dtype=np.int64)
     ran = np.zeros(0, dtype=np.int64)
+    rounds = _rounds(probes, rule, batch_size)
     with CaptureRun(model, capture, on_layer, None if stop_early else n_layers) as run:
-        for subset in _rounds(probes, rule, batch_size):
-            for idx in _length_batches(probes, subset, batch_size):
-                _run_batch(run, acc, probes, idx, patterns, prefix, capture)
+        subset = next(rounds)
+        while True:
+            for idx in _length_batches(lens, subset, batch_size):
+                _run_batch(run, acc, probes, idx, patterns, prefix, capture, int(lens[idx].max()))
             ran = np.concatenate([ran, subset])
+            size = None
             if rule is not None:
-                done = settled(acc, patterns, ran, len(probes), rule, probes.lengths)
+                need = needed(acc, patterns, ran, len(probes), rule, probes.lengths)
+                done = settled_from(need, len(ran), rule)
+                done[run.stop_after + 1 :] = True  # layers no longer run keep the verdicts they settled with
                 used = np.where(done & (used > 0), used, np.where(done, len(ran), 0))
                 if done.all():
                     break
+                if stop_early:  # later rounds stop after the deepest layer with a verdict still open
+                    run.stop_after = int(np.flatnonzero(~done.all(1)).max())
+                size = next_round(need, done, len(ran), rule, batch_size)
+            try:
+                subset = rounds.send(size)
+            except StopIteration:
+                break
     scores: dict[str, Any] = acc.scores(patterns)
     for name, arr in scores.items():
         if not np.isfinite(arr).all():
@@ -231,14 +263,16 @@ def _score(model, probes: Probes, batch_size: int, patterns: list[HeadPattern], 
     return scores
 
 
-def _run_batch(run: CaptureRun, acc: _Accumulator, probes: Probes, idx: np.ndarray, patterns, prefix: int, capture: str) -> None:
+def _run_batch(run: CaptureRun, acc: _Accumulator, probes: Probes, idx: np.ndarray, patterns, prefix: int, capture: str,
+               width: int) -> None:
+    """One batch through the capture, its tokens cut at ``width`` (the last position a pattern reads, plus one)."""
     device = run.device
     acc.idx = idx
     acc.pairs = {}
     for p in patterns:
         q, k = p.checked_pairs(probes, idx)
         acc.pairs[p.name] = (q.to(device), k.to(device))
-    batch = probes.batch(idx)
+    batch = {k: v[:, :width] for k, v in probes.batch(idx).items()}
     cached = run.usable(prefix)
     if capture == "rows":
         run.rows = acc.rows() - cached
