@@ -292,6 +292,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--template", action="append", default=None, help="a training template (repeat it; default: TRAIN_TEMPLATES)")
     p.add_argument("--max-steps", type=int, default=TextRecipe.max_steps)
     p.add_argument("--n-embd", type=int, default=TextRecipe.n_embd)
+    p.add_argument("--n-layer", type=int, default=TextRecipe.n_layer)
+    p.add_argument("--n-head", type=int, default=TextRecipe.n_head)
+    p.add_argument("--n-positions", type=int, default=TextRecipe.n_positions,
+                   help="context length; the probes (shots included) must fit, and offsets spread over it")
     p.add_argument("--batch-size", type=int, default=TextRecipe.batch_size)
     p.add_argument("--lr", type=float, default=TextRecipe.lr)
     p.add_argument("--shots", default="0,0,1,2", help="shot counts drawn per batch, e.g. 0,0,1,2")
@@ -304,7 +308,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     recipe = TextRecipe(task=a.task, templates=tuple(a.template or TRAIN_TEMPLATES), tokenizer=a.tokenizer,
-                        max_steps=a.max_steps, n_embd=a.n_embd, batch_size=a.batch_size,
+                        max_steps=a.max_steps, n_embd=a.n_embd, n_layer=a.n_layer, n_head=a.n_head,
+                        n_positions=a.n_positions, batch_size=a.batch_size,
                         lr=a.lr, seed=a.seed, threads=a.threads, embed_init_std=a.embed_init_std,
                         shots=tuple(int(k) for k in a.shots.split(",")), warmup_steps=a.warmup_steps,
                         position_offsets=not a.no_offsets, init_from=a.init_from, tie=not a.untied)
