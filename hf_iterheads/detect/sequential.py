@@ -8,9 +8,11 @@ residuals (the ratio estimator's linearisation), stratified by chain length sinc
 in proportion. A head is settled when every margin lies ``z`` standard
 errors above zero (detected) or one lies ``z`` below (not detected), and each of its scores is within
 ``tolerance`` of what the full ``n`` would give (the standard error of the difference, with the finite-
-population correction, times ``z``). The run stops when every head is settled; ``n`` is the maximum. Once every head of the deepest layers is
-settled, later rounds stop the forward before them (a layer's attention depends on the layers below it only), so
-those layers keep the scores they settled with.
+population correction, times ``z``). The run stops when every head is settled; ``n`` is the maximum.
+
+A later round runs what the open heads are estimated to need (:func:`needed`, :func:`next_round`). Once every
+head of the deepest layers is settled, later rounds stop the forward before them (a layer's attention depends
+on the layers below it only), so those layers keep the scores they settled with.
 """
 
 from __future__ import annotations
