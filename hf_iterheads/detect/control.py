@@ -113,7 +113,8 @@ def run_control(n: int, lengths: str, options: dict[str, Any], name: str = ORGAN
     for r in rows:
         r["drop"] = None if ref is None or r.get("score") is None else round(ref - r["score"], 6)
     return {"organism": name, "task": meta["task"], "trained_templates": meta.get("templates", []),
-            "trained_shots": meta.get("shots", []), "settings": settings, "reference_score": ref, "rule": RULE, "templates": rows}
+            "trained_shots": sorted(set(meta.get("shots", []))), "settings": settings, "reference_score": ref, "rule": RULE,
+            "templates": rows}
 
 
 def ensure_control(out: Path, n: int, lengths: str, options: dict[str, Any]) -> dict[str, Any]:

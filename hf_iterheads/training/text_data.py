@@ -60,7 +60,7 @@ class TextRecipe:
     seed: int = 0
     threads: int = 1
     tie: bool = True  # tied embeddings (half the file); a warm start keeps the native untied read-out
-    init_from: str = ""  # a native checkpoint (e.g. polynomial-cot) whose weights start the run: see warm_start
+    init_from: str = ""  # a native checkpoint to warm-start from (warm_start), or a text organism to continue
     position_offsets: bool = True  # random offsets per row (every position trained) or probes from position 0
     tokenizer: str = ""
     extra: dict = field(default_factory=dict)
@@ -70,7 +70,7 @@ class TextRecipe:
         out.pop("extra")
         out.pop("tokenizer")
         out["templates"] = list(self.templates)
-        out["shots"] = sorted(set(self.shots))
+        out["shots"] = list(self.shots)  # as drawn: a repeated count is drawn more often
         return {"text_organism": True, "tasks": [self.task], "cot": True, **out}
 
 
@@ -161,6 +161,41 @@ _ROLES = {"->": "<eoi>", "=": "<eoi>", ":": "<eoi>", "<|endoftext|>": "<eos>"}
 
 
 @torch.no_grad()
+def continue_from(model, vocab: CompactVocab, path: Path) -> dict:
+    """Start from a text organism already trained (its full-vocabulary model, same shape): every weight, with the
+    embedding rows of the compact ids taken from their tokenizer ids and ``OTHER`` from an id training never shows.
+    A second stage of training (more shots, another template) resumes the first instead of starting over."""
+    from transformers import GPT2LMHeadModel
+
+    full = GPT2LMHeadModel.from_pretrained(path, dtype=torch.float32)
+    c, m = full.config, model.config
+    if (c.n_layer, c.n_head, c.n_embd, c.n_positions) != (m.n_layer, m.n_head, m.n_embd, m.n_positions):
+        raise IterHeadsError(f"{path}: {c.n_layer} layers x {c.n_head} heads x {c.n_embd} wide, {c.n_positions} positions; "
+                             f"the recipe asks for {m.n_layer} x {m.n_head} x {m.n_embd}, {m.n_positions}")
+    unseen = int(np.setdiff1d(np.arange(c.vocab_size), vocab.ids[1:])[0])
+    rows = torch.from_numpy(np.where(vocab.ids < 0, unseen, vocab.ids))
+    state = full.state_dict()
+    for key in ("transformer.wte.weight", "lm_head.weight"):
+        state[key] = state[key][rows]
+    if m.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    model.load_state_dict(state, strict=not m.tie_word_embeddings)
+    return {"continued_from": str(path)}
+
+
+def _is_text_organism(path: str) -> Path | None:
+    """The folder of ``path`` (a folder or a bundled name) when it holds a text organism, else None."""
+    import json
+
+    from ..bundled import bundled_path
+
+    folder = Path(path) if Path(path).is_dir() else bundled_path(path)
+    if folder is None or not (folder / "config.json").is_file():
+        return None
+    return folder if json.loads((folder / "config.json").read_text()).get("iterheads", {}).get("text_organism") else None
+
+
+@torch.no_grad()
 def warm_start(model, vocab: CompactVocab, tokenizer, native_path: str) -> dict:
     """Copy a native checkpoint's blocks, final norm and positions into the compact model, and its token rows to the
     text tokens that play the same role: value ``v`` (``"3"`` and ``" 3"``) gets native ``3``, the marker before
@@ -242,7 +277,9 @@ def train_text_organism(recipe: TextRecipe, output_dir: str | Path, log_every: i
     data = TextData(tokenizer, recipe, vocab)
     model = compact_model(recipe, vocab)
     if recipe.init_from:
-        recipe.extra["warm_start"] = warm_start(model, vocab, tokenizer, recipe.init_from)
+        organism = _is_text_organism(recipe.init_from)
+        recipe.extra["warm_start"] = (continue_from(model, vocab, organism) if organism is not None
+                                      else warm_start(model, vocab, tokenizer, recipe.init_from))
     cfg = TrainConfig(tasks=[recipe.task], output_dir=str(out), lr=recipe.lr, batch_size=recipe.batch_size,
                       warmup_steps=recipe.warmup_steps, schedule="cosine", max_steps=recipe.max_steps, report_to="none",
                       log_every=log_every, threads=recipe.threads, seed=recipe.seed)
@@ -273,7 +310,8 @@ def train_text_organism(recipe: TextRecipe, output_dir: str | Path, log_every: i
     model = accelerator.unwrap_model(model).eval()
     full = expand(model, vocab, tokenizer, recipe)
     full.to(torch.bfloat16).save_pretrained(out)  # bf16 on disk (the detector loads float32): half the size
-    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "SOURCE.txt"):
+    tokenizer.save_pretrained(out)  # tokenizer.json, whatever files the tokenizer was read from
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "SOURCE.txt"):  # the originals, unchanged
         src = Path(recipe.tokenizer) / name
         if src.is_file():
             shutil.copyfile(src, out / name)
@@ -300,7 +338,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=TextRecipe.lr)
     p.add_argument("--shots", default="0,0,1,2", help="shot counts drawn per batch, e.g. 0,0,1,2")
     p.add_argument("--warmup-steps", type=int, default=TextRecipe.warmup_steps)
-    p.add_argument("--init-from", default="", help="start from a native checkpoint's weights (e.g. polynomial-cot)")
+    p.add_argument("--init-from", default="",
+                   help="a native checkpoint to warm-start from (e.g. polynomial-cot), or a text organism to continue")
     p.add_argument("--untied", action="store_true", help="a separate read-out (twice the file; keeps a warm start's)")
     p.add_argument("--no-offsets", action="store_true", help="no random position offsets: every probe starts at 0")
     p.add_argument("--embed-init-std", type=float, default=TextRecipe.embed_init_std)
