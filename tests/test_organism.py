@@ -1,7 +1,8 @@
 """The text organism: the positive control of the text path. A small GPT-2 with the real GPT-2 tokenizer, trained on
-the detector's own text probes, must keep being found by ``detect`` through text: under two templates and with
-few-shot, its head scores >= 0.9, ablating it removes >= half of the accuracy above chance, and patching it moves
->= half of the logit difference. The bundled model is loaded, never trained, here."""
+the detector's own text probes, must keep being found by ``detect`` through text: under two templates and after
+two worked examples, its head scores >= 0.9, ablating it removes >= half of the accuracy above chance, and patching
+it moves >= half of the logit difference. Under templates it never saw, the drop is reported. The bundled model is
+loaded, never trained, here."""
 
 from __future__ import annotations
 
@@ -32,9 +33,9 @@ def test_loads_with_from_pretrained_and_its_gpt2_tokenizer():
     model, tok = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
     assert len(tok) == model.config.vocab_size == 50257 and tok.convert_ids_to_tokens(tok(" 10")["input_ids"]) == ["Ġ10"]
     meta = organism_meta(path)
-    assert meta["task"] == "polynomial" and {DEFAULT_TEMPLATE, OTHER_TEMPLATE, TWO_LINES} <= set(meta["templates"])
+    assert meta["task"] == "polynomial" and {DEFAULT_TEMPLATE, OTHER_TEMPLATE} <= set(meta["templates"])
     size = sum(f.stat().st_size for f in path.iterdir())
-    assert size < 32_000_000 and (path / "tokenizer.json").is_file() and "MIT" in (path / "SOURCE.txt").read_text()
+    assert size < 20_000_000 and (path / "tokenizer.json").is_file() and "MIT" in (path / "SOURCE.txt").read_text()
     assert not list(path.glob("*.bin")) and not list(path.glob("*.pt"))  # safetensors only
 
 
@@ -46,20 +47,14 @@ def _found(measured, name):
     assert r["found"], r
 
 
-@pytest.mark.parametrize("name", ["default", "other template"])
+@pytest.mark.parametrize("name", ["default", "other template", "few-shot"])
 def test_the_text_path_finds_the_organisms_head(measured, name):
     _found(measured, name)
 
 
-@pytest.mark.xfail(strict=True, reason="the bundled organism's look-up is tied to the probe starting at position 0: "
-                   "after worked examples (and under a two-line template) its head is not found, and the control says so")
-@pytest.mark.parametrize("name", ["few-shot", "two lines"])
-def test_the_text_path_finds_the_organisms_head_after_shots_and_on_two_lines(measured, name):
-    _found(measured, name)
-
-
-def test_a_template_never_trained_on_reports_its_drop(measured):
-    r = next(x for x in measured["renderings"] if x["rendering"] == "held out")
+@pytest.mark.parametrize("name", ["held out", "two lines"])
+def test_a_template_never_trained_on_reports_its_drop(measured, name):
+    r = next(x for x in measured["renderings"] if x["rendering"] == name)
     assert not r["trained"] and r["drop"] is not None
     default = next(x for x in measured["renderings"] if x["rendering"] == "default")
     assert r["drop"] == pytest.approx(default["score"] - r["score"], abs=1e-5)

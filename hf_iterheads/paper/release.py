@@ -44,9 +44,12 @@ def release_card(checkpoint: str | Path, notes: str | Path, name: str | None = N
 
     src = resolve_checkpoint(str(checkpoint))
     name = name or Path(notes).stem
-    card = (src / "README.md").read_text()
-    base = card.split(NOTES_PREFIX)[0].split(GENERIC_NOTES)[0].rstrip()
     config = json.loads((src / "config.json").read_text())
+    if config.get("iterheads", {}).get("text_organism"):
+        base = organism_card_head(src, name)
+    else:
+        card = (src / "README.md").read_text()
+        base = card.split(NOTES_PREFIX)[0].split(GENERIC_NOTES)[0].rstrip()
     task = (config.get("iterheads", {}).get("tasks") or ["parity"])[-1]  # a transfer model: its last task
     result = detect_iteration_heads(str(src), task=task, ablate=True, full_n=True)  # the card's numbers: all 64 probes
     d, ab = result.to_dict(), result.ablation
@@ -60,10 +63,54 @@ def release_card(checkpoint: str | Path, notes: str | Path, name: str | None = N
         chance=ab["clean"]["chance_token_accuracy"],
         per_length={int(L): m["accuracy"] for L, m in evals.get("per_length", {}).items()},
         evals=json.loads((src / "text_eval.json").read_text()) if (src / "text_eval.json").is_file() else {},
+        recipe=config.get("iterheads", {}), config=config,
     )
     values["min_long"] = min((a for L, a in values["per_length"].items() if L >= 7), default=float("nan"))
     body = jinja2.Template(Path(notes).read_text(), undefined=jinja2.StrictUndefined).render(**values)
     return f"{base}\n\n{NOTES_MARK.format(name=name)}\n\n{body.strip()}\n"
+
+
+def organism_card_head(src: Path, name: str) -> str:
+    """A text organism's card head, written from its own files: the model-index from ``text_eval.json`` (the
+    verdict per rendering) and the training line from ``config.json`` and ``train_log.jsonl``."""
+    import json
+
+    import numpy as np
+    from huggingface_hub import EvalResult, ModelCardData
+
+    from ..detect.probes import DEFAULT_TEMPLATE
+    from ..detect.prompts import render
+    from ..tasks import get_task
+
+    c = json.loads((src / "config.json").read_text())
+    meta, ev = c["iterheads"], json.loads((src / "text_eval.json").read_text())
+    task = get_task(ev["task"])
+    dataset = f"{ev['task']} rendered as text (hf-iterheads detector probes, lengths {ev['lengths']}, {ev['n']} probes)"
+    def result(metric: str, value: float, label: str) -> EvalResult:
+        return EvalResult(task_type="text-generation", dataset_type="hf-iterheads/text-probes", dataset_name=dataset,
+                          metric_type=metric, metric_value=round(float(value), 4), metric_name=label)
+
+    results = [m for r in ev["renderings"] for m in (
+        result("iteration_score", r["score"], f"iteration score of L{r['layer']}H{r['head']}, {r['rendering']}"),
+        result("token_accuracy", r["clean_accuracy"], f"teacher-forced token accuracy on the probes, {r['rendering']}"))]
+    data = ModelCardData(library_name="transformers", license="mit", pipeline_tag="text-generation", model_name=f"iterheads-{name}",
+                         tags=["iteration-head", "chain-of-thought", "mechanistic-interpretability", "hf-iterheads", "model-organism"],
+                         eval_results=results)
+    log = [json.loads(line) for line in (src / "train_log.jsonl").read_text().splitlines() if line.strip()]
+    last = [r for r in log if r.get("kind") == "train"][-1]
+    example = render(DEFAULT_TEMPLATE, [3, 7, 2], task.run(np.array([[3, 7, 2]]))[0].tolist())[0]
+    return "\n".join([
+        f"---\n{data.to_yaml()}\n---", "",
+        f"# {name}: a GPT-2 with an iteration head, read through the GPT-2 tokenizer", "",
+        f"A {c['n_layer']}-layer, {c['n_head']}-head GPT-2 ({c['n_embd']} wide, {c['vocab_size']:,}-token GPT-2 vocabulary, "
+        f"{'tied' if c.get('tie_word_embeddings', True) else 'untied'} embeddings) trained with hf-iterheads on {task.description}, "
+        f"written as text with its chain of thought: `{example}`. Load it like any Hub model:", "",
+        "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "from hf_iterheads.modeling import bundled_path",
+        f'model = AutoModelForCausalLM.from_pretrained(bundled_path("{name}"))',
+        f'tokenizer = AutoTokenizer.from_pretrained(bundled_path("{name}"))', "```", "",
+        f"Training: {meta['max_steps']} steps in the run that wrote these weights, final training loss {last['loss']:.3f} "
+        "(`train_log.jsonl`).",
+    ])
 
 
 def resolve_checkpoint(name: str) -> Path:
