@@ -175,6 +175,7 @@ def continue_from(model, vocab: CompactVocab, path: Path) -> dict:
     unseen = int(np.setdiff1d(np.arange(c.vocab_size), vocab.ids[1:])[0])
     rows = torch.from_numpy(np.where(vocab.ids < 0, unseen, vocab.ids))
     state = full.state_dict()
+    state.setdefault("lm_head.weight", full.get_output_embeddings().weight)  # a tied source may list it once
     for key in ("transformer.wte.weight", "lm_head.weight"):
         state[key] = state[key][rows]
     if m.tie_word_embeddings:
