@@ -172,13 +172,17 @@ def _rounds(probes: Probes, rule: Sequential | None, batch_size: int):
 SPLIT_SAVES = 0.1  # a batch is run as two when that pads this share of its tokens less
 
 
-def _read_lens(probes: Probes, patterns: list[HeadPattern]) -> np.ndarray:
+def _query_rows(probes: Probes, patterns: list[HeadPattern]) -> list[torch.Tensor]:
+    """Every pattern's (probes, pairs) query positions over all probes (-1: no pair)."""
+    every = np.arange(len(probes))
+    return [p.checked_pairs(probes, every)[0] for p in patterns]
+
+
+def _read_lens(probes: Probes, queries: list[torch.Tensor]) -> np.ndarray:
     """Per probe, the tokens a forward must run: up to the last query row any pattern reads. The model is causal,
     so the tokens after it (the last state, a template's tail) change nothing read here."""
-    every = np.arange(len(probes))
     last = np.full(len(probes), -1, dtype=np.int64)
-    for p in patterns:
-        q, _ = p.checked_pairs(probes, every)
+    for q in queries:
         if q.numel():
             last = np.maximum(last, q.max(1).values.numpy())
     return np.where(last >= 0, np.minimum(last + 1, probes.seq_lens), probes.seq_lens)
@@ -201,13 +205,12 @@ def _length_batches(lens: np.ndarray, subset: np.ndarray, batch_size: int):
             yield np.sort(chunk)
 
 
-def _shared_prefix(probes: Probes, patterns: list[HeadPattern], enabled: bool) -> int:
+def _shared_prefix(probes: Probes, queries: list[torch.Tensor], enabled: bool) -> int:
     """Tokens every probe shares before any query a pattern reads (0: nothing worth caching)."""
     if not enabled or len(probes) < 2:
         return 0
-    every = np.arange(len(probes))
-    queries = [q[q >= 0] for q, _ in (p.checked_pairs(probes, every) for p in patterns)]
-    first = min((int(q.min()) for q in queries if len(q)), default=0)
+    rows = [q[q >= 0] for q in queries]
+    first = min((int(q.min()) for q in rows if len(q)), default=0)
     return common_prefix(probes.input_ids, probes.seq_lens, first)
 
 
@@ -224,8 +227,9 @@ def _score(model, probes: Probes, batch_size: int, patterns: list[HeadPattern], 
             windows[layer] = _window(module, config)
         acc.add(layer, weights, windows[layer], rows, run.offset)
 
-    prefix = _shared_prefix(probes, patterns, prefix_cache)
-    lens = _read_lens(probes, patterns) if stop_early else probes.seq_lens
+    queries = _query_rows(probes, patterns)  # computed once: the shared prefix ends before them, each probe after them
+    prefix = _shared_prefix(probes, queries, prefix_cache)
+    lens = _read_lens(probes, queries) if stop_early else probes.seq_lens
     used = np.zeros(acc.shape, dtype=np.int64)
     ran = np.zeros(0, dtype=np.int64)
     rounds = _rounds(probes, rule, batch_size)
