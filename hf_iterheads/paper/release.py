@@ -46,7 +46,7 @@ def release_card(checkpoint: str | Path, notes: str | Path, name: str | None = N
     name = name or Path(notes).stem
     config = json.loads((src / "config.json").read_text())
     if config.get("iterheads", {}).get("text_organism"):
-        base = organism_card_head(src, name)
+        base = organism_card_head(src, name, config)
     else:
         card = (src / "README.md").read_text()
         base = card.split(NOTES_PREFIX)[0].split(GENERIC_NOTES)[0].rstrip()
@@ -70,9 +70,9 @@ def release_card(checkpoint: str | Path, notes: str | Path, name: str | None = N
     return f"{base}\n\n{NOTES_MARK.format(name=name)}\n\n{body.strip()}\n"
 
 
-def organism_card_head(src: Path, name: str) -> str:
+def organism_card_head(src: Path, name: str, c: dict) -> str:
     """A text organism's card head, written from its own files: the model-index from ``text_eval.json`` (the
-    verdict per rendering) and the training line from ``config.json`` and ``train_log.jsonl``."""
+    verdict per rendering) and the training line from its config ``c`` and ``train_log.jsonl``."""
     import json
 
     import numpy as np
@@ -82,10 +82,10 @@ def organism_card_head(src: Path, name: str) -> str:
     from ..detect.prompts import render
     from ..tasks import get_task
 
-    c = json.loads((src / "config.json").read_text())
     meta, ev = c["iterheads"], json.loads((src / "text_eval.json").read_text())
     task = get_task(ev["task"])
     dataset = f"{ev['task']} rendered as text (hf-iterheads detector probes, lengths {ev['lengths']}, {ev['n']} probes)"
+
     def result(metric: str, value: float, label: str) -> EvalResult:
         return EvalResult(task_type="text-generation", dataset_type="hf-iterheads/text-probes", dataset_name=dataset,
                           metric_type=metric, metric_value=round(float(value), 4), metric_name=label)
