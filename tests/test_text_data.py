@@ -49,3 +49,25 @@ def test_a_second_stage_continues_the_first_exactly(tmp_path):
     meta = AutoModelForCausalLM.from_pretrained(second).config.iterheads
     assert meta["init_from"] == str(first) and meta["shots"] == [0, 0, 1]  # the draw list as given: the recipe reruns
     assert AutoTokenizer.from_pretrained(second)("3 7")["input_ids"] == tok("3 7")["input_ids"]
+
+
+def test_bad_runs_leave_nothing_and_never_replace_what_they_did_not_write(tmp_path):
+    import pytest
+
+    from hf_iterheads.errors import IterHeadsError
+
+    with pytest.raises(IterHeadsError, match="not divisible by n-head"):
+        train_text_organism(_recipe(n_head=3), tmp_path / "odd")
+    with pytest.raises(IterHeadsError, match="more than n_positions"):  # found at the first batch, after the work began
+        train_text_organism(_recipe(n_positions=8), tmp_path / "short")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no folder, no temporary sibling
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    for overwrite, said in ((False, "exists and is not empty"), (True, "not written by hf-iterheads text_data")):
+        with pytest.raises(IterHeadsError, match=said):
+            train_text_organism(_recipe(), mine, overwrite=overwrite)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    out = train_text_organism(_recipe(), tmp_path / "run")
+    again = train_text_organism(_recipe(seed=1), out, overwrite=True)  # its own folder: replaced whole
+    assert AutoModelForCausalLM.from_pretrained(again).config.iterheads["seed"] == 1

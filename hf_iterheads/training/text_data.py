@@ -30,6 +30,7 @@ import torch
 
 from ..detect.probes import DEFAULT_TEMPLATE, text_probes
 from ..errors import IterHeadsError
+from ..outputs import atomic_output_dir
 from ..tasks import get_task
 
 # what `detect --template` renders: the default, and the two wordings the README shows for LLMs
@@ -64,6 +65,16 @@ class TextRecipe:
     position_offsets: bool = True  # random offsets per row (every position trained) or probes from position 0
     tokenizer: str = ""
     extra: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        """One clear error for a shape GPT-2 cannot take, before any work."""
+        for name in ("n_layer", "n_head", "n_embd", "n_positions", "batch_size", "max_steps"):
+            if int(getattr(self, name)) < 1:
+                raise IterHeadsError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise IterHeadsError(f"n-embd {self.n_embd} is not divisible by n-head {self.n_head}")
+        if not self.shots or min(self.shots) < 0:
+            raise IterHeadsError(f"shots must be counts of 0 or more, got {list(self.shots)}")
 
     def meta(self) -> dict:
         out = asdict(self)
@@ -258,9 +269,25 @@ def expand(model, vocab: CompactVocab, tokenizer, recipe: TextRecipe):
     return full.eval()
 
 
-def train_text_organism(recipe: TextRecipe, output_dir: str | Path, log_every: int = 100) -> Path:
+COMMAND = "text_data"  # the marker by which --overwrite knows a folder is a text organism this command wrote
+
+
+def train_text_organism(recipe: TextRecipe, output_dir: str | Path, log_every: int = 100, overwrite: bool = False) -> Path:
     """Train on text probes with the training package's accelerator, step and schedule; write the full model,
-    its tokenizer (the files it was loaded from) and ``train_log.jsonl`` to ``output_dir``."""
+    its tokenizer (the files it was loaded from) and ``train_log.jsonl`` to ``output_dir``.
+
+    The folder is built beside ``output_dir`` and moved into place whole: a run that fails leaves nothing, and an
+    existing folder is replaced only with ``overwrite`` and only when this command wrote it."""
+    recipe.check()
+    inputs = {"--tokenizer": recipe.tokenizer, "--init-from": recipe.init_from}
+    with atomic_output_dir(output_dir, overwrite, command=COMMAND, inputs=inputs) as tmp:
+        steps, seconds = _train_into(recipe, tmp, log_every)
+    print(f"trained {steps} steps in {seconds:.0f} s -> {output_dir}", file=sys.stderr)
+    return Path(output_dir)
+
+
+def _train_into(recipe: TextRecipe, out: Path, log_every: int) -> tuple[int, float]:
+    """The training run itself, written into ``out``: (steps, seconds)."""
     from transformers import AutoTokenizer
 
     from .artifacts import MetricsLog
@@ -271,8 +298,6 @@ def train_text_organism(recipe: TextRecipe, output_dir: str | Path, log_every: i
 
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(recipe.tokenizer)
     vocab = vocabulary(tokenizer, recipe)
     data = TextData(tokenizer, recipe, vocab)
@@ -316,8 +341,17 @@ def train_text_organism(recipe: TextRecipe, output_dir: str | Path, log_every: i
         src = Path(recipe.tokenizer) / name
         if src.is_file():
             shutil.copyfile(src, out / name)
-    print(f"trained {run.step} steps in {time.perf_counter() - run.start:.0f} s -> {out}", file=sys.stderr)
-    return out
+    return run.step, time.perf_counter() - run.start
+
+
+def _shot_counts(spec: str) -> tuple[int, ...]:
+    """``--shots 0,1,2,2``: the draw list as given (argparse turns a bad one into one usage line)."""
+    import argparse
+
+    try:
+        return tuple(int(k) for k in spec.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected counts separated by commas, e.g. 0,0,1,2; got {spec!r}") from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -337,10 +371,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="context length; the probes (shots included) must fit, and offsets spread over it")
     p.add_argument("--batch-size", type=int, default=TextRecipe.batch_size)
     p.add_argument("--lr", type=float, default=TextRecipe.lr)
-    p.add_argument("--shots", default="0,0,1,2", help="shot counts drawn per batch, e.g. 0,0,1,2")
+    p.add_argument("--shots", type=_shot_counts, default=(0, 0, 1, 2), help="shot counts drawn per batch, e.g. 0,0,1,2")
     p.add_argument("--warmup-steps", type=int, default=TextRecipe.warmup_steps)
     p.add_argument("--init-from", default="",
                    help="a native checkpoint to warm-start from (e.g. polynomial-cot), or a text organism to continue")
+    p.add_argument("--overwrite", action="store_true", help="replace an output folder this command wrote before")
     p.add_argument("--untied", action="store_true", help="a separate read-out (twice the file; keeps a warm start's)")
     p.add_argument("--no-offsets", action="store_true", help="no random position offsets: every probe starts at 0")
     p.add_argument("--embed-init-std", type=float, default=TextRecipe.embed_init_std)
@@ -351,10 +386,10 @@ def main(argv: list[str] | None = None) -> None:
                         max_steps=a.max_steps, n_embd=a.n_embd, n_layer=a.n_layer, n_head=a.n_head,
                         n_positions=a.n_positions, batch_size=a.batch_size,
                         lr=a.lr, seed=a.seed, threads=a.threads, embed_init_std=a.embed_init_std,
-                        shots=tuple(int(k) for k in a.shots.split(",")), warmup_steps=a.warmup_steps,
+                        shots=a.shots, warmup_steps=a.warmup_steps,
                         position_offsets=not a.no_offsets, init_from=a.init_from, tie=not a.untied)
     try:
-        train_text_organism(recipe, a.output_dir)
+        train_text_organism(recipe, a.output_dir, overwrite=a.overwrite)
     except IterHeadsError as err:
         raise SystemExit(f"error: {err}") from None
 
