@@ -16,6 +16,10 @@ the model once and runs the methods in interleaved rounds (best round by CPU sec
 the highest RSS sampled every millisecond during the call minus the RSS before it. The machine's cores may be
 shared: CPU seconds and the load average are recorded beside wall seconds, and speed-ups are CPU-second ratios.
 
+Two more tables per model: several templates scored together (``score_sets``: their probes share forwards)
+against one after another (``score_heads`` per template), and a forward's fixed cost in tokens (CPU seconds of
+one probe and of a batch of one length, a line through the two), the figure behind ``batching.FORWARD_TOKENS``.
+
     python benchmarks/detector_speed.py --out benchmarks/results/detector_speed.md
 """
 
@@ -31,6 +35,7 @@ from pathlib import Path
 TOKENIZERS = Path(os.environ.get("ITERHEADS_TOKENIZERS", "/work/shared/tokenizers"))
 MODELS = {"gpt2": ("gpt2", "4-16"), "llama1b": ("mistral", "4-8")}  # (tokenizer, probe lengths)
 TARGETS = {0: 3.0, 4: 5.0}  # shots -> wanted speed-up
+TEMPLATES = ("{inputs} -> {states}", "{inputs} = {states}", "Input: {inputs}\nOutput: {states}")
 
 
 def _model(name: str, vocab: int):
@@ -75,7 +80,56 @@ def _verdicts(scores: dict, task: str):
     return r.detected(), r.eoi_detected()
 
 
-def _measure(model_name: str, n: int, batch_size: int, rounds: int, shots: list[int]) -> list[dict]:
+def _forward_cost(model, tok, lengths: str, batch_size: int, rounds: int) -> dict:
+    """A forward's fixed cost, in tokens: the engine's capture forward of 1 and of ``batch_size`` probes of one
+    length (best of ``rounds`` CPU seconds each); the cost is a + s * tokens, and a / s is the figure."""
+    import numpy as np
+
+    from hf_iterheads.detect.probes import make_probes
+    from hf_iterheads.detect.runner import CaptureRun
+
+    probes = make_probes(tok, "parity", lengths.split("-")[-1], n=batch_size, seed=0)
+    best = {1: np.inf, batch_size: np.inf}
+    with CaptureRun(model, "rows", lambda *args, **kw: None) as run:
+        for i in range(rounds + 1):  # the first round warms up
+            for b in best:
+                batch = probes.batch(np.arange(b))
+                t = time.process_time()
+                run.forward(batch["input_ids"], batch["attention_mask"])
+                best[b] = min(best[b], time.process_time() - t) if i else best[b]
+    tokens = int(probes.seq_lens[0])
+    slope = (best[batch_size] - best[1]) / ((batch_size - 1) * tokens)
+    return {"tokens": tokens, "cpu_1": best[1], "cpu_batch": best[batch_size], "batch": batch_size,
+            "fixed_tokens": (best[1] - slope * tokens) / slope}
+
+
+def _templates(model, tok, lengths: str, n: int, batch_size: int, rounds: int, patterns) -> dict:
+    """Three templates' bare probes: scored one after another against together (shared forwards)."""
+    import numpy as np
+    from detect_throughput import timed
+
+    from hf_iterheads.detect.probes import make_probes
+    from hf_iterheads.detect.scoring import score_heads, score_sets
+    from hf_iterheads.detect.sequential import Sequential
+
+    sets = [make_probes(tok, "parity", lengths, n=n, seed=0, template=t) for t in TEMPLATES]
+    methods = {"alone": lambda: [score_heads(model, p, batch_size, patterns, sequential=Sequential()) for p in sets],
+               "together": lambda: score_sets(model, sets, batch_size, patterns, sequential=Sequential())}
+    best: dict[str, tuple] = {}
+    for _ in range(rounds):
+        for name, fn in methods.items():
+            out, wall, cpu, _peak = timed(fn)
+            if name not in best or cpu < best[name][2]:
+                best[name] = (out, wall, cpu)
+    same = all((a == b).all() for x, y in zip(best["alone"][0], best["together"][0])
+               for a, b in zip(_verdicts(x, "parity"), _verdicts(y, "parity")))
+    diff = max(float(np.abs(x["iteration_score"] - y["iteration_score"]).max()) for x, y in zip(best["alone"][0], best["together"][0]))
+    return {"templates": len(sets), "probes_run": [int(x["n_probes_run"]) for x in best["together"][0]],
+            "alone_wall": best["alone"][1], "alone_cpu": best["alone"][2], "together_wall": best["together"][1],
+            "together_cpu": best["together"][2], "verdicts_equal": bool(same), "max_iteration_score_diff": diff}
+
+
+def _measure(model_name: str, n: int, batch_size: int, rounds: int, shots: list[int]) -> dict:
     import numpy as np
     from detect_throughput import timed  # this folder's sibling script: the same wall / CPU / peak-memory measure
     from transformers import AutoTokenizer
@@ -123,14 +177,17 @@ def _measure(model_name: str, n: int, batch_size: int, rounds: int, shots: list[
                               speedup_cpu=best["naive"]["cpu_seconds"] / best[name]["cpu_seconds"],
                               speedup_wall=best["naive"]["seconds"] / best[name]["seconds"])
             rows.append(best[name])
-    return rows
+    extra = {"model": model_name, "tokenizer": tok_name, "lengths": lengths,
+             "forward": _forward_cost(model, tok, lengths, batch_size, rounds),
+             "templates": _templates(model, tok, lengths, n, batch_size, rounds, patterns)}
+    return {"rows": rows, "extra": extra}
 
 
 # glibc serves blocks >= 64 KiB with mmap and unmaps them on free, so RSS follows live tensors closely.
 CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_WAIT_POLICY": "PASSIVE"}
 
 
-def _child(args: dict) -> list[dict]:
+def _child(args: dict) -> dict:
     from detect_throughput import _child as run_child  # the same child-process runner, with this script's env
 
     return run_child(args, __file__, CHILD_ENV)
@@ -162,6 +219,28 @@ def _report(runs: list[dict], a, started: str) -> list[str]:
     return lines
 
 
+def _report_extra(extras: list[dict], a) -> list[str]:
+    lines = ["", "## Templates sharing forwards", "",
+             f"Bare parity probes under {len(TEMPLATES)} templates ({', '.join(repr(t) for t in TEMPLATES)}), sequential, at most "
+             f"{a.n} each: `score_heads` per template one after another against `score_sets` (their probes fill the same batches).",
+             "", "| model | lengths | probes run | alone CPU s | together CPU s | x alone (CPU) | alone wall s | together wall s | equal verdicts | max iter diff |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for x in extras:
+        t = x["templates"]
+        lines.append(f"| {x['model']} | {x['lengths']} | {'+'.join(map(str, t['probes_run']))} | {t['alone_cpu']:.1f} | {t['together_cpu']:.1f} | "
+                     f"{t['alone_cpu'] / t['together_cpu']:.2f} | {t['alone_wall']:.1f} | {t['together_wall']:.1f} | {t['verdicts_equal']} | "
+                     f"{t['max_iteration_score_diff']:.4f} |")
+    lines += ["", "## A forward's fixed cost", "",
+              "CPU seconds of the capture forward of 1 probe and of a batch of probes of one length (best of the rounds); "
+              "with cost = a + s x tokens, a / s is what a forward costs on top of its tokens, in tokens "
+              "(`hf_iterheads.detect.batching.FORWARD_TOKENS`).", "",
+              "| model | tokens per probe | CPU s, 1 probe | CPU s, batch | batch | fixed cost (tokens) |", "|---|---|---|---|---|---|"]
+    for x in extras:
+        f = x["forward"]
+        lines.append(f"| {x['model']} | {f['tokens']} | {f['cpu_1']:.2f} | {f['cpu_batch']:.2f} | {f['batch']} | {f['fixed_tokens']:.0f} |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=64, help="most probes per run (the naive way runs them all)")
@@ -177,19 +256,25 @@ def main() -> None:
         return
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     rounds = dict(kv.split("=") for kv in a.rounds.split(","))
-    runs = []
+    runs, extras = [], []
     for model in a.models.split(","):
-        rows = _child({"model_name": model, "n": a.n, "batch_size": a.batch_size, "rounds": int(rounds.get(model, 1)),
-                       "shots": [int(s) for s in a.shots.split(",")]})
+        got = _child({"model_name": model, "n": a.n, "batch_size": a.batch_size, "rounds": int(rounds.get(model, 1)),
+                      "shots": [int(s) for s in a.shots.split(",")]})
+        rows, x = got["rows"], got["extra"]
         runs.extend(rows)
+        extras.append(x)
+        t, f = x["templates"], x["forward"]
+        print(f"{model:>8} {t['templates']} templates: alone {t['alone_cpu']:.1f} s CPU, together {t['together_cpu']:.1f} s CPU, "
+              f"x{t['alone_cpu'] / t['together_cpu']:.2f}, verdicts equal {t['verdicts_equal']}; "
+              f"a forward's fixed cost {f['fixed_tokens']:.0f} tokens", flush=True)
         for r in rows:
             print(f"{model:>8} {r['shots']}-shot {r['method']:>6}: {r['n_run']}/{r['n_max']} probes, {r['seconds']:.1f} s wall, "
                   f"{r['cpu_seconds']:.1f} s CPU, {r['heads_per_s']:.1f} heads/s, peak +{r['peak_mb']:.0f} MB, "
                   f"x{r['speedup_cpu']:.2f} CPU, verdicts equal {r['verdicts_equal']} (load {r['load_avg']:.1f})", flush=True)
     if a.out:
-        Path(a.out).write_text("\n".join(_report(runs, a, started)) + "\n")
+        Path(a.out).write_text("\n".join(_report(runs, a, started) + _report_extra(extras, a)) + "\n")
         with open(os.path.splitext(a.out)[0] + ".jsonl", "w") as f:
-            for r in runs:
+            for r in runs + extras:
                 f.write(json.dumps(r) + "\n")
 
 

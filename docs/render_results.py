@@ -70,7 +70,8 @@ def _table(rows: list[dict], columns: list[str] | None = None) -> list[str]:
 def benchmarks_page() -> str:
     """The benchmarks page: one section per JSON result file, settings first, then the measured rows."""
     lines = ["# Benchmarks", "",
-             "Rendered by `python docs/render_results.py` from the JSON files in `benchmarks/results/`; each section "
+             "Rendered by `python docs/render_results.py` from the JSON files in `benchmarks/results/` and "
+             "`detector_speed.md`; each section "
              "names the command that measured it. Timings are from 2-core CPU machines shared with other jobs unless "
              "the settings say otherwise.", ""]
     for name, title, command, what in BENCHMARKS:
@@ -88,6 +89,9 @@ def benchmarks_page() -> str:
             if isinstance(data.get("results"), list):
                 lines += [""] + _table(data["results"])
         lines.append("")
+    speed = RESULTS / "detector_speed.md"  # written as markdown by its script: its headings go one level down here
+    if speed.is_file():
+        lines += [("#" + line) if line.startswith("#") else line for line in speed.read_text().splitlines()] + [""]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -62,8 +62,8 @@ def mass_on(probs: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor) -> t
     valid = (queries >= 0) & (keys >= 0)
     q, k = queries.clamp(min=0).to(probs.device), keys.clamp(min=0).to(probs.device)
     b, h = probs.shape[:2]
-    rows = probs.gather(2, q[:, None, :, None].expand(b, h, -1, probs.shape[-1]))  # (B, H, P, T)
-    mass = rows.gather(3, k[:, None, :, None].expand(b, h, -1, 1)).squeeze(-1)
+    flat = (q * probs.shape[-1] + k)[:, None, :].expand(b, h, -1)  # one gather of (B, H, P): no (B, H, P, T) copy
+    mass = probs.flatten(2).gather(2, flat)
     return mass * valid.to(probs.device)[:, None, :], valid
 
 

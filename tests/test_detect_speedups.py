@@ -1,8 +1,10 @@
-"""The engine's speed-ups change no answer: shared-prefix caching, sequential verdicts and half precision.
+"""The engine's speed-ups change no answer: shared-prefix caching, sequential verdicts, templates sharing
+forwards and half precision.
 
 Every architecture of the test zoo (GQA, sliding windows, softcapping, partial rotary) scores the same with the
-shots computed once as with every probe run in full; sequential verdicts equal the full-n ones on the bundled
-checkpoints, a planted head and models without one, with scores within 0.02.
+shots computed once as with every probe run in full, and several templates scored together as each alone;
+sequential verdicts equal the full-n ones on the bundled checkpoints, a planted head and models without one, with
+scores within 0.02.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_iterheads.detect.detection import DetectionResult, detect_iteration_heads, score_heads
-from hf_iterheads.detect.probes import make_probes
+from hf_iterheads.detect.probes import make_probes, select_probes
+from hf_iterheads.detect.runner import CaptureRun
+from hf_iterheads.detect.scoring import score_sets
 from hf_iterheads.detect.sequential import Sequential
 from hf_iterheads.tokenizer import build_tokenizer
 from tests.test_detection import ARCHS, plant_circuit, text_tokenizer, tiny_model
@@ -39,6 +43,78 @@ def test_shared_prefix_cache_equals_the_uncached_run(arch, capture):
     assert cached["capture"] == capture
     for key, value in _floats(plain).items():
         np.testing.assert_allclose(cached[key], value, atol=1e-5, err_msg=key)
+
+
+TEMPLATES = ("{inputs} -> {states}", "the answer is : {inputs} , {states}", "{inputs} : {states}")
+
+
+def _forwards(monkeypatch) -> list[int]:
+    """Counts the capture's forwards (batch sizes) while a test runs."""
+    sizes: list[int] = []
+    real = CaptureRun.forward
+
+    def counted(self, input_ids, attention_mask, prefix=0):
+        sizes.append(int(input_ids.shape[0]))
+        return real(self, input_ids, attention_mask, prefix)
+
+    monkeypatch.setattr(CaptureRun, "forward", counted)
+    return sizes
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("shots", [0, 2])
+def test_templates_scored_together_equal_each_alone(arch, shots, monkeypatch):
+    model, tok = tiny_model(arch), text_tokenizer()
+    sets = [make_probes(tok, "parity", "4-6", n=20, seed=0, template=t, shots=shots) for t in TEMPLATES]
+    sizes = _forwards(monkeypatch)
+    alone = [score_heads(model, p, 8, sequential=True) for p in sets]
+    n_alone = len(sizes)
+    together = score_sets(model, sets, 8, sequential=True)
+    n_together = len(sizes) - n_alone
+    for a, b in zip(alone, together):
+        assert a["n_probes_run"] == b["n_probes_run"] and a["prefix_tokens"] == b["prefix_tokens"]
+        np.testing.assert_array_equal(a["probes_used"], b["probes_used"])
+        for key, value in _floats(a).items():
+            np.testing.assert_allclose(b[key], value, atol=1e-5, err_msg=key)
+    if shots:  # each template's shots are its own prefix: nothing to share, the same forwards
+        assert n_together == n_alone and together[0]["prefix_tokens"] > 10
+    else:  # bare probes share their forwards: fewer, fuller batches
+        assert n_together < n_alone and max(sizes[n_alone:]) == 8
+
+
+def test_sets_sharing_a_prefix_share_forwards(monkeypatch):
+    """Two sets with the same shots (one cached prefix) run in shared forwards and score as each alone."""
+    model, tok = tiny_model("llama_gqa", layers=3), text_tokenizer()
+    whole = make_probes(tok, "parity", "4-6", n=48, seed=0, shots=2)
+    sets = [select_probes(whole, np.arange(0, 48, 2)), select_probes(whole, np.arange(1, 48, 2))]
+    rule = Sequential(min_probes=8, min_round=4)
+    sizes = _forwards(monkeypatch)
+    alone = [score_heads(model, p, 16, sequential=rule) for p in sets]
+    n_alone = len(sizes)
+    together = score_sets(model, sets, 16, sequential=rule)
+    assert len(sizes) - n_alone < n_alone, sizes
+    for x, y in zip(alone, together):
+        assert x["prefix_tokens"] == y["prefix_tokens"] > 10
+        np.testing.assert_array_equal(x["probes_used"], y["probes_used"])
+        np.testing.assert_allclose(y["iteration_score"], x["iteration_score"], atol=1e-5)
+
+
+def test_a_cached_prefix_deepens_when_a_forward_needs_more_layers():
+    """A prefix cached for a shallow forward is recomputed, not reused short, for a deeper one."""
+    model, tok = tiny_model("qwen2", layers=3), text_tokenizer()
+    probes = make_probes(tok, "parity", "4", n=4, seed=0, shots=2)
+    seen: dict[str, list] = {"cached": [], "plain": []}
+    batch = probes.batch(np.arange(4))
+    prefix = int(probes.x_pos[:, 0].min())
+    for name, cached in (("cached", prefix), ("plain", 0)):
+        with CaptureRun(model, "rows", lambda layer, m, w, rows=None, name=name: seen[name].append((layer, w)), 0) as run:
+            run.rows = torch.arange(prefix, batch["input_ids"].shape[1]) - cached
+            run.forward(batch["input_ids"], batch["attention_mask"], cached)  # caches the prefix for layer 0 only
+            run.stop_after = 2
+            run.forward(batch["input_ids"], batch["attention_mask"], cached)
+    assert [layer for layer, _ in seen["cached"]] == [0, 0, 1, 2]
+    for (_, w), (_, v) in zip(seen["cached"], seen["plain"]):
+        torch.testing.assert_close(w, v, atol=1e-5, rtol=1e-4)
 
 
 def test_shots_are_shared_and_never_a_probe():

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 DETECT = Path(__file__).resolve().parents[1] / "hf_iterheads" / "detect"
-ENGINE = ("detection", "loading", "runner", "scoring", "sequential", "result", "detector", "cli", "criteria", "gating",
+ENGINE = ("detection", "loading", "runner", "batching", "scoring", "sequential", "result", "detector", "cli", "criteria", "gating",
           "probes", "prompts", "attention", "rows", "competence", "circuits", "patterns", "ablation")
 
 

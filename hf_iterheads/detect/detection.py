@@ -16,9 +16,10 @@ least ``MIN_SCORE``, ``CHANCE_RATIO`` times the uniform baseline and ``CONTROL_R
 control. Layers and heads are 0-based: the paper's "layer-2 head" of a 2-layer model is layer 1.
 
 The engine lives in modules a reader can hold, each re-exported here so existing imports keep working:
-:mod:`.loading` (models), :mod:`.runner` (capture runs, shared-prefix cache), :mod:`.scoring` (accumulation
-and scores), :mod:`.sequential` (verdicts settled early), :mod:`.result` (``DetectionResult`` and its files),
-:mod:`.detector` (``IterationHeadDetector``) and :mod:`.cli` (the ``detect`` subcommand).
+:mod:`.loading` (models), :mod:`.runner` (capture runs, shared-prefix cache), :mod:`.batching` (which probes share a
+forward), :mod:`.scoring` (accumulation and scores), :mod:`.sequential` (verdicts settled early), :mod:`.result`
+(``DetectionResult`` and its files), :mod:`.detector` (``IterationHeadDetector``) and :mod:`.cli` (the ``detect``
+subcommand).
 """
 
 from __future__ import annotations
@@ -31,13 +32,13 @@ from .loading import _HUB_ID, DTYPES, _offline, _resolve_device, check_causal, c
 from .result import DetectionResult, _ablation_lines, write_outputs
 from .runner import _StopForward, capture_runner
 from .runner import forward_params as _forward_params
-from .scoring import _Accumulator, _score, _visible, _window, attention_pattern, score_heads
+from .scoring import _Accumulator, _score, _visible, _window, attention_pattern, score_heads, score_sets
 from .sequential import Sequential
 
 __all__ = [
     "CAPTURES", "CHANCE_RATIO", "CONTROL_RATIO", "DTYPES", "MIN_SCORE", "NO_CONTROL", "DetectionResult",
     "IterationHeadDetector", "Sequential", "add_cli", "attention_pattern", "capture_runner", "check_causal",
-    "context_length", "detect_iteration_heads", "load_model", "resolve_model_name", "score_heads", "write_outputs",
+    "context_length", "detect_iteration_heads", "load_model", "resolve_model_name", "score_heads", "score_sets", "write_outputs",
     "_HUB_ID", "_StopForward", "_Accumulator", "_ablation_lines", "_forward_params", "_mean_over_templates", "_offline",
     "_resolve_device", "_run_cli", "_score", "_templates", "_visible", "_window",
 ]

@@ -22,7 +22,7 @@ from .loading import check_causal, context_length, load_model
 from .patterns import HeadPattern, resolve_patterns
 from .probes import Probes, concat_probes, make_probes, parse_lengths, select_probes
 from .result import DetectionResult
-from .scoring import attention_pattern, score_heads
+from .scoring import attention_pattern, score_sets
 from .sequential import Sequential
 
 
@@ -112,8 +112,7 @@ class IterationHeadDetector:
         patterns = resolve_patterns(patterns)
         sets = [self.probes(task_obj, lengths, n, seed, rendering, t, multi_token, shots, chat) for t in _templates(template)]
         rule = None if full_n else (sequential or Sequential())
-        per_template = [score_heads(self.model, p, batch_size, patterns, capture, sequential=rule, prefix_cache=prefix_cache)
-                        for p in sets]
+        per_template = score_sets(self.model, sets, batch_size, patterns, capture, sequential=rule, prefix_cache=prefix_cache)
         scores = per_template[0] if len(sets) == 1 else _mean_over_templates(per_template)
         sets = [select_probes(p, s["probes_run"]) for p, s in zip(sets, per_template)]
         probes = concat_probes(sets)

@@ -71,7 +71,8 @@ class CaptureRun:
 
     def __init__(self, model, capture: str, on_layer: Callable, stop_after: int | None = None) -> None:
         self.model, self.on_layer = model, on_layer
-        self.stop_after = len(find_attention_modules(model)) - 1 if stop_after is None else stop_after
+        self.n_layers = len(find_attention_modules(model))
+        self.stop_after = self.n_layers - 1 if stop_after is None else stop_after
         self.device = model_device(model)
         params = forward_params(model)
         self.kwargs: dict[str, Any] = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
@@ -138,9 +139,10 @@ class CaptureRun:
                    **{**self.kwargs, "use_cache": True})
 
     def _prefix_cache(self, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Keys and values of ``ids`` per layer up to ``stop_after``, computed once per distinct prefix."""
+        """Keys and values of ``ids`` per layer up to ``stop_after``, computed once per distinct prefix (again only
+        when a forward needs deeper layers than the cached ones)."""
         key = tuple(ids.tolist())
-        if key not in self._prefixes:
+        if key not in self._prefixes or len(self._prefixes[key]) < min(self.stop_after + 1, self.n_layers):
             from transformers import DynamicCache
 
             cache = DynamicCache()  # full layers only: a sliding layer would trim keys and shift their positions

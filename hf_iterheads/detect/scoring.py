@@ -17,12 +17,13 @@ import torch
 from ..circuit import PEAK_THRESHOLD, mass_on
 from ..errors import IterHeadsError
 from .attention import find_attention_modules, head_counts
+from .batching import joint_batches, query_rows, read_lens, rounds, shared_prefix, stack_inputs
 from .criteria import CAPTURES
 from .patterns import HeadPattern, resolve_patterns
 from .probes import Probes
 from .rows import RowsUnavailable
-from .runner import CaptureRun, common_prefix
-from .sequential import Sequential, needed, next_round, probe_order, settled_from
+from .runner import CaptureRun
+from .sequential import Sequential, needed, next_round, settled_from
 
 
 def _visible(q: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -74,14 +75,18 @@ class _Accumulator:
             rows = rows.to(weights.device)
             lookup = torch.full((int(rows.max()) + 1 if len(rows) else 1,), -1, dtype=torch.long, device=weights.device)
             lookup[rows] = torch.arange(len(rows), device=weights.device)
+        ent = None  # (B, H, rows) entropy of every captured row, computed once for all patterns that read it
+        if any(p.entropy for p in self.patterns):
+            w = weights.float()
+            ent = -torch.special.xlogy(w, w).sum(-1)
         for p in self.patterns:
             q, k = self.pairs[p.name]
             qr = torch.where(q >= 0, q - offset, -1)
             qr = qr if lookup is None else torch.where(qr >= 0, lookup[qr.clamp(min=0)], -1)
             m, valid = mass_on(weights, qr, k)
-            self._add_pattern(p, layer, weights, q, qr, m.float(), valid, window)
+            self._add_pattern(p, layer, ent, q, qr, m.float(), valid, window)
 
-    def _add_pattern(self, p: HeadPattern, layer: int, weights, q, qr, m, valid, window) -> None:
+    def _add_pattern(self, p: HeadPattern, layer: int, row_entropy, q, qr, m, valid, window) -> None:
         v = valid.to(m.device)[:, None, :]
         self.mass[p.name][self.idx, layer] += (m * v).sum(2).double().cpu().numpy()
         self.peak[p.name][layer] += ((m > PEAK_THRESHOLD) & v).sum((0, 2)).double().cpu().numpy()
@@ -93,9 +98,8 @@ class _Accumulator:
         visible = _visible(q, window)
         self.chance[p.name][self.idx, layer] += ((1.0 / visible) * valid).sum(1).cpu().numpy()
         if p.entropy:
-            b, h = weights.shape[:2]
-            r = weights.gather(2, qr.clamp(min=0)[:, None, :, None].expand(b, h, -1, weights.shape[-1])).float()
-            ent = -torch.special.xlogy(r, r).sum(-1)  # (B, H, P) nats
+            b, h = row_entropy.shape[:2]
+            ent = row_entropy.gather(2, qr.clamp(min=0)[:, None, :].expand(b, h, -1))  # (B, H, P) nats
             norm = visible.log().to(ent.device, torch.float32)[:, None, :]
             ent = torch.where(norm > 0, ent / norm.clamp(min=1e-12), torch.zeros_like(ent))  # one visible key: 0
             self.entropy[p.name][layer] += (ent * v).sum((0, 2)).double().cpu().numpy()
@@ -139,148 +143,144 @@ def score_heads(
     stops once every verdict is settled: ``probes_used`` (per head) and ``n_probes_run`` say how many probes
     each verdict and the run used. ``prefix_cache=False`` recomputes shared prefixes (only to compare).
     """
+    return score_sets(model, [probes], batch_size, patterns, capture, stop_early, sequential, prefix_cache)[0]
+
+
+@torch.no_grad()
+def score_sets(
+    model,
+    sets: list[Probes],
+    batch_size: int = 16,
+    patterns: list[HeadPattern | str] | None = None,
+    capture: str = "auto",
+    stop_early: bool = True,
+    sequential: Sequential | bool | None = None,
+    prefix_cache: bool = True,
+) -> list[dict[str, Any]]:
+    """:func:`score_heads` of several probe sets (one per template) at once: one result per set, each as if scored
+    alone (within float tolerance), but the sets' probes share forwards wherever they share a cached prefix, so
+    each round costs one set of forwards rather than one per template. Each set settles its verdicts on its own."""
     if capture not in CAPTURES:
         raise IterHeadsError(f"unknown capture {capture!r}; use {', '.join(CAPTURES)}")
     patterns = resolve_patterns(patterns)
     rule = Sequential() if sequential is True else (sequential or None)
-    args = (model, probes, batch_size, patterns, stop_early, rule, prefix_cache)
+    args = (model, list(sets), batch_size, patterns, stop_early, rule, prefix_cache)
     note = None
     if capture in ("auto", "rows"):
         try:
-            return {**_score(*args, "rows"), "capture": "rows", "capture_note": None}
+            return [{**s, "capture": "rows", "capture_note": None} for s in _score_sets(*args, "rows")]
         except RowsUnavailable as err:
             if capture == "rows":
                 raise IterHeadsError(f"row-sliced capture does not work for {type(model).__name__}: {err}") from None
             note = f"row-sliced capture unavailable ({err}); used eager attention"
-    return {**_score(*args, "eager"), "capture": "eager", "capture_note": note}
+    return [{**s, "capture": "eager", "capture_note": note} for s in _score_sets(*args, "eager")]
 
 
-def _rounds(probes: Probes, rule: Sequential | None, batch_size: int):
-    """Probe indices in the order they run: one round (all) for a full run, else rounds of mixed lengths, the
-    first ``max(min_probes, batch_size)`` long. The generator is sent each later round's size."""
-    if rule is None:
-        yield np.arange(len(probes))
-        return
-    order = probe_order(probes.lengths)
-    start, size = 0, max(rule.min_probes, int(batch_size), 1)
-    while start < len(order):
-        subset = order[start : start + size]
-        start += len(subset)
-        size = (yield subset) or max(int(batch_size), 1)
+class _SetRun:
+    """One probe set's state in a joint run: its accumulator, its rounds, and how deep its open verdicts reach."""
+
+    def __init__(self, probes: Probes, shape: tuple[int, int], patterns: list[HeadPattern], rule: Sequential | None,
+                 batch_size: int, stop_after: int, prefix_cache: bool, stop_early: bool) -> None:
+        self.probes, self.patterns, self.rule, self.batch_size = probes, patterns, rule, batch_size
+        self.acc = _Accumulator(len(probes), shape[0], shape[1], patterns)
+        queries = query_rows(probes, patterns)  # computed once: the shared prefix ends before them, each probe after them
+        self.prefix = shared_prefix(probes, queries, prefix_cache)
+        self.lens = read_lens(probes, queries) if stop_early else probes.seq_lens
+        self.stop_after, self.stop_early = stop_after, stop_early
+        self.used = np.zeros(shape, dtype=np.int64)
+        self.ran = np.zeros(0, dtype=np.int64)
+        self._rounds = rounds(probes, rule, batch_size)
+        self.subset: np.ndarray | None = next(self._rounds)
+
+    def share_key(self, run: CaptureRun) -> tuple[int, tuple[int, ...]]:
+        """Sets with the same key share forwards: the same depth (a shared forward runs as deep as its deepest set,
+        which costs the shallower set's probes more than a forward saves) and the same cached prefix tokens."""
+        return self.stop_after, tuple(self.probes.input_ids[0, : run.usable(self.prefix)].tolist())
+
+    def finish_round(self) -> None:
+        """Record the round just run; settle verdicts (sequential) and draw the next round, or end (``subset`` None)."""
+        self.ran = np.concatenate([self.ran, self.subset])
+        size = None
+        if self.rule is not None:
+            need = needed(self.acc, self.patterns, self.ran, len(self.probes), self.rule, self.probes.lengths)
+            done = settled_from(need, len(self.ran), self.rule)
+            done[self.stop_after + 1 :] = True  # layers no longer run keep the verdicts they settled with
+            self.used = np.where(done & (self.used > 0), self.used, np.where(done, len(self.ran), 0))
+            if done.all():
+                self.subset = None
+                return
+            if self.stop_early:  # later rounds stop after the deepest layer with a verdict still open
+                self.stop_after = int(np.flatnonzero(~done.all(1)).max())
+            size = next_round(need, done, len(self.ran), self.rule, self.batch_size)
+        try:
+            self.subset = self._rounds.send(size)
+        except StopIteration:
+            self.subset = None
+
+    def result(self, n_heads: int, n_kv: int, prefix: int) -> dict[str, Any]:
+        scores: dict[str, Any] = self.acc.scores(self.patterns)
+        for name, arr in scores.items():
+            if not np.isfinite(arr).all():
+                raise IterHeadsError(f"{name} has non-finite values: the model's attention produced NaN/inf (try --dtype float32)")
+        n_layers = self.acc.shape[0]
+        scores["kv_group"] = np.tile(np.arange(n_heads) // max(1, n_heads // n_kv), (n_layers, 1))
+        scores["n_kv_heads"] = n_kv
+        scores["probes_used"] = np.where(self.used > 0, self.used, len(self.ran))
+        scores["n_probes_run"] = len(self.ran)
+        scores["probes_run"] = np.sort(self.ran)
+        scores["prefix_tokens"] = prefix
+        return scores
 
 
-SPLIT_SAVES = 0.1  # a batch is run as two when that pads this share of its tokens less
-
-
-def _query_rows(probes: Probes, patterns: list[HeadPattern]) -> list[torch.Tensor]:
-    """Every pattern's (probes, pairs) query positions over all probes (-1: no pair)."""
-    every = np.arange(len(probes))
-    return [p.checked_pairs(probes, every)[0] for p in patterns]
-
-
-def _read_lens(probes: Probes, queries: list[torch.Tensor]) -> np.ndarray:
-    """Per probe, the tokens a forward must run: up to the last query row any pattern reads. The model is causal,
-    so the tokens after it (the last state, a template's tail) change nothing read here."""
-    last = np.full(len(probes), -1, dtype=np.int64)
-    for q in queries:
-        if q.numel():
-            last = np.maximum(last, q.max(1).values.numpy())
-    return np.where(last >= 0, np.minimum(last + 1, probes.seq_lens), probes.seq_lens)
-
-
-def _length_batches(lens: np.ndarray, subset: np.ndarray, batch_size: int):
-    """Batches of ``subset`` with similar token counts ``lens`` (little padding), longest first. A batch whose
-    lengths are spread (a sequential round draws every length) runs as two, cut where padding costs least, when that
-    saves at least ``SPLIT_SAVES`` of its tokens: the linear layers' cost follows the padded tokens."""
-    order = subset[np.argsort(-lens[subset], kind="stable")]
-    for i in range(0, len(order), max(1, int(batch_size))):
-        chunk = order[i : i + batch_size]
-        sizes = lens[chunk]
-        padded = np.arange(1, len(chunk)) * sizes[0] + (len(chunk) - np.arange(1, len(chunk))) * sizes[1:]
-        if len(chunk) > 1 and padded.min() <= (1 - SPLIT_SAVES) * len(chunk) * sizes[0]:
-            cut = int(np.argmin(padded)) + 1
-            yield np.sort(chunk[:cut])
-            yield np.sort(chunk[cut:])
-        else:
-            yield np.sort(chunk)
-
-
-def _shared_prefix(probes: Probes, queries: list[torch.Tensor], enabled: bool) -> int:
-    """Tokens every probe shares before any query a pattern reads (0: nothing worth caching)."""
-    if not enabled or len(probes) < 2:
-        return 0
-    rows = [q[q >= 0] for q in queries]
-    first = min((int(q.min()) for q in rows if len(q)), default=0)
-    return common_prefix(probes.input_ids, probes.seq_lens, first)
-
-
-def _score(model, probes: Probes, batch_size: int, patterns: list[HeadPattern], stop_early: bool,
-           rule: Sequential | None, prefix_cache: bool, capture: str) -> dict[str, Any]:
+def _score_sets(model, sets: list[Probes], batch_size: int, patterns: list[HeadPattern], stop_early: bool,
+                rule: Sequential | None, prefix_cache: bool, capture: str) -> list[dict[str, Any]]:
     n_layers = len(find_attention_modules(model))
     n_heads, n_kv = head_counts(model)
-    acc = _Accumulator(len(probes), n_layers, n_heads, patterns)
     windows: dict[int, int | None] = {}
     config = getattr(model.config, "get_text_config", lambda: model.config)()
+    pieces: list[tuple[_SetRun, int, int]] = []  # the current forward: (set, first row, end row)
 
     def on_layer(layer, module, weights, rows=None):
         if layer not in windows:
             windows[layer] = _window(module, config)
-        acc.add(layer, weights, windows[layer], rows, run.offset)
+        for r, lo, hi in pieces:
+            if layer <= r.stop_after:  # a set whose deeper verdicts are settled keeps their scores
+                r.acc.add(layer, weights[lo:hi], windows[layer], rows, run.offset)
 
-    queries = _query_rows(probes, patterns)  # computed once: the shared prefix ends before them, each probe after them
-    prefix = _shared_prefix(probes, queries, prefix_cache)
-    lens = _read_lens(probes, queries) if stop_early else probes.seq_lens
-    used = np.zeros(acc.shape, dtype=np.int64)
-    ran = np.zeros(0, dtype=np.int64)
-    rounds = _rounds(probes, rule, batch_size)
-    with CaptureRun(model, capture, on_layer, None if stop_early else n_layers) as run:
-        subset = next(rounds)
-        while True:
-            for idx in _length_batches(lens, subset, batch_size):
-                _run_batch(run, acc, probes, idx, patterns, prefix, capture, int(lens[idx].max()))
-            ran = np.concatenate([ran, subset])
-            size = None
-            if rule is not None:
-                need = needed(acc, patterns, ran, len(probes), rule, probes.lengths)
-                done = settled_from(need, len(ran), rule)
-                done[run.stop_after + 1 :] = True  # layers no longer run keep the verdicts they settled with
-                used = np.where(done & (used > 0), used, np.where(done, len(ran), 0))
-                if done.all():
-                    break
-                if stop_early:  # later rounds stop after the deepest layer with a verdict still open
-                    run.stop_after = int(np.flatnonzero(~done.all(1)).max())
-                size = next_round(need, done, len(ran), rule, batch_size)
-            try:
-                subset = rounds.send(size)
-            except StopIteration:
-                break
-    scores: dict[str, Any] = acc.scores(patterns)
-    for name, arr in scores.items():
-        if not np.isfinite(arr).all():
-            raise IterHeadsError(f"{name} has non-finite values: the model's attention produced NaN/inf (try --dtype float32)")
-    scores["kv_group"] = np.tile(np.arange(n_heads) // max(1, n_heads // n_kv), (n_layers, 1))
-    scores["n_kv_heads"] = n_kv
-    scores["probes_used"] = np.where(used > 0, used, len(ran))
-    scores["n_probes_run"] = len(ran)
-    scores["probes_run"] = np.sort(ran)
-    scores["prefix_tokens"] = run.usable(prefix)
-    return scores
+    last = n_layers - 1 if stop_early else n_layers
+    runs = [_SetRun(p, (n_layers, n_heads), patterns, rule, batch_size, last, prefix_cache, stop_early) for p in sets]
+    with CaptureRun(model, capture, on_layer, last) as run:
+        while active := [r for r in runs if r.subset is not None]:
+            for key in dict.fromkeys(r.share_key(run) for r in active):
+                group = [r for r in active if r.share_key(run) == key]
+                for batch in joint_batches([(r.lens, r.subset) for r in group], batch_size):
+                    _run_batch(run, pieces, [(group[i], idx) for i, idx in batch], len(key[1]), capture)
+            for r in active:
+                r.finish_round()
+    return [r.result(n_heads, n_kv, run.usable(r.prefix)) for r in runs]
 
 
-def _run_batch(run: CaptureRun, acc: _Accumulator, probes: Probes, idx: np.ndarray, patterns, prefix: int, capture: str,
-               width: int) -> None:
-    """One batch through the capture, its tokens cut at ``width`` (the last position a pattern reads, plus one)."""
-    device = run.device
-    acc.idx = idx
-    acc.pairs = {}
-    for p in patterns:
-        q, k = p.checked_pairs(probes, idx)
-        acc.pairs[p.name] = (q.to(device), k.to(device))
-    batch = {k: v[:, :width] for k, v in probes.batch(idx).items()}
-    cached = run.usable(prefix)
+def _score(model, probes: Probes, batch_size: int, patterns: list[HeadPattern], stop_early: bool,
+           rule: Sequential | None, prefix_cache: bool, capture: str) -> dict[str, Any]:
+    """One set through :func:`_score_sets` (kept for callers of the single-set form)."""
+    return _score_sets(model, [probes], batch_size, patterns, stop_early, rule, prefix_cache, capture)[0]
+
+
+def _run_batch(run: CaptureRun, pieces: list, batch: list[tuple[_SetRun, np.ndarray]], cached: int, capture: str) -> None:
+    """One forward of several sets' probes, cut at the last position any of their patterns reads (plus one)."""
+    pieces.clear()
+    start = 0
+    for r, idx in batch:
+        r.acc.idx = idx
+        r.acc.pairs = {p.name: tuple(t.to(run.device) for t in p.checked_pairs(r.probes, idx)) for p in r.patterns}
+        pieces.append((r, start, start + len(idx)))
+        start += len(idx)
+    width = max(int(r.lens[idx].max()) for r, idx in batch)
+    inputs = stack_inputs([(r.probes, idx) for r, idx in batch], width)
     if capture == "rows":
-        run.rows = acc.rows() - cached
-    run.forward(batch["input_ids"], batch["attention_mask"], cached)
+        run.rows = torch.unique(torch.cat([r.acc.rows() for r, _ in batch])) - cached
+    run.stop_after = max(r.stop_after for r, _ in batch)
+    run.forward(inputs["input_ids"], inputs["attention_mask"], cached)
     run.check_complete()
 
 
