@@ -4,8 +4,8 @@
 * ``naive``  -- what a user would write: ``attn_implementation="eager"``, ``output_attentions=True``, full logits,
   every probe run in full (its shots included), every layer's (B, H, T, T) pattern reduced afterwards;
 * ``engine`` -- ``score_heads(sequential=Sequential())``: row-sliced capture beside sdpa, the forward stopped after
-  the last attention layer, the shared prefix (the shots) computed once from a KV cache, and probes run in rounds
-  until every head's verdict is settled (``--n`` is the maximum).
+  the last attention layer, the shared prefix (the shots) computed once from a KV cache, bare probes packed end
+  to end, and probes run in rounds until every head's verdict is settled (``--n`` is the maximum).
 
 Both reduce with the same accumulator, so the verdicts (iteration and EoI ``detected`` grids) are compared
 cell by cell and the largest iteration-score difference is recorded. Models are random with real tokenizers

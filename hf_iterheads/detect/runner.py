@@ -79,6 +79,7 @@ class CaptureRun:
         # transformers 5.2x names the KV cache argument ``cache``; earlier releases ``past_key_values``
         self.cache_arg = next((a for a in ("cache", "past_key_values") if a in params), None)
         self.cacheable = self.cache_arg is not None and "use_cache" in params
+        self.packable = capture == "rows" and "position_ids" in params  # packed rows need the fast path's own mask
         if "use_cache" in params:  # a KV cache would hold every layer's keys and values: memory grows with depth
             self.kwargs["use_cache"] = False
         self.offset = 0
@@ -121,8 +122,14 @@ class CaptureRun:
         """The prefix a forward will really take from the cache: 0 when too short to pay or the model takes no cache."""
         return prefix if prefix >= MIN_PREFIX and self.cacheable else 0
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix: int = 0) -> None:
-        """One forward of a right-padded batch; the first ``prefix`` tokens (shared by every row) come from the cache."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, prefix: int = 0,
+                position_ids: torch.Tensor | None = None) -> None:
+        """One forward of a right-padded batch; the first ``prefix`` tokens (shared by every row) come from the cache.
+        With ``position_ids`` and no mask, rows hold probes packed end to end (positions restart at each probe)."""
+        if position_ids is not None:
+            self.offset = 0
+            self._call(input_ids=input_ids.to(self.device), position_ids=position_ids.to(self.device), **self.kwargs)
+            return
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         prefix = self.usable(prefix)
         if not prefix:

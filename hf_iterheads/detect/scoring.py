@@ -14,10 +14,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..circuit import PEAK_THRESHOLD, mass_on
+from ..circuit import PEAK_THRESHOLD
 from ..errors import IterHeadsError
 from .attention import find_attention_modules, head_counts
-from .batching import joint_batches, query_rows, read_lens, rounds, shared_prefix, stack_inputs
+from .batching import (
+    PackingUnavailable,
+    Where,
+    check_packed,
+    joint_batches,
+    packed_inputs,
+    query_rows,
+    read_lens,
+    rounds,
+    shared_prefix,
+    stack_inputs,
+)
 from .criteria import CAPTURES
 from .patterns import HeadPattern, resolve_patterns
 from .probes import Probes
@@ -61,32 +72,44 @@ class _Accumulator:
         self.pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.idx = np.zeros(0, dtype=np.int64)
 
-    def rows(self) -> torch.Tensor:
-        """Sorted query positions any pattern reads in this batch: the only rows row-sliced capture computes."""
-        qs = [q[q >= 0] for q, _ in self.pairs.values()]
+    def rows(self, where: Where | None = None) -> torch.Tensor:
+        """Sorted query coordinates any pattern reads in this batch: the only rows row-sliced capture computes."""
+        shift = 0 if where is None else where[1].cpu()[:, None]
+        qs = [(q + shift)[q >= 0] for q, _ in self.pairs.values()]
         return torch.unique(torch.cat(qs)) if qs else torch.zeros(0, dtype=torch.long)
 
-    def add(self, layer: int, weights: torch.Tensor, window: int | None, rows: torch.Tensor | None = None, offset: int = 0) -> None:
-        """``weights`` (B, H, Q or R, T): query rows from absolute position ``offset`` on, or only the rows ``rows``."""
+    def add(self, layer: int, weights: torch.Tensor, window: int | None, rows: torch.Tensor | None = None,
+            where: Where | None = None) -> None:
+        """``weights`` (B, H, Q or R, T), R the query coordinates ``rows``. Probe i of this batch is batch row
+        ``where[0][i]``; its position t is query coordinate t + ``where[1][i]`` and key t + ``where[2][i]`` (a cached
+        prefix, or probes packed into one row). None: probe i is row i, unshifted."""
         if weights.shape[1] != self.n_heads:
             raise IterHeadsError(f"layer {layer} gave {weights.shape[1]} heads, expected {self.n_heads}")
+        dev = weights.device
+        if where is None:
+            zero = torch.zeros(len(self.idx), dtype=torch.long)
+            where = (torch.arange(len(self.idx)), zero, zero)
+        row, qs, ks = (t.to(dev) for t in where)
         lookup = None
         if rows is not None:
-            rows = rows.to(weights.device)
-            lookup = torch.full((int(rows.max()) + 1 if len(rows) else 1,), -1, dtype=torch.long, device=weights.device)
-            lookup[rows] = torch.arange(len(rows), device=weights.device)
+            rows = rows.to(dev)
+            lookup = torch.full((int(rows.max()) + 1 if len(rows) else 1,), -1, dtype=torch.long, device=dev)
+            lookup[rows] = torch.arange(len(rows), device=dev)
         ent = None  # (B, H, rows) entropy of every captured row, computed once for all patterns that read it
         if any(p.entropy for p in self.patterns):
             w = weights.float()
             ent = -torch.special.xlogy(w, w).sum(-1)
+        heads = torch.arange(self.n_heads, device=dev)[None, :, None]
         for p in self.patterns:
             q, k = self.pairs[p.name]
-            qr = torch.where(q >= 0, q - offset, -1)
+            qr = torch.where(q >= 0, q + qs[:, None], -1)
             qr = qr if lookup is None else torch.where(qr >= 0, lookup[qr.clamp(min=0)], -1)
-            m, valid = mass_on(weights, qr, k)
-            self._add_pattern(p, layer, ent, q, qr, m.float(), valid, window)
+            valid = (qr >= 0) & (k >= 0)
+            at = (row[:, None, None], heads, qr.clamp(min=0)[:, None, :])
+            m = weights[(*at, (k + ks[:, None]).clamp(min=0)[:, None, :])] * valid[:, None, :]  # (B, H, P)
+            self._add_pattern(p, layer, None if ent is None else ent[at], q, m.float(), valid, window)
 
-    def _add_pattern(self, p: HeadPattern, layer: int, row_entropy, q, qr, m, valid, window) -> None:
+    def _add_pattern(self, p: HeadPattern, layer: int, entropy, q, m, valid, window) -> None:
         v = valid.to(m.device)[:, None, :]
         self.mass[p.name][self.idx, layer] += (m * v).sum(2).double().cpu().numpy()
         self.peak[p.name][layer] += ((m > PEAK_THRESHOLD) & v).sum((0, 2)).double().cpu().numpy()
@@ -98,8 +121,7 @@ class _Accumulator:
         visible = _visible(q, window)
         self.chance[p.name][self.idx, layer] += ((1.0 / visible) * valid).sum(1).cpu().numpy()
         if p.entropy:
-            b, h = row_entropy.shape[:2]
-            ent = row_entropy.gather(2, qr.clamp(min=0)[:, None, :].expand(b, h, -1))  # (B, H, P) nats
+            ent = entropy  # (B, H, P) nats
             norm = visible.log().to(ent.device, torch.float32)[:, None, :]
             ent = torch.where(norm > 0, ent / norm.clamp(min=1e-12), torch.zeros_like(ent))  # one visible key: 0
             self.entropy[p.name][layer] += (ent * v).sum((0, 2)).double().cpu().numpy()
@@ -133,6 +155,7 @@ def score_heads(
     stop_early: bool = True,
     sequential: Sequential | bool | None = None,
     prefix_cache: bool = True,
+    pack: bool = True,
 ) -> dict[str, Any]:
     """Per-head scores of every pattern on ``probes``; every array is (n_layers, n_heads).
 
@@ -141,9 +164,10 @@ def score_heads(
     ``capture_note`` in the result say which ran and why. ``stop_early=False`` runs the layers after the last
     attention and the LM head anyway (only to compare speed). ``sequential`` (True or a :class:`Sequential`)
     stops once every verdict is settled: ``probes_used`` (per head) and ``n_probes_run`` say how many probes
-    each verdict and the run used. ``prefix_cache=False`` recomputes shared prefixes (only to compare).
+    each verdict and the run used. ``prefix_cache=False`` recomputes shared prefixes and ``pack=False`` pads
+    probes rather than packing them end to end in row-sliced capture (both only to compare).
     """
-    return score_sets(model, [probes], batch_size, patterns, capture, stop_early, sequential, prefix_cache)[0]
+    return score_sets(model, [probes], batch_size, patterns, capture, stop_early, sequential, prefix_cache, pack)[0]
 
 
 @torch.no_grad()
@@ -156,6 +180,7 @@ def score_sets(
     stop_early: bool = True,
     sequential: Sequential | bool | None = None,
     prefix_cache: bool = True,
+    pack: bool = True,
 ) -> list[dict[str, Any]]:
     """:func:`score_heads` of several probe sets (one per template) at once: one result per set, each as if scored
     alone (within float tolerance), but the sets' probes share forwards wherever they share a cached prefix, so
@@ -168,7 +193,11 @@ def score_sets(
     note = None
     if capture in ("auto", "rows"):
         try:
-            return [{**s, "capture": "rows", "capture_note": None} for s in _score_sets(*args, "rows")]
+            try:
+                found = _score_sets(*args, "rows", pack=pack)
+            except PackingUnavailable:  # this model lets packed probes see each other: pad them instead
+                found = _score_sets(*args, "rows")
+            return [{**s, "capture": "rows", "capture_note": None} for s in found]
         except RowsUnavailable as err:
             if capture == "rows":
                 raise IterHeadsError(f"row-sliced capture does not work for {type(model).__name__}: {err}") from None
@@ -232,20 +261,32 @@ class _SetRun:
         return scores
 
 
+class _Forward:
+    """The forward in flight: each set's probes in it (:data:`.batching.Where`) and, for the first packed forward,
+    the sequence id of every token, to check that no probe's attention reaches another's."""
+
+    def __init__(self) -> None:
+        self.pieces: list[tuple[_SetRun, Where]] = []
+        self.check: torch.Tensor | None = None
+        self.checked = False
+
+
 def _score_sets(model, sets: list[Probes], batch_size: int, patterns: list[HeadPattern], stop_early: bool,
-                rule: Sequential | None, prefix_cache: bool, capture: str) -> list[dict[str, Any]]:
+                rule: Sequential | None, prefix_cache: bool, capture: str, pack: bool = False) -> list[dict[str, Any]]:
     n_layers = len(find_attention_modules(model))
     n_heads, n_kv = head_counts(model)
     windows: dict[int, int | None] = {}
     config = getattr(model.config, "get_text_config", lambda: model.config)()
-    pieces: list[tuple[_SetRun, int, int]] = []  # the current forward: (set, first row, end row)
+    fwd = _Forward()
 
     def on_layer(layer, module, weights, rows=None):
         if layer not in windows:
             windows[layer] = _window(module, config)
-        for r, lo, hi in pieces:
+        if fwd.check is not None:
+            check_packed(weights, rows, fwd.check, type(model).__name__)
+        for r, where in fwd.pieces:
             if layer <= r.stop_after:  # a set whose deeper verdicts are settled keeps their scores
-                r.acc.add(layer, weights[lo:hi], windows[layer], rows, run.offset)
+                r.acc.add(layer, weights, windows[layer], rows, where)
 
     last = n_layers - 1 if stop_early else n_layers
     runs = [_SetRun(p, (n_layers, n_heads), patterns, rule, batch_size, last, prefix_cache, stop_early) for p in sets]
@@ -253,8 +294,9 @@ def _score_sets(model, sets: list[Probes], batch_size: int, patterns: list[HeadP
         while active := [r for r in runs if r.subset is not None]:
             for key in dict.fromkeys(r.share_key(run) for r in active):
                 group = [r for r in active if r.share_key(run) == key]
-                for batch in joint_batches([(r.lens, r.subset) for r in group], batch_size):
-                    _run_batch(run, pieces, [(group[i], idx) for i, idx in batch], len(key[1]), capture)
+                packed = pack and run.packable and not key[1]  # a cached prefix cannot be shared inside a packed row
+                for batch in joint_batches([(r.lens, r.subset) for r in group], batch_size, split=not packed):
+                    _run_batch(run, fwd, [(group[i], idx) for i, idx in batch], len(key[1]), capture, packed)
             for r in active:
                 r.finish_round()
     return [r.result(n_heads, n_kv, run.usable(r.prefix)) for r in runs]
@@ -266,22 +308,26 @@ def _score(model, probes: Probes, batch_size: int, patterns: list[HeadPattern], 
     return _score_sets(model, [probes], batch_size, patterns, stop_early, rule, prefix_cache, capture)[0]
 
 
-def _run_batch(run: CaptureRun, pieces: list, batch: list[tuple[_SetRun, np.ndarray]], cached: int, capture: str) -> None:
-    """One forward of several sets' probes, cut at the last position any of their patterns reads (plus one)."""
-    pieces.clear()
-    start = 0
+def _run_batch(run: CaptureRun, fwd: _Forward, batch: list[tuple[_SetRun, np.ndarray]], cached: int, capture: str,
+               packed: bool) -> None:
+    """One forward of several sets' probes, each cut at the last position its patterns read (plus one): packed end
+    to end, or right-padded (after a ``cached`` prefix)."""
     for r, idx in batch:
         r.acc.idx = idx
         r.acc.pairs = {p.name: tuple(t.to(run.device) for t in p.checked_pairs(r.probes, idx)) for p in r.patterns}
-        pieces.append((r, start, start + len(idx)))
-        start += len(idx)
-    width = max(int(r.lens[idx].max()) for r, idx in batch)
-    inputs = stack_inputs([(r.probes, idx) for r, idx in batch], width)
+    pieces = [(r.probes, idx, r.lens) for r, idx in batch]
+    if packed:
+        inputs, where, seq = packed_inputs(pieces)
+        fwd.check = None if fwd.checked else seq.to(run.device)
+    else:
+        inputs, where = stack_inputs(pieces, cached)
+    fwd.pieces = [(r, w) for (r, _), w in zip(batch, where)]
     if capture == "rows":
-        run.rows = torch.unique(torch.cat([r.acc.rows() for r, _ in batch])) - cached
+        run.rows = torch.unique(torch.cat([r.acc.rows(w) for (r, _), w in zip(batch, where)]))
     run.stop_after = max(r.stop_after for r, _ in batch)
-    run.forward(inputs["input_ids"], inputs["attention_mask"], cached)
+    run.forward(inputs["input_ids"], inputs.get("attention_mask"), cached, inputs.get("position_ids"))
     run.check_complete()
+    fwd.checked, fwd.check = fwd.checked or packed, None
 
 
 @torch.no_grad()
