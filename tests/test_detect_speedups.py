@@ -161,14 +161,16 @@ def test_a_model_whose_mask_ignores_packing_is_padded_instead(monkeypatch):
         np.testing.assert_allclose(fallback[key], value, atol=1e-5, err_msg=key)
 
 
-@pytest.mark.parametrize("sizes", [[34] * 3 + [30] * 3 + [26] * 3 + [22] * 4 + [18] * 3, [5], [200, 3, 3], list(range(1, 40))])
-def test_pack_rows_places_every_probe_once_in_few_even_rows(sizes):
+@pytest.mark.parametrize("sizes, n_rows", [([34] * 3 + [30] * 3 + [26] * 3 + [22] * 4 + [18] * 3, 4), ([5], 1),
+                                           ([200, 3, 3], 2), (list(range(1, 40)), 7), ([122, 126, 130] * 5, 15)])
+def test_pack_rows_places_every_probe_once_in_few_even_rows(sizes, n_rows):
     from hf_iterheads.detect.batching import PACK_TOKENS, pack_rows
 
     rows = pack_rows(sizes)
     assert sorted(i for r in rows for i in r) == list(range(len(sizes)))
-    assert len(rows) == -(-sum(sizes) // max(PACK_TOKENS, max(sizes)))
+    assert len(rows) == n_rows
     widths = [sum(sizes[i] for i in r) for r in rows]
+    assert max(widths) <= max(PACK_TOKENS, max(sizes))  # a row never grows past the budget or one probe
     assert max(widths) * len(rows) - sum(sizes) <= max(sizes) * len(rows)  # filler: under one probe per row
 
 

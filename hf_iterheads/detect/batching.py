@@ -112,24 +112,32 @@ PACK_TOKENS = 128  # a packed row holds about this many tokens (or one probe, if
 
 
 def pack_rows(sizes: list[int], budget: int = PACK_TOKENS) -> list[list[int]]:
-    """Items (by index) into as few rows of about ``budget`` tokens as fit, rows as even as first fit (largest
-    first) makes them, so the filler that evens the rows out stays small."""
+    """Items (by index) into the fewest rows of at most ``max(budget, largest)`` tokens that first fit (largest
+    first) finds, the rows as even as it makes them, so the filler that evens the rows out stays small."""
     total, longest = sum(sizes), max(sizes)
-    count = -(-total // max(budget, longest))
-    cap = max(longest, -(-total // count))
+    limit = max(budget, longest)
+    count = -(-total // limit)
     while True:
-        rows: list[list[int]] = []
-        room: list[int] = []
-        for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
-            j = next((j for j, r in enumerate(room) if r >= sizes[i]), None)
-            if j is None:
-                rows.append([]), room.append(cap)
-                j = len(rows) - 1
-            rows[j].append(i)
-            room[j] -= sizes[i]
-        if len(rows) <= count:
-            return rows
-        cap += max(1, longest // 8)
+        cap = max(longest, -(-total // count))
+        while cap <= limit:
+            rows = _first_fit(sizes, cap)
+            if len(rows) <= count:
+                return rows
+            cap += max(1, longest // 8)
+        count += 1  # each item alone always fits: count reaches len(sizes) at most
+
+
+def _first_fit(sizes: list[int], cap: int) -> list[list[int]]:
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        j = next((j for j, r in enumerate(room) if r >= sizes[i]), None)
+        if j is None:
+            rows.append([]), room.append(cap)
+            j = len(rows) - 1
+        rows[j].append(i)
+        room[j] -= sizes[i]
+    return rows
 
 
 def packed_inputs(pieces: list[tuple[Probes, np.ndarray, np.ndarray]]) -> tuple[dict[str, torch.Tensor], list[Where], torch.Tensor]:

@@ -183,8 +183,10 @@ def score_sets(
     pack: bool = True,
 ) -> list[dict[str, Any]]:
     """:func:`score_heads` of several probe sets (one per template) at once: one result per set, each as if scored
-    alone (within float tolerance), but the sets' probes share forwards wherever they share a cached prefix, so
-    each round costs one set of forwards rather than one per template. Each set settles its verdicts on its own."""
+    alone (within float tolerance), but the sets' probes share forwards wherever they share a cached prefix and
+    their depth, so a round of every template can be one set of forwards. Each set settles its verdicts on its
+    own. ``pack``: bare probes run packed end to end (see :mod:`.batching`), padded where the model's mask does
+    not keep them apart."""
     if capture not in CAPTURES:
         raise IterHeadsError(f"unknown capture {capture!r}; use {', '.join(CAPTURES)}")
     patterns = resolve_patterns(patterns)
