@@ -174,6 +174,22 @@ def test_pack_rows_places_every_probe_once_in_few_even_rows(sizes, n_rows):
     assert max(widths) * len(rows) - sum(sizes) <= max(sizes) * len(rows)  # filler: under one probe per row
 
 
+def test_packed_rows_hold_each_probe_with_its_own_positions_and_no_pad_id():
+    from hf_iterheads.detect.batching import packed_inputs
+
+    tok = text_tokenizer()
+    probes = make_probes(tok, "parity", "4-9", n=10, seed=2)
+    lens = probes.seq_lens
+    inputs, (where,), seq = packed_inputs([(probes, np.arange(10), lens)])
+    row, start, _ = where
+    for i in range(10):
+        t = int(lens[i])
+        assert inputs["input_ids"][row[i], start[i] : start[i] + t].tolist() == probes.input_ids[i, :t].tolist()
+        assert inputs["position_ids"][row[i], start[i] : start[i] + t].tolist() == list(range(t))
+        assert (seq[row[i], start[i] : start[i] + t] == seq[row[i], start[i]]).all()
+    assert tok.pad_token_id not in inputs["input_ids"][:, [0, -1]]  # transformers would warn of padding
+
+
 def test_shots_are_shared_and_never_a_probe():
     probes = make_probes(text_tokenizer(), "parity", "4", n=8, seed=3, shots=3)
     heads = {t.rsplit("\n", 1)[0] for t in probes.texts}

@@ -143,7 +143,7 @@ def _first_fit(sizes: list[int], cap: int) -> list[list[int]]:
 def packed_inputs(pieces: list[tuple[Probes, np.ndarray, np.ndarray]]) -> tuple[dict[str, torch.Tensor], list[Where], torch.Tensor]:
     """Probes packed end to end into rows, no attention mask: each probe's positions restart at 0, which is how
     transformers tells packed sequences apart (a block-diagonal causal mask). A short row ends in a filler
-    sequence of token 0. Returns the inputs, each piece's :data:`Where`, and (rows, T) sequence ids per token."""
+    sequence repeating its last token. Returns the inputs, each piece's :data:`Where`, and (rows, T) sequence ids per token."""
     items = [(i, j, int(lens[j])) for i, (_, idx, lens) in enumerate(pieces) for j in idx]
     rows = pack_rows([t for _, _, t in items])
     width = max(sum(items[k][2] for k in r) for r in rows)
@@ -159,7 +159,8 @@ def packed_inputs(pieces: list[tuple[Probes, np.ndarray, np.ndarray]]) -> tuple[
             seq[b, start : start + t] = k
             place[(i, j)] = (b, start)
             start += t
-        pos[b, start:] = torch.arange(width - start)  # the filler: a sequence of its own
+        ids[b, start:] = ids[b, start - 1]  # the filler, a sequence of its own, repeats the row's last real token:
+        pos[b, start:] = torch.arange(width - start)  # a pad id there would make transformers warn of padding
     where = []
     for i, (_, idx, _) in enumerate(pieces):
         b, start = (torch.tensor([place[(i, int(j))][c] for j in idx]) for c in (0, 1))
