@@ -8,7 +8,7 @@ Shared prefix: probes that begin with the same tokens (few-shot shots, a chat sy
 compute those tokens once. The model is causal, so the keys and values of positions ``0..P-1`` depend on those
 tokens alone; :class:`CaptureRun` computes them for one copy, keeps them in a transformers ``DynamicCache`` of
 full (never window-trimmed) layers so key positions stay absolute, and runs only each probe's suffix. The
-callback then sees query rows ``P..T-1`` (``offset`` says ``P``) against keys ``0..T-1``.
+callback then sees query rows ``P..T-1`` against keys ``0..T-1``.
 """
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ class CaptureRun:
     """A capture context whose forwards stop after layer ``stop_after`` and may start from a cached prefix.
 
     ``on_layer(layer, module, weights, rows)`` sees each layer's probabilities; their query dimension starts at
-    absolute position ``self.offset`` (the cached prefix length of the current forward, 0 without one).
-    Set ``rows`` (query rows relative to ``offset``) before a forward for row-sliced capture.
+    the forward's first uncached token (absolute position ``prefix``, 0 without one). Set ``rows`` (query rows
+    counted from there) before a forward for row-sliced capture.
     """
 
     def __init__(self, model, capture: str, on_layer: Callable, stop_after: int | None = None) -> None:
@@ -82,7 +82,6 @@ class CaptureRun:
         self.packable = capture == "rows" and "position_ids" in params  # packed rows need the fast path's own mask
         if "use_cache" in params:  # a KV cache would hold every layer's keys and values: memory grows with depth
             self.kwargs["use_cache"] = False
-        self.offset = 0
         self._filling = False
         self._prefixes: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._runner = capture_runner(model, capture, self._layer)
@@ -127,13 +126,11 @@ class CaptureRun:
         """One forward of a right-padded batch; the first ``prefix`` tokens (shared by every row) come from the cache.
         With ``position_ids`` and no mask, rows hold probes packed end to end (positions restart at each probe)."""
         if position_ids is not None:
-            self.offset = 0
             self._call(input_ids=input_ids.to(self.device), position_ids=position_ids.to(self.device), **self.kwargs)
             return
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         prefix = self.usable(prefix)
         if not prefix:
-            self.offset = 0
             self._call(input_ids=input_ids, attention_mask=attention_mask, **self.kwargs)
             return
         from transformers import DynamicCache
@@ -141,7 +138,6 @@ class CaptureRun:
         layers = self._prefix_cache(input_ids[0, :prefix])
         b = input_ids.shape[0]
         cache = DynamicCache([(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in layers])
-        self.offset = prefix
         self._call(input_ids=input_ids[:, prefix:], attention_mask=attention_mask, **{self.cache_arg: cache},
                    **{**self.kwargs, "use_cache": True})
 

@@ -294,8 +294,10 @@ def _score_sets(model, sets: list[Probes], batch_size: int, patterns: list[HeadP
     runs = [_SetRun(p, (n_layers, n_heads), patterns, rule, batch_size, last, prefix_cache, stop_early) for p in sets]
     with CaptureRun(model, capture, on_layer, last) as run:
         while active := [r for r in runs if r.subset is not None]:
-            for key in dict.fromkeys(r.share_key(run) for r in active):
-                group = [r for r in active if r.share_key(run) == key]
+            groups: dict[tuple, list[_SetRun]] = {}
+            for r in active:
+                groups.setdefault(r.share_key(run), []).append(r)
+            for key, group in groups.items():
                 packed = pack and run.packable and not key[1]  # a cached prefix cannot be shared inside a packed row
                 for batch in joint_batches([(r.lens, r.subset) for r in group], batch_size, split=not packed):
                     _run_batch(run, fwd, [(group[i], idx) for i, idx in batch], len(key[1]), capture, packed)
